@@ -1,0 +1,165 @@
+/* hsmstek: TLS session-ticket keys that never leave a PKCS#11 token.
+ *
+ * Threat model. A server that uses this API issues and accepts RFC 5077
+ * session tickets whose AES-256-CBC encryption and HMAC-SHA256 run inside a
+ * PKCS#11 token on key handles. An attacker who reads the server's memory
+ * learns no ticket key (past or future) and so cannot decrypt recorded
+ * tickets or forge new ones; they do see the session state of connections
+ * being resumed at that moment, as with any TLS server. When the token is
+ * unusable the server keeps completing full handshakes and issues no ticket
+ * under any other key: it fails closed and recovers by itself.
+ *
+ * Conventions. Functions that return int return HSMSTEK_OK (0) on success
+ * and a negative HSMSTEK_ERR_* code on failure; hsmstek_last_error() then
+ * describes the failure. Unless stated otherwise every function is
+ * thread-safe. No function calls exit() or throws.
+ */
+#ifndef HSMSTEK_HSMSTEK_H
+#define HSMSTEK_HSMSTEK_H
+
+#include <openssl/ssl.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#if defined(HSMSTEK_BUILDING_LIBRARY)
+#define HSMSTEK_EXPORT __attribute__((visibility("default")))
+#else
+#define HSMSTEK_EXPORT
+#endif
+
+/* Result codes. */
+#define HSMSTEK_OK 0
+#define HSMSTEK_ERR_INVALID_ARGUMENT (-1)  /* bad URI, option or value */
+#define HSMSTEK_ERR_NOT_FOUND (-2)         /* no such module, token or store */
+#define HSMSTEK_ERR_PERMISSION_DENIED (-3) /* wrong PIN, weak key attributes */
+#define HSMSTEK_ERR_UNAVAILABLE (-4)       /* token fault; may succeed later */
+#define HSMSTEK_ERR_UNSUPPORTED (-5)       /* token lacks a mechanism */
+#define HSMSTEK_ERR_FAILED_PRECONDITION (-6)
+#define HSMSTEK_ERR_INTERNAL (-7)
+
+/* hsmstek_store is a handle on one key store (a label in one token): its
+ * masters, policy, derived per-epoch keys and counters. Opaque. */
+typedef struct hsmstek_store hsmstek_store;
+
+/* hsmstek_store_open opens the store named by |pkcs11_uri|, an RFC 7512 URI
+ * whose |object| attribute is the store label, for example
+ * "pkcs11:token=tickets;object=web?module-path=/usr/lib/softhsm/libsofthsm2.so
+ * &pin-source=file:/etc/hsmstek/pin". On success it sets |*out| to a new
+ * store the caller owns (release with hsmstek_store_close) and returns
+ * HSMSTEK_OK.
+ *
+ * Immediate failures: a malformed URI, a URI without |object|, a module
+ * that cannot be loaded. Everything that needs the token (finding it,
+ * login, reading the store) is deferred: the store connects on first use
+ * and retries with back-off, so a server can start while its token is
+ * unreachable and serves full handshakes meanwhile. Call
+ * hsmstek_store_check to connect now and learn the token's state.
+ *
+ * The PIN comes from the URI's pin-source file, its pin-value (unsafe:
+ * visible in configuration), or the HSMSTEK_PIN environment variable. */
+HSMSTEK_EXPORT int hsmstek_store_open(const char *pkcs11_uri,
+                                      hsmstek_store **out);
+
+/* hsmstek_store_check connects to the token now if needed and loads the
+ * store's masters. Returns HSMSTEK_OK when tickets can be issued, or an
+ * error describing why not (wrong PIN, no token, no active master, ...). */
+HSMSTEK_EXPORT int hsmstek_store_check(hsmstek_store *store);
+
+/* hsmstek_store_close releases |store|. Every SSL_CTX it was installed on
+ * must be freed first. NULL is ignored. */
+HSMSTEK_EXPORT void hsmstek_store_close(hsmstek_store *store);
+
+/* hsmstek_last_error returns a description of the last failure of an
+ * hsmstek function on the calling thread, or "" if none. The pointer stays
+ * valid until the next hsmstek call on this thread. Never contains a PIN. */
+HSMSTEK_EXPORT const char *hsmstek_last_error(void);
+
+/* Options of a store, set with hsmstek_store_set_option before the store
+ * is installed on an SSL_CTX. */
+enum hsmstek_option {
+  /* Seconds by which a ticket's epoch may be ahead of this server's clock
+   * (fleet clock skew) and still be accepted. Default 60; 0..3600. */
+  HSMSTEK_OPT_CLOCK_SKEW_SECONDS = 1,
+  /* 1 (default): a TLS 1.3 resumption with a current ticket asks for a
+   * fresh ticket (single-use tickets); 0: it does not. */
+  HSMSTEK_OPT_TLS13_RENEW = 2,
+};
+
+/* hsmstek_store_set_option sets |option| to |value|. Returns
+ * HSMSTEK_ERR_INVALID_ARGUMENT for an unknown option or out-of-range value.
+ */
+HSMSTEK_EXPORT int hsmstek_store_set_option(hsmstek_store *store, int option,
+                                            long value);
+
+/* hsmstek_ssl_ctx_new returns a new SSL_CTX for |method| whose session
+ * tickets are sealed and opened in |store|'s token (scoped routing: only this
+ * SSL_CTX prefers the hsmstek provider; see hsmstek_enable_process_wide).
+ * The caller owns the SSL_CTX (SSL_CTX_free); |store| must outlive it.
+ * Returns NULL on failure. */
+HSMSTEK_EXPORT SSL_CTX *hsmstek_ssl_ctx_new(hsmstek_store *store,
+                                            const SSL_METHOD *method);
+
+/* hsmstek_ssl_ctx_install installs |store|'s ticket callback on an existing
+ * |ctx|, replacing any other ticket key callback, and caps the advertised
+ * ticket lifetime to the store's decrypt window (and 7 days). Tickets work
+ * only if |ctx|'s HMAC fetches reach the hsmstek provider: either |ctx| came
+ * from hsmstek_ssl_ctx_new or hsmstek_enable_process_wide() was called;
+ * otherwise the callback logs one error and issues no tickets. |store| must
+ * outlive |ctx|. Not thread-safe with respect to other uses of |ctx|. */
+HSMSTEK_EXPORT int hsmstek_ssl_ctx_install(hsmstek_store *store, SSL_CTX *ctx);
+
+/* hsmstek_enable_process_wide makes the default library context prefer the
+ * hsmstek provider ("?provider=hsmstek"), for servers that create their own
+ * SSL_CTX (nginx). Every HMAC of the process then goes through hsmstek's
+ * HMAC, which delegates raw-key HMACs unchanged to the default provider.
+ * Idempotent. Call it before creating SSL_CTXs and before threads start. */
+HSMSTEK_EXPORT int hsmstek_enable_process_wide(void);
+
+/* Latency summary of one token operation, in nanoseconds. */
+typedef struct hsmstek_latency {
+  uint64_t count;
+  uint64_t p50_ns; /* estimated from a log2 histogram */
+  uint64_t p99_ns;
+  uint64_t max_ns;
+} hsmstek_latency;
+
+/* Counters of one store since it was opened. */
+typedef struct hsmstek_stats {
+  uint64_t tickets_issued;        /* sealed new tickets */
+  uint64_t tickets_resumed;       /* accepted, no renewal asked */
+  uint64_t tickets_renewed;       /* accepted, a fresh ticket asked */
+  uint64_t rejected_unknown_key;  /* name not ours or key unknown */
+  uint64_t rejected_expired;      /* epoch older than the decrypt window */
+  uint64_t rejected_future;       /* epoch beyond the clock-skew tolerance */
+  uint64_t rejected_not_routed;   /* HMAC context not from the provider */
+  uint64_t token_errors;          /* token failures seen by the callback */
+  uint64_t derivations;           /* per-epoch keys derived in the token */
+  uint64_t reconnects;            /* successful token (re)connects */
+  hsmstek_latency seal;           /* encrypt + HMAC of one ticket */
+  hsmstek_latency open;           /* HMAC + decrypt of one ticket */
+} hsmstek_stats;
+
+/* hsmstek_store_stats fills |*out| with |store|'s counters. */
+HSMSTEK_EXPORT int hsmstek_store_stats(hsmstek_store *store,
+                                       hsmstek_stats *out);
+
+/* Log levels passed to the log callback. */
+#define HSMSTEK_LOG_ERROR 0
+#define HSMSTEK_LOG_WARNING 1
+#define HSMSTEK_LOG_INFO 2
+#define HSMSTEK_LOG_DEBUG 3
+
+/* hsmstek_set_log_callback routes the library's log messages to |cb| (NULL:
+ * discard them; the default). |cb| may be called from any thread, must not
+ * call back into hsmstek, and gets messages without PINs or key values. */
+HSMSTEK_EXPORT void hsmstek_set_log_callback(
+    void (*cb)(int level, const char *msg, void *arg), void *arg);
+
+#ifdef __cplusplus
+} /* extern "C" */
+#endif
+
+#endif /* HSMSTEK_HSMSTEK_H */

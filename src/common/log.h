@@ -1,0 +1,24 @@
+// Library logging. Messages go to the callback the host sets (nginx: its
+// error log); with no callback they are dropped. The library never writes to
+// stderr itself. Messages carry metadata only: never PINs or key values.
+#pragma once
+
+#include <string_view>
+
+namespace hsmstek::log {
+
+enum class Level : int { kError = 0, kWarning = 1, kInfo = 2, kDebug = 3 };
+
+using Sink = void (*)(int level, const char* msg, void* arg);
+
+// Installs `sink` (nullptr: drop messages). Thread-safe.
+void SetSink(Sink sink, void* arg);
+// Formats nothing; delivers `msg` to the sink if one is set. Thread-safe.
+void Emit(Level level, std::string_view msg);
+
+inline void Error(std::string_view m) { Emit(Level::kError, m); }
+inline void Warning(std::string_view m) { Emit(Level::kWarning, m); }
+inline void Info(std::string_view m) { Emit(Level::kInfo, m); }
+inline void Debug(std::string_view m) { Emit(Level::kDebug, m); }
+
+}  // namespace hsmstek::log

@@ -1,0 +1,127 @@
+#include "pkcs11/module.h"
+
+#include <dlfcn.h>
+#include <p11-kit/p11-kit.h>
+#include <pthread.h>
+
+#include <atomic>
+#include <map>
+
+#include "common/log.h"
+#include "pkcs11/error.h"
+
+namespace hsmstek::p11 {
+namespace {
+
+std::atomic<uint64_t> g_fork_count{0};
+
+void OnForkChild() { g_fork_count.fetch_add(1); }
+
+void RegisterForkHandler() {
+  static const bool registered = [] {
+    pthread_atfork(nullptr, nullptr, OnForkChild);
+    return true;
+  }();
+  (void)registered;
+}
+
+std::mutex g_registry_mu;
+// Modules live for the process: PKCS#11 allows one C_Initialize per process,
+// and unloading a module other components may share is unsafe.
+std::map<std::string, std::shared_ptr<Module>>& Registry() {
+  static auto* registry = new std::map<std::string, std::shared_ptr<Module>>;
+  return *registry;
+}
+
+}  // namespace
+
+uint64_t Module::ForkCount() { return g_fork_count.load(); }
+
+Result<std::shared_ptr<Module>> Module::FromPath(const std::string& path) {
+  RegisterForkHandler();
+  std::lock_guard<std::mutex> lock(g_registry_mu);
+  auto it = Registry().find("path:" + path);
+  if (it != Registry().end()) return it->second;
+
+  void* dl = dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL);
+  if (dl == nullptr) {
+    const char* why = dlerror();
+    return NotFound("cannot load PKCS#11 module " + path + ": " +
+                    (why ? why : "unknown error"));
+  }
+  auto get_list = reinterpret_cast<CK_C_GetFunctionList>(
+      dlsym(dl, "C_GetFunctionList"));
+  if (get_list == nullptr) {
+    dlclose(dl);
+    return InvalidArgument(path + " is not a PKCS#11 module (no C_GetFunctionList)");
+  }
+  CK_FUNCTION_LIST* fn = nullptr;
+  CK_RV rv = get_list(&fn);
+  if (rv != CKR_OK || fn == nullptr) {
+    dlclose(dl);
+    return CkError("C_GetFunctionList", rv == CKR_OK ? CKR_GENERAL_ERROR : rv,
+                   path);
+  }
+  std::shared_ptr<Module> module(new Module(path, dl, fn));
+  Registry().emplace("path:" + path, module);
+  return module;
+}
+
+Result<std::vector<std::shared_ptr<Module>>> Module::FromP11Kit(
+    const std::string& name) {
+  RegisterForkHandler();
+  std::lock_guard<std::mutex> lock(g_registry_mu);
+  // Unmanaged: we call C_Initialize ourselves, with our own flags.
+  CK_FUNCTION_LIST** list = p11_kit_modules_load(nullptr, P11_KIT_MODULE_UNMANAGED);
+  if (list == nullptr) {
+    return NotFound(std::string("cannot load p11-kit modules: ") +
+                    (p11_kit_message() ? p11_kit_message() : "unknown error"));
+  }
+  std::vector<std::shared_ptr<Module>> out;
+  for (CK_FUNCTION_LIST** p = list; *p != nullptr; ++p) {
+    char* raw_name = p11_kit_module_get_name(*p);
+    std::string module_name = raw_name ? raw_name : "";
+    free(raw_name);
+    if (!name.empty() && module_name != name) continue;
+    auto key = "p11kit:" + module_name;
+    auto it = Registry().find(key);
+    if (it == Registry().end()) {
+      it = Registry()
+               .emplace(key, std::shared_ptr<Module>(
+                                 new Module(module_name, nullptr, *p)))
+               .first;
+    }
+    out.push_back(it->second);
+  }
+  // The list array itself is ours; the modules stay loaded for the process.
+  free(list);
+  if (out.empty()) {
+    return NotFound(name.empty() ? "no p11-kit modules are configured"
+                                 : "no p11-kit module named " + name);
+  }
+  return out;
+}
+
+Status Module::EnsureInitialized() {
+  std::lock_guard<std::mutex> lock(mu_);
+  uint64_t forks = ForkCount();
+  if (initialized_ && initialized_fork_count_ == forks) return Status::Ok();
+
+  CK_C_INITIALIZE_ARGS args = {};
+  args.flags = CKF_OS_LOCKING_OK;
+  CK_RV rv = fn_->C_Initialize(&args);
+  if (rv == CKR_CRYPTOKI_ALREADY_INITIALIZED) {
+    // Another component of this process (an engine, p11-kit) initialised the
+    // module, or the module survived a fork with its own state: both usable.
+    log::Debug("PKCS#11 module " + name_ + " was already initialised");
+  } else if (rv != CKR_OK) {
+    return CkError("C_Initialize", rv, name_);
+  }
+  initialized_ = true;
+  initialized_fork_count_ = forks;
+  return Status::Ok();
+}
+
+Module::~Module() = default;
+
+}  // namespace hsmstek::p11

@@ -1,0 +1,58 @@
+// A loaded PKCS#11 module, initialised once per process (and again in a
+// forked child before its first use).
+#pragma once
+
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "common/status.h"
+#include "pkcs11/ck.h"
+
+namespace hsmstek::p11 {
+
+class Module {
+ public:
+  // Returns the module at `path` (dlopen + C_GetFunctionList). Modules are
+  // cached per path for the life of the process: PKCS#11 allows one
+  // C_Initialize per process, so every user of a path shares one Module.
+  // Errors: kNotFound (no such file / not loadable), kInvalidArgument (no
+  // C_GetFunctionList). Thread-safe.
+  static Result<std::shared_ptr<Module>> FromPath(const std::string& path);
+
+  // Returns the p11-kit configured modules (all, or the one whose name is
+  // `name` when not empty). Thread-safe.
+  static Result<std::vector<std::shared_ptr<Module>>> FromP11Kit(
+      const std::string& name);
+
+  // Calls C_Initialize(CKF_OS_LOCKING_OK) unless this process already did;
+  // CKR_CRYPTOKI_ALREADY_INITIALIZED is accepted (another component of the
+  // process may share the module). In a forked child the module is
+  // initialised again before use. Thread-safe.
+  [[nodiscard]] Status EnsureInitialized();
+
+  // Counts how often this process has forked a child in which we run: each
+  // fork bumps it in the child (pthread_atfork). Cheap; lock-free.
+  static uint64_t ForkCount();
+
+  CK_FUNCTION_LIST* functions() const { return fn_; }
+  const std::string& name() const { return name_; }
+
+  Module(const Module&) = delete;
+  Module& operator=(const Module&) = delete;
+  ~Module();
+
+ private:
+  Module(std::string name, void* dl_handle, CK_FUNCTION_LIST* fn)
+      : name_(std::move(name)), dl_handle_(dl_handle), fn_(fn) {}
+
+  std::string name_;
+  void* dl_handle_;  // never dlclosed while cached; see FromPath
+  CK_FUNCTION_LIST* fn_;
+  std::mutex mu_;
+  bool initialized_ = false;
+  uint64_t initialized_fork_count_ = 0;
+};
+
+}  // namespace hsmstek::p11

@@ -1,0 +1,21 @@
+// Where a token's user PIN comes from (SPEC §2): the URI's pin-value, the
+// URI's pin-source file, or the HSMSTEK_PIN environment variable, in that
+// order. The PIN is read at each login (so a PIN file that appears later is
+// picked up) and never appears in messages.
+#pragma once
+
+#include "common/bytes.h"
+#include "common/status.h"
+#include "pkcs11/uri.h"
+
+namespace hsmstek::p11 {
+
+inline constexpr char kPinEnvironmentVariable[] = "HSMSTEK_PIN";
+
+// Reads the PIN for `uri`. pin-source accepts "file:/abs/path",
+// "file:///abs/path" or a plain absolute path; one trailing "\n" or "\r\n" is
+// trimmed. A missing or unreadable file, or no source at all, is
+// kPermissionDenied naming the file (never its contents).
+Result<SecretBuffer> ReadPin(const TokenUri& uri);
+
+}  // namespace hsmstek::p11

@@ -1,0 +1,321 @@
+#include "pkcs11/token.h"
+
+#include <algorithm>
+#include <string>
+
+#include "common/log.h"
+#include "pkcs11/object.h"
+#include "pkcs11/pin.h"
+
+namespace hsmstek::p11 {
+
+// ---- Session ---------------------------------------------------------------
+
+Session::~Session() { Release(); }
+
+Session::Session(Session&& other) noexcept
+    : token_(other.token_),
+      handle_(other.handle_),
+      generation_(other.generation_),
+      discard_(other.discard_) {
+  other.token_ = nullptr;
+  other.handle_ = CK_INVALID_HANDLE;
+}
+
+Session& Session::operator=(Session&& other) noexcept {
+  if (this != &other) {
+    Release();
+    token_ = other.token_;
+    handle_ = other.handle_;
+    generation_ = other.generation_;
+    discard_ = other.discard_;
+    other.token_ = nullptr;
+    other.handle_ = CK_INVALID_HANDLE;
+  }
+  return *this;
+}
+
+CK_FUNCTION_LIST* Session::fn() const { return token_->fn(); }
+
+void Session::Release() {
+  if (token_ == nullptr) return;
+  token_->ReturnSession(handle_, generation_, discard_);
+  token_ = nullptr;
+  handle_ = CK_INVALID_HANDLE;
+}
+
+Status Session::Check(const char* function, CK_RV rv) {
+  if (rv == CKR_OK) return Status::Ok();
+  Status status = CkError(function, rv);
+  if (IsConnectionFault(rv)) {
+    discard_ = true;
+    if (token_ != nullptr) token_->ReportFault(rv, generation_);
+  }
+  log::Debug(status.message());
+  return status;
+}
+
+// ---- Token -----------------------------------------------------------------
+
+Token::Token(TokenUri uri, TokenOptions options,
+             std::vector<std::shared_ptr<Module>> candidates)
+    : uri_(std::move(uri)),
+      options_(std::move(options)),
+      candidates_(std::move(candidates)) {}
+
+Token::~Token() { Disconnect(); }
+
+Result<std::shared_ptr<Token>> Token::Create(const TokenUri& uri,
+                                             TokenOptions options) {
+  std::vector<std::shared_ptr<Module>> candidates;
+  if (uri.module_path) {
+    Result<std::shared_ptr<Module>> m = Module::FromPath(*uri.module_path);
+    if (!m.ok()) return m.status();
+    candidates.push_back(*m);
+  } else {
+    Result<std::vector<std::shared_ptr<Module>>> ms =
+        Module::FromP11Kit(uri.module_name.value_or(""));
+    if (!ms.ok()) return ms.status();
+    candidates = std::move(*ms);
+  }
+  return std::shared_ptr<Token>(
+      new Token(uri, std::move(options), std::move(candidates)));
+}
+
+TokenState Token::state() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return state_;
+}
+
+std::string Token::label() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return label_;
+}
+
+std::string Token::serial() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return serial_;
+}
+
+CK_SLOT_ID Token::slot() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return slot_;
+}
+
+bool Token::ForkedSinceConnect() const {
+  return connected_fork_count_ != Module::ForkCount();
+}
+
+Status Token::Connect() {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (ForkedSinceConnect()) DisconnectLocked(/*close_handles=*/false);
+  if (state_ == TokenState::kConnected) return Status::Ok();
+  return ConnectLocked();
+}
+
+namespace {
+
+struct SlotMatch {
+  std::shared_ptr<Module> module;
+  CK_SLOT_ID slot;
+  CK_TOKEN_INFO info;
+};
+
+std::string Describe(const CK_TOKEN_INFO& info, CK_SLOT_ID slot) {
+  return "\"" + TrimPadded(info.label, sizeof(info.label)) + "\" (serial " +
+         TrimPadded(info.serialNumber, sizeof(info.serialNumber)) + ", slot " +
+         std::to_string(slot) + ")";
+}
+
+}  // namespace
+
+Status Token::ConnectLocked() {
+  // Back-off bookkeeping runs on every exit path below.
+  auto fail = [this](Status status) {
+    state_ = TokenState::kBackoff;
+    backoff_ = backoff_.count() == 0
+                   ? options_.backoff_initial
+                   : std::min(backoff_ * 2, options_.backoff_max);
+    retry_at_ = std::chrono::steady_clock::now() + backoff_;
+    last_connect_error_ = status;
+    log::Warning("token " + uri_.text + ": " + status.message());
+    return status;
+  };
+
+  std::vector<SlotMatch> matches;
+  std::vector<std::string> seen;
+  for (const std::shared_ptr<Module>& module : candidates_) {
+    Status init = module->EnsureInitialized();
+    if (!init.ok()) return fail(init);
+    CK_FUNCTION_LIST* f = module->functions();
+    CK_ULONG count = 0;
+    CK_RV rv = f->C_GetSlotList(CK_TRUE, nullptr, &count);
+    if (rv != CKR_OK) return fail(CkError("C_GetSlotList", rv, module->name()));
+    std::vector<CK_SLOT_ID> slots(count);
+    rv = f->C_GetSlotList(CK_TRUE, slots.data(), &count);
+    if (rv != CKR_OK) return fail(CkError("C_GetSlotList", rv, module->name()));
+    slots.resize(count);
+    for (CK_SLOT_ID slot : slots) {
+      CK_TOKEN_INFO info;
+      rv = f->C_GetTokenInfo(slot, &info);
+      if (rv != CKR_OK) continue;  // token went away between the two calls
+      if (!(info.flags & CKF_TOKEN_INITIALIZED)) continue;
+      seen.push_back(Describe(info, slot));
+      if (uri_.MatchesToken(info, slot)) {
+        matches.push_back({module, slot, info});
+      }
+    }
+  }
+  auto list_seen = [&seen] {
+    if (seen.empty()) return std::string("no initialised tokens are present");
+    std::string s = "tokens present: ";
+    for (size_t i = 0; i < seen.size(); ++i) {
+      if (i > 0) s += ", ";
+      s += seen[i];
+    }
+    return s;
+  };
+  if (matches.empty()) {
+    return fail(NotFound("no token matches " + uri_.text + "; " + list_seen()));
+  }
+  if (matches.size() > 1) {
+    return fail(InvalidArgument("more than one token matches " + uri_.text +
+                                "; add token=, serial= or slot-id=; " +
+                                list_seen()));
+  }
+
+  const SlotMatch& match = matches[0];
+  module_ = match.module;
+  slot_ = match.slot;
+  label_ = TrimPadded(match.info.label, sizeof(match.info.label));
+  serial_ = TrimPadded(match.info.serialNumber, sizeof(match.info.serialNumber));
+  CK_FUNCTION_LIST* f = module_->functions();
+
+  for (CK_MECHANISM_TYPE m : options_.required_mechanisms) {
+    CK_MECHANISM_INFO info;
+    CK_RV rv = f->C_GetMechanismInfo(slot_, m, &info);
+    if (rv == CKR_MECHANISM_INVALID) {
+      return fail(Unsupported("token \"" + label_ + "\" lacks mechanism " +
+                              MechanismName(m)));
+    }
+    if (rv != CKR_OK) return fail(CkError("C_GetMechanismInfo", rv, label_));
+  }
+
+  CK_SESSION_HANDLE object_session = CK_INVALID_HANDLE;
+  CK_FLAGS flags = CKF_SERIAL_SESSION | (options_.read_write ? CKF_RW_SESSION : 0);
+  CK_RV rv = f->C_OpenSession(slot_, flags, nullptr, nullptr, &object_session);
+  if (rv != CKR_OK) return fail(CkError("C_OpenSession", rv, label_));
+
+  Result<SecretBuffer> pin = ReadPin(uri_);
+  if (!pin.ok()) {
+    f->C_CloseSession(object_session);
+    return fail(pin.status().WithContext("token \"" + label_ + "\""));
+  }
+  rv = f->C_Login(object_session, CKU_USER, pin->data(),
+                  static_cast<CK_ULONG>(pin->size()));
+  pin->clear();
+  if (rv != CKR_OK && rv != CKR_USER_ALREADY_LOGGED_IN) {
+    f->C_CloseSession(object_session);
+    return fail(CkError("C_Login", rv, "token \"" + label_ + "\""));
+  }
+
+  object_session_ = object_session;
+  state_ = TokenState::kConnected;
+  backoff_ = std::chrono::milliseconds(0);
+  connected_fork_count_ = Module::ForkCount();
+  last_connect_error_ = Status::Ok();
+  generation_.fetch_add(1);
+  log::Info("connected to token \"" + label_ + "\" (slot " +
+            std::to_string(slot_) + ")");
+  return Status::Ok();
+}
+
+Result<CK_SESSION_HANDLE> Token::OpenSessionLocked() {
+  CK_SESSION_HANDLE h = CK_INVALID_HANDLE;
+  CK_FLAGS flags = CKF_SERIAL_SESSION | (options_.read_write ? CKF_RW_SESSION : 0);
+  CK_RV rv = fn()->C_OpenSession(slot_, flags, nullptr, nullptr, &h);
+  if (rv != CKR_OK) {
+    Status status = CkError("C_OpenSession", rv, label_);
+    if (IsConnectionFault(rv)) DisconnectLocked(/*close_handles=*/true);
+    return status;
+  }
+  return h;
+}
+
+Result<Session> Token::Acquire() {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (state_ != TokenState::kDisconnected && ForkedSinceConnect()) {
+    // Nothing opened by the parent is used by the child.
+    DisconnectLocked(/*close_handles=*/false);
+  }
+  if (state_ == TokenState::kBackoff) {
+    if (std::chrono::steady_clock::now() < retry_at_) {
+      return last_connect_error_.WithContext("token unavailable (retrying)");
+    }
+    state_ = TokenState::kDisconnected;
+  }
+  if (state_ == TokenState::kDisconnected) {
+    Status status = ConnectLocked();
+    if (!status.ok()) return status;
+  }
+  CK_SESSION_HANDLE h;
+  if (!idle_.empty()) {
+    h = idle_.back();
+    idle_.pop_back();
+  } else {
+    Result<CK_SESSION_HANDLE> opened = OpenSessionLocked();
+    if (!opened.ok()) return opened.status();
+    h = *opened;
+  }
+  ++leased_;
+  return Session(this, h, generation_.load());
+}
+
+void Token::ReturnSession(CK_SESSION_HANDLE h, uint64_t gen, bool dead) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (leased_ > 0) --leased_;
+  bool current = state_ == TokenState::kConnected &&
+                 gen == generation_.load() && !ForkedSinceConnect();
+  if (current && !dead && idle_.size() < options_.max_idle_sessions) {
+    idle_.push_back(h);
+    return;
+  }
+  // A session of a dead generation (or after fork) may already be gone;
+  // closing it is harmless and avoids leaking it on a live token.
+  if (!ForkedSinceConnect() && module_) fn()->C_CloseSession(h);
+}
+
+void Token::ReportFault(CK_RV rv, uint64_t gen) {
+  if (!IsConnectionFault(rv)) return;
+  std::lock_guard<std::mutex> lock(mu_);
+  if (gen != generation_.load() || state_ != TokenState::kConnected) return;
+  log::Warning("token \"" + label_ + "\": " + std::string(CkrName(rv)) +
+               "; dropping sessions and reconnecting");
+  DisconnectLocked(/*close_handles=*/true);
+}
+
+void Token::DisconnectLocked(bool close_handles) {
+  if (close_handles && module_ && !ForkedSinceConnect()) {
+    for (CK_SESSION_HANDLE h : idle_) fn()->C_CloseSession(h);
+    if (object_session_ != CK_INVALID_HANDLE) {
+      fn()->C_CloseSession(object_session_);
+    }
+  }
+  idle_.clear();
+  object_session_ = CK_INVALID_HANDLE;
+  if (state_ == TokenState::kConnected) state_ = TokenState::kDisconnected;
+  if (ForkedSinceConnect()) {
+    // The child needs its own C_Initialize before any call; a new
+    // generation makes every handle of the parent stale.
+    state_ = TokenState::kDisconnected;
+    generation_.fetch_add(1);
+  }
+}
+
+void Token::Disconnect() {
+  std::lock_guard<std::mutex> lock(mu_);
+  DisconnectLocked(/*close_handles=*/true);
+  generation_.fetch_add(1);
+}
+
+}  // namespace hsmstek::p11

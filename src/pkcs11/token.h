@@ -1,0 +1,188 @@
+// Token: one PKCS#11 token reached through a URI, with its login, its pool of
+// sessions, a long-lived session that owns session objects, and recovery.
+//
+// States: kDisconnected -> (Connect ok) kConnected -> (connection fault)
+// kDisconnected; a failed Connect enters kBackoff until the back-off delay
+// has passed. Every (re)connect, and every fork, starts a new generation:
+// object handles and sessions of an older generation are never used again.
+//
+// Thread-safety: all methods are thread-safe. A Session is used by one thread
+// at a time (it is leased from the pool, never shared).
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "common/status.h"
+#include "pkcs11/ck.h"
+#include "pkcs11/error.h"
+#include "pkcs11/module.h"
+#include "pkcs11/uri.h"
+
+namespace hsmstek::p11 {
+
+class Token;
+
+struct TokenOptions {
+  // Open read/write sessions (needed to create or destroy token objects).
+  bool read_write = false;
+  // Mechanisms the token must offer; Connect fails naming the missing ones.
+  std::vector<CK_MECHANISM_TYPE> required_mechanisms;
+  // Back-off between failed connects: doubles from initial up to max.
+  std::chrono::milliseconds backoff_initial{200};
+  std::chrono::milliseconds backoff_max{30000};
+  // Idle sessions kept in the pool; more are closed on release.
+  size_t max_idle_sessions = 16;
+};
+
+enum class TokenState : uint8_t { kDisconnected, kConnected, kBackoff };
+
+// A pooled session leased to one user. Returned to the pool on destruction
+// unless it saw a fault or was discarded. Movable, not copyable.
+class Session {
+ public:
+  Session() = default;
+  ~Session();
+  Session(Session&& other) noexcept;
+  Session& operator=(Session&& other) noexcept;
+  Session(const Session&) = delete;
+  Session& operator=(const Session&) = delete;
+
+  CK_SESSION_HANDLE handle() const { return handle_; }
+  CK_FUNCTION_LIST* fn() const;
+  uint64_t generation() const { return generation_; }
+  Token* token() const { return token_; }
+
+  // The single checkpoint for every C_* result on this session: OK for
+  // CKR_OK; otherwise logs, returns CkError(function, rv), and on a
+  // connection fault tells the token to reconnect and marks this session
+  // dead. Use through P11_CALL below.
+  [[nodiscard]] Status Check(const char* function, CK_RV rv);
+
+  // Closes the session instead of returning it to the pool (e.g. after an
+  // operation was abandoned half-way).
+  void Discard() { discard_ = true; }
+
+ private:
+  friend class Token;
+  Session(Token* token, CK_SESSION_HANDLE h, uint64_t gen)
+      : token_(token), handle_(h), generation_(gen) {}
+  void Release();
+
+  Token* token_ = nullptr;
+  CK_SESSION_HANDLE handle_ = CK_INVALID_HANDLE;
+  uint64_t generation_ = 0;
+  bool discard_ = false;
+};
+
+// Calls session.fn()->Func(args...) and checks the result through the one
+// wrapper, naming the function. No hidden control flow: yields a Status.
+#define P11_CALL(session, Func, ...) \
+  (session).Check(#Func, (session).fn()->Func(__VA_ARGS__))
+
+class Token : public std::enable_shared_from_this<Token> {
+ public:
+  // Resolves the module named by `uri` (module-path, module-name, or all of
+  // p11-kit's). Fails at once on a bad module; does not touch the token:
+  // slot lookup and login happen in Connect (or lazily on first Acquire).
+  static Result<std::shared_ptr<Token>> Create(const TokenUri& uri,
+                                               TokenOptions options);
+
+  // Connects now: finds exactly one matching token (errors list the tokens
+  // seen), opens the long-lived session, logs in (PIN read now and wiped),
+  // checks mechanisms. No-op if connected. Ignores back-off.
+  [[nodiscard]] Status Connect();
+
+  // Leases a logged-in session, connecting first if needed. While in
+  // back-off returns kUnavailable without touching the token.
+  [[nodiscard]] Result<Session> Acquire();
+
+  // Runs `fn(session)` holding the long-lived session that owns session
+  // objects (derived keys). Serialised by a mutex; only for short calls.
+  template <typename Fn>
+  Status WithObjectSession(Fn&& fn);
+
+  // The current generation; bumps on each (re)connect and after fork.
+  uint64_t generation() const { return generation_.load(); }
+  TokenState state() const;
+  // The label and serial of the connected token ("" before connect).
+  std::string label() const;
+  std::string serial() const;
+  const TokenUri& uri() const { return uri_; }
+  CK_FUNCTION_LIST* fn() const { return module_->functions(); }
+  CK_SLOT_ID slot() const;
+
+  // Reports a fault seen with generation `gen`. A connection fault drops
+  // every session and invalidates handles (new generation on reconnect).
+  void ReportFault(CK_RV rv, uint64_t gen);
+
+  // Closes every session and forgets the login (tests, shutdown).
+  void Disconnect();
+
+  ~Token();
+  Token(const Token&) = delete;
+  Token& operator=(const Token&) = delete;
+
+ private:
+  Token(TokenUri uri, TokenOptions options,
+        std::vector<std::shared_ptr<Module>> candidates);
+  friend class Session;
+
+  Status ConnectLocked();
+  void DisconnectLocked(bool close_handles);
+  bool ForkedSinceConnect() const;
+  void ReturnSession(CK_SESSION_HANDLE h, uint64_t gen, bool dead);
+  Result<CK_SESSION_HANDLE> OpenSessionLocked();
+
+  const TokenUri uri_;
+  const TokenOptions options_;
+  const std::vector<std::shared_ptr<Module>> candidates_;
+
+  mutable std::mutex mu_;  // guards everything below
+  std::shared_ptr<Module> module_;
+  TokenState state_ = TokenState::kDisconnected;
+  CK_SLOT_ID slot_ = 0;
+  std::string label_;
+  std::string serial_;
+  CK_SESSION_HANDLE object_session_ = CK_INVALID_HANDLE;
+  std::vector<CK_SESSION_HANDLE> idle_;
+  size_t leased_ = 0;
+  uint64_t connected_fork_count_ = 0;
+  std::chrono::steady_clock::time_point retry_at_{};
+  std::chrono::milliseconds backoff_{0};
+  Status last_connect_error_;
+  std::atomic<uint64_t> generation_{0};
+
+  std::mutex object_mu_;  // serialises use of object_session_
+};
+
+template <typename Fn>
+Status Token::WithObjectSession(Fn&& fn) {
+  // Connect (or fail fast in back-off) through an ordinary lease first.
+  Result<Session> probe = Acquire();
+  if (!probe.ok()) return probe.status();
+  std::lock_guard<std::mutex> object_lock(object_mu_);
+  CK_SESSION_HANDLE h;
+  uint64_t gen;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    h = object_session_;
+    gen = generation_.load();
+    if (state_ != TokenState::kConnected || h == CK_INVALID_HANDLE) {
+      return Unavailable("token disconnected");
+    }
+  }
+  Session object_session(this, h, gen);
+  Status status = fn(object_session);
+  // The object session is owned by the token, never pooled or closed here.
+  object_session.token_ = nullptr;
+  return status;
+}
+
+}  // namespace hsmstek::p11
