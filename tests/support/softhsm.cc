@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "pkcs11/error.h"
+#include "pkcs11/uri.h"
 
 namespace hsmstek::testing {
 
@@ -60,6 +61,16 @@ SoftHsm::SoftHsm() {
   pin_file_ = dir_ + "/user.pin";
   std::ofstream(pin_file_) << kUserPin << "\n";
   setenv("SOFTHSM2_CONF", conf_.c_str(), 1);
+  // Tokens are throwaway: remove them when the test process exits normally
+  // (forked children leave through _exit and keep them).
+  static std::string cleanup_dir;
+  cleanup_dir = dir_;
+  if (std::getenv("HSMSTEK_KEEP_TOKENS") == nullptr) {
+    std::atexit([] {
+      std::error_code ec;
+      fs::remove_all(cleanup_dir, ec);
+    });
+  }
   // HSMSTEK_TEST_MODULE may point at the fault-injecting module, which
   // forwards to SoftHSM; it must see the same config.
   Result<std::shared_ptr<p11::Module>> m =
