@@ -59,7 +59,7 @@ bool ConstantTimeEqual(ByteSpan a, ByteSpan b) {
   return CRYPTO_memcmp(a.data(), b.data(), a.size()) == 0;
 }
 
-SecretBuffer& SecretBuffer::operator=(SecretBuffer&& other) noexcept {
+SecretBuffer &SecretBuffer::operator=(SecretBuffer &&other) noexcept {
   if (this != &other) {
     clear();
     data_ = std::move(other.data_);

@@ -35,17 +35,17 @@ class SecretBuffer {
  public:
   SecretBuffer() = default;
   explicit SecretBuffer(size_t size) : data_(size) {}
-  SecretBuffer(const uint8_t* p, size_t n) : data_(p, p + n) {}
+  SecretBuffer(const uint8_t *p, size_t n) : data_(p, p + n) {}
   ~SecretBuffer() { clear(); }
-  SecretBuffer(const SecretBuffer&) = delete;
-  SecretBuffer& operator=(const SecretBuffer&) = delete;
-  SecretBuffer(SecretBuffer&& other) noexcept : data_(std::move(other.data_)) {
+  SecretBuffer(const SecretBuffer &) = delete;
+  SecretBuffer &operator=(const SecretBuffer &) = delete;
+  SecretBuffer(SecretBuffer &&other) noexcept : data_(std::move(other.data_)) {
     other.data_.clear();
   }
-  SecretBuffer& operator=(SecretBuffer&& other) noexcept;
+  SecretBuffer &operator=(SecretBuffer &&other) noexcept;
 
-  uint8_t* data() { return data_.data(); }
-  const uint8_t* data() const { return data_.data(); }
+  uint8_t *data() { return data_.data(); }
+  const uint8_t *data() const { return data_.data(); }
   size_t size() const { return data_.size(); }
   bool empty() const { return data_.empty(); }
   ByteSpan span() const { return ByteSpan(data_.data(), data_.size()); }

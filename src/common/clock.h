@@ -18,7 +18,7 @@ class SystemClock final : public Clock {
  public:
   int64_t NowUnix() const override;
   // A process-wide instance that lives forever.
-  static const SystemClock& Instance();
+  static const SystemClock &Instance();
 };
 
 class FakeClock final : public Clock {

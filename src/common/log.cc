@@ -8,11 +8,11 @@ namespace {
 
 std::mutex g_mu;
 Sink g_sink = nullptr;
-void* g_arg = nullptr;
+void *g_arg = nullptr;
 
 }  // namespace
 
-void SetSink(Sink sink, void* arg) {
+void SetSink(Sink sink, void *arg) {
   std::lock_guard<std::mutex> lock(g_mu);
   g_sink = sink;
   g_arg = arg;
@@ -20,7 +20,7 @@ void SetSink(Sink sink, void* arg) {
 
 void Emit(Level level, std::string_view msg) {
   Sink sink;
-  void* arg;
+  void *arg;
   {
     std::lock_guard<std::mutex> lock(g_mu);
     sink = g_sink;

@@ -9,10 +9,10 @@ namespace hsmstek::log {
 
 enum class Level : int { kError = 0, kWarning = 1, kInfo = 2, kDebug = 3 };
 
-using Sink = void (*)(int level, const char* msg, void* arg);
+using Sink = void (*)(int level, const char *msg, void *arg);
 
 // Installs `sink` (nullptr: drop messages). Thread-safe.
-void SetSink(Sink sink, void* arg);
+void SetSink(Sink sink, void *arg);
 // Formats nothing; delivers `msg` to the sink if one is set. Thread-safe.
 void Emit(Level level, std::string_view msg);
 

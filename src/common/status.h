@@ -42,7 +42,7 @@ class [[nodiscard]] Status {
   ErrorCode code() const { return code_; }
   // The CK_RV that caused this error, or 0 when it did not come from a token.
   unsigned long ckr() const { return ckr_; }
-  const std::string& message() const { return message_; }
+  const std::string &message() const { return message_; }
 
   // Returns a copy whose message is "context: message".
   Status WithContext(std::string_view context) const;
@@ -61,17 +61,17 @@ class [[nodiscard]] Result {
   Result(Status status) : v_(std::move(status)) {}  // NOLINT: must be non-OK
 
   bool ok() const { return std::holds_alternative<T>(v_); }
-  const Status& status() const {
+  const Status &status() const {
     static const Status kOk;
     return ok() ? kOk : std::get<Status>(v_);
   }
-  T& value() & { return std::get<T>(v_); }
-  const T& value() const& { return std::get<T>(v_); }
-  T&& value() && { return std::get<T>(std::move(v_)); }
-  T* operator->() { return &value(); }
-  const T* operator->() const { return &value(); }
-  T& operator*() & { return value(); }
-  const T& operator*() const& { return value(); }
+  T &value() & { return std::get<T>(v_); }
+  const T &value() const & { return std::get<T>(v_); }
+  T &&value() && { return std::get<T>(std::move(v_)); }
+  T *operator->() { return &value(); }
+  const T *operator->() const { return &value(); }
+  T &operator*() & { return value(); }
+  const T &operator*() const & { return value(); }
 
  private:
   std::variant<T, Status> v_;

@@ -8,10 +8,11 @@ namespace {
 
 struct CkrEntry {
   CK_RV rv;
-  const char* name;
+  const char *name;
 };
 
-#define CKR_ENTRY(x) {x, #x}
+#define CKR_ENTRY(x) \
+  { x, #x }
 constexpr CkrEntry kCkrNames[] = {
     CKR_ENTRY(CKR_OK),
     CKR_ENTRY(CKR_CANCEL),
@@ -104,13 +105,14 @@ constexpr CkrEntry kCkrNames[] = {
 }  // namespace
 
 std::string_view CkrName(CK_RV rv) {
-  for (const CkrEntry& e : kCkrNames) {
+  for (const CkrEntry &e : kCkrNames) {
     if (e.rv == rv) return e.name;
   }
   // Unknown (vendor) codes: a stable per-thread buffer keeps this
   // allocation-free for callers that only log the result.
   thread_local char buf[32];
-  std::snprintf(buf, sizeof(buf), "CKR_0x%08lX", static_cast<unsigned long>(rv));
+  std::snprintf(buf, sizeof(buf), "CKR_0x%08lX",
+                static_cast<unsigned long>(rv));
   return buf;
 }
 

@@ -28,8 +28,8 @@ void RegisterForkHandler() {
 std::mutex g_registry_mu;
 // Modules live for the process: PKCS#11 allows one C_Initialize per process,
 // and unloading a module other components may share is unsafe.
-std::map<std::string, std::shared_ptr<Module>>& Registry() {
-  static auto* registry = new std::map<std::string, std::shared_ptr<Module>>;
+std::map<std::string, std::shared_ptr<Module>> &Registry() {
+  static auto *registry = new std::map<std::string, std::shared_ptr<Module>>;
   return *registry;
 }
 
@@ -37,25 +37,26 @@ std::map<std::string, std::shared_ptr<Module>>& Registry() {
 
 uint64_t Module::ForkCount() { return g_fork_count.load(); }
 
-Result<std::shared_ptr<Module>> Module::FromPath(const std::string& path) {
+Result<std::shared_ptr<Module>> Module::FromPath(const std::string &path) {
   RegisterForkHandler();
   std::lock_guard<std::mutex> lock(g_registry_mu);
   auto it = Registry().find("path:" + path);
   if (it != Registry().end()) return it->second;
 
-  void* dl = dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL);
+  void *dl = dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL);
   if (dl == nullptr) {
-    const char* why = dlerror();
+    const char *why = dlerror();
     return NotFound("cannot load PKCS#11 module " + path + ": " +
                     (why ? why : "unknown error"));
   }
-  auto get_list = reinterpret_cast<CK_C_GetFunctionList>(
-      dlsym(dl, "C_GetFunctionList"));
+  auto get_list =
+      reinterpret_cast<CK_C_GetFunctionList>(dlsym(dl, "C_GetFunctionList"));
   if (get_list == nullptr) {
     dlclose(dl);
-    return InvalidArgument(path + " is not a PKCS#11 module (no C_GetFunctionList)");
+    return InvalidArgument(path +
+                           " is not a PKCS#11 module (no C_GetFunctionList)");
   }
-  CK_FUNCTION_LIST* fn = nullptr;
+  CK_FUNCTION_LIST *fn = nullptr;
   CK_RV rv = get_list(&fn);
   if (rv != CKR_OK || fn == nullptr) {
     dlclose(dl);
@@ -68,18 +69,19 @@ Result<std::shared_ptr<Module>> Module::FromPath(const std::string& path) {
 }
 
 Result<std::vector<std::shared_ptr<Module>>> Module::FromP11Kit(
-    const std::string& name) {
+    const std::string &name) {
   RegisterForkHandler();
   std::lock_guard<std::mutex> lock(g_registry_mu);
   // Unmanaged: we call C_Initialize ourselves, with our own flags.
-  CK_FUNCTION_LIST** list = p11_kit_modules_load(nullptr, P11_KIT_MODULE_UNMANAGED);
+  CK_FUNCTION_LIST **list =
+      p11_kit_modules_load(nullptr, P11_KIT_MODULE_UNMANAGED);
   if (list == nullptr) {
     return NotFound(std::string("cannot load p11-kit modules: ") +
                     (p11_kit_message() ? p11_kit_message() : "unknown error"));
   }
   std::vector<std::shared_ptr<Module>> out;
-  for (CK_FUNCTION_LIST** p = list; *p != nullptr; ++p) {
-    char* raw_name = p11_kit_module_get_name(*p);
+  for (CK_FUNCTION_LIST **p = list; *p != nullptr; ++p) {
+    char *raw_name = p11_kit_module_get_name(*p);
     std::string module_name = raw_name ? raw_name : "";
     free(raw_name);
     if (!name.empty() && module_name != name) continue;

@@ -19,12 +19,12 @@ class Module {
   // C_Initialize per process, so every user of a path shares one Module.
   // Errors: kNotFound (no such file / not loadable), kInvalidArgument (no
   // C_GetFunctionList). Thread-safe.
-  static Result<std::shared_ptr<Module>> FromPath(const std::string& path);
+  static Result<std::shared_ptr<Module>> FromPath(const std::string &path);
 
   // Returns the p11-kit configured modules (all, or the one whose name is
   // `name` when not empty). Thread-safe.
   static Result<std::vector<std::shared_ptr<Module>>> FromP11Kit(
-      const std::string& name);
+      const std::string &name);
 
   // Calls C_Initialize(CKF_OS_LOCKING_OK) unless this process already did;
   // CKR_CRYPTOKI_ALREADY_INITIALIZED is accepted (another component of the
@@ -36,20 +36,20 @@ class Module {
   // fork bumps it in the child (pthread_atfork). Cheap; lock-free.
   static uint64_t ForkCount();
 
-  CK_FUNCTION_LIST* functions() const { return fn_; }
-  const std::string& name() const { return name_; }
+  CK_FUNCTION_LIST *functions() const { return fn_; }
+  const std::string &name() const { return name_; }
 
-  Module(const Module&) = delete;
-  Module& operator=(const Module&) = delete;
+  Module(const Module &) = delete;
+  Module &operator=(const Module &) = delete;
   ~Module();
 
  private:
-  Module(std::string name, void* dl_handle, CK_FUNCTION_LIST* fn)
+  Module(std::string name, void *dl_handle, CK_FUNCTION_LIST *fn)
       : name_(std::move(name)), dl_handle_(dl_handle), fn_(fn) {}
 
   std::string name_;
-  void* dl_handle_;  // never dlclosed while cached; see FromPath
-  CK_FUNCTION_LIST* fn_;
+  void *dl_handle_;  // never dlclosed while cached; see FromPath
+  CK_FUNCTION_LIST *fn_;
   std::mutex mu_;
   bool initialized_ = false;
   uint64_t initialized_fork_count_ = 0;

@@ -5,34 +5,33 @@
 
 namespace hsmstek::p11 {
 
-Template& Template::Bool(CK_ATTRIBUTE_TYPE type, bool value) {
+Template &Template::Bool(CK_ATTRIBUTE_TYPE type, bool value) {
   CK_BBOOL b = value ? CK_TRUE : CK_FALSE;
   return Data(type, ByteSpan(&b, sizeof(b)));
 }
 
-Template& Template::Ulong(CK_ATTRIBUTE_TYPE type, CK_ULONG value) {
-  return Data(type, ByteSpan(reinterpret_cast<const uint8_t*>(&value),
-                             sizeof(value)));
+Template &Template::Ulong(CK_ATTRIBUTE_TYPE type, CK_ULONG value) {
+  return Data(
+      type, ByteSpan(reinterpret_cast<const uint8_t *>(&value), sizeof(value)));
 }
 
-Template& Template::Data(CK_ATTRIBUTE_TYPE type, ByteSpan value) {
-  Bytes& stored = values_.emplace_back(value.begin(), value.end());
+Template &Template::Data(CK_ATTRIBUTE_TYPE type, ByteSpan value) {
+  Bytes &stored = values_.emplace_back(value.begin(), value.end());
   attrs_.push_back(CK_ATTRIBUTE{type, stored.empty() ? nullptr : stored.data(),
                                 static_cast<CK_ULONG>(stored.size())});
   return *this;
 }
 
-Template& Template::String(CK_ATTRIBUTE_TYPE type, std::string_view value) {
-  return Data(type, ByteSpan(reinterpret_cast<const uint8_t*>(value.data()),
+Template &Template::String(CK_ATTRIBUTE_TYPE type, std::string_view value) {
+  return Data(type, ByteSpan(reinterpret_cast<const uint8_t *>(value.data()),
                              value.size()));
 }
 
-Result<std::vector<CK_OBJECT_HANDLE>> FindObjects(Session& session,
-                                                  Template& tmpl,
+Result<std::vector<CK_OBJECT_HANDLE>> FindObjects(Session &session,
+                                                  Template &tmpl,
                                                   size_t limit) {
-  Status status =
-      P11_CALL(session, C_FindObjectsInit, session.handle(), tmpl.data(),
-               tmpl.size());
+  Status status = P11_CALL(session, C_FindObjectsInit, session.handle(),
+                           tmpl.data(), tmpl.size());
   if (!status.ok()) return status;
   std::vector<CK_OBJECT_HANDLE> found;
   CK_OBJECT_HANDLE batch[64];
@@ -44,8 +43,7 @@ Result<std::vector<CK_OBJECT_HANDLE>> FindObjects(Session& session,
     found.insert(found.end(), batch, batch + n);
   }
   // Always end the search so the session stays usable for the next user.
-  Status final_status =
-      P11_CALL(session, C_FindObjectsFinal, session.handle());
+  Status final_status = P11_CALL(session, C_FindObjectsFinal, session.handle());
   if (!status.ok()) return status;
   if (!final_status.ok()) return final_status;
   if (found.size() > limit) found.resize(limit);
@@ -53,16 +51,16 @@ Result<std::vector<CK_OBJECT_HANDLE>> FindObjects(Session& session,
 }
 
 Result<std::vector<std::optional<bool>>> ReadBools(
-    Session& session, CK_OBJECT_HANDLE object,
+    Session &session, CK_OBJECT_HANDLE object,
     std::span<const CK_ATTRIBUTE_TYPE> types) {
   std::vector<CK_BBOOL> values(types.size(), CK_FALSE);
   std::vector<CK_ATTRIBUTE> attrs(types.size());
   for (size_t i = 0; i < types.size(); ++i) {
     attrs[i] = CK_ATTRIBUTE{types[i], &values[i], sizeof(CK_BBOOL)};
   }
-  CK_RV rv = session.fn()->C_GetAttributeValue(
-      session.handle(), object, attrs.data(),
-      static_cast<CK_ULONG>(attrs.size()));
+  CK_RV rv =
+      session.fn()->C_GetAttributeValue(session.handle(), object, attrs.data(),
+                                        static_cast<CK_ULONG>(attrs.size()));
   // CKR_ATTRIBUTE_TYPE_INVALID still fills the attributes the object has.
   if (rv != CKR_OK && rv != CKR_ATTRIBUTE_TYPE_INVALID) {
     return session.Check("C_GetAttributeValue", rv);
@@ -74,7 +72,7 @@ Result<std::vector<std::optional<bool>>> ReadBools(
   return out;
 }
 
-static Result<Bytes> ReadRaw(Session& session, CK_OBJECT_HANDLE object,
+static Result<Bytes> ReadRaw(Session &session, CK_OBJECT_HANDLE object,
                              CK_ATTRIBUTE_TYPE type) {
   CK_ATTRIBUTE attr{type, nullptr, 0};
   Status status = P11_CALL(session, C_GetAttributeValue, session.handle(),
@@ -92,7 +90,7 @@ static Result<Bytes> ReadRaw(Session& session, CK_OBJECT_HANDLE object,
   return value;
 }
 
-Result<Bytes> ReadAttribute(Session& session, CK_OBJECT_HANDLE object,
+Result<Bytes> ReadAttribute(Session &session, CK_OBJECT_HANDLE object,
                             CK_ATTRIBUTE_TYPE type) {
   if (type == CKA_VALUE) {
     return Internal("refusing to read CKA_VALUE through ReadAttribute");
@@ -100,7 +98,7 @@ Result<Bytes> ReadAttribute(Session& session, CK_OBJECT_HANDLE object,
   return ReadRaw(session, object, type);
 }
 
-Result<CK_ULONG> ReadUlong(Session& session, CK_OBJECT_HANDLE object,
+Result<CK_ULONG> ReadUlong(Session &session, CK_OBJECT_HANDLE object,
                            CK_ATTRIBUTE_TYPE type) {
   Result<Bytes> raw = ReadAttribute(session, object, type);
   if (!raw.ok()) return raw.status();
@@ -113,7 +111,7 @@ Result<CK_ULONG> ReadUlong(Session& session, CK_OBJECT_HANDLE object,
   return v;
 }
 
-Result<Bytes> ReadDataValue(Session& session, CK_OBJECT_HANDLE object) {
+Result<Bytes> ReadDataValue(Session &session, CK_OBJECT_HANDLE object) {
   Result<CK_ULONG> cls = ReadUlong(session, object, CKA_CLASS);
   if (!cls.ok()) return cls.status();
   if (*cls != CKO_DATA) {

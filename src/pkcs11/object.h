@@ -22,14 +22,14 @@ namespace hsmstek::p11 {
 // Builds a CK_ATTRIBUTE array whose values it owns.
 class Template {
  public:
-  Template& Bool(CK_ATTRIBUTE_TYPE type, bool value);
-  Template& Ulong(CK_ATTRIBUTE_TYPE type, CK_ULONG value);
-  Template& Data(CK_ATTRIBUTE_TYPE type, ByteSpan value);
-  Template& String(CK_ATTRIBUTE_TYPE type, std::string_view value);
+  Template &Bool(CK_ATTRIBUTE_TYPE type, bool value);
+  Template &Ulong(CK_ATTRIBUTE_TYPE type, CK_ULONG value);
+  Template &Data(CK_ATTRIBUTE_TYPE type, ByteSpan value);
+  Template &String(CK_ATTRIBUTE_TYPE type, std::string_view value);
 
-  CK_ATTRIBUTE* data() { return attrs_.data(); }
+  CK_ATTRIBUTE *data() { return attrs_.data(); }
   CK_ULONG size() const { return static_cast<CK_ULONG>(attrs_.size()); }
-  const std::vector<CK_ATTRIBUTE>& attributes() const { return attrs_; }
+  const std::vector<CK_ATTRIBUTE> &attributes() const { return attrs_; }
 
  private:
   std::vector<CK_ATTRIBUTE> attrs_;
@@ -38,36 +38,36 @@ class Template {
 
 // Returns every object matching `tmpl` (at most `limit`).
 [[nodiscard]] Result<std::vector<CK_OBJECT_HANDLE>> FindObjects(
-    Session& session, Template& tmpl, size_t limit = 1024);
+    Session &session, Template &tmpl, size_t limit = 1024);
 
 // Reads boolean attributes; an attribute the object does not have is
 // returned as nullopt. Order matches `types`.
 [[nodiscard]] Result<std::vector<std::optional<bool>>> ReadBools(
-    Session& session, CK_OBJECT_HANDLE object,
+    Session &session, CK_OBJECT_HANDLE object,
     std::span<const CK_ATTRIBUTE_TYPE> types);
 
 // Reads one non-secret attribute (CKA_LABEL, CKA_ID, CKA_CLASS, ...).
 // CKA_VALUE is refused with kInternal: use ReadDataValue for data objects.
-[[nodiscard]] Result<Bytes> ReadAttribute(Session& session,
+[[nodiscard]] Result<Bytes> ReadAttribute(Session &session,
                                           CK_OBJECT_HANDLE object,
                                           CK_ATTRIBUTE_TYPE type);
-[[nodiscard]] Result<CK_ULONG> ReadUlong(Session& session,
+[[nodiscard]] Result<CK_ULONG> ReadUlong(Session &session,
                                          CK_OBJECT_HANDLE object,
                                          CK_ATTRIBUTE_TYPE type);
 
 // Reads CKA_VALUE of a CKO_DATA object; refuses any other class.
-[[nodiscard]] Result<Bytes> ReadDataValue(Session& session,
+[[nodiscard]] Result<Bytes> ReadDataValue(Session &session,
                                           CK_OBJECT_HANDLE object);
 
 // Destroys its object when it goes out of scope, unless Release()d. Used for
 // objects that must not survive a failed multi-step operation.
 class ScopedObject {
  public:
-  ScopedObject(Session& session, CK_OBJECT_HANDLE object)
+  ScopedObject(Session &session, CK_OBJECT_HANDLE object)
       : session_(&session), object_(object) {}
   ~ScopedObject();
-  ScopedObject(const ScopedObject&) = delete;
-  ScopedObject& operator=(const ScopedObject&) = delete;
+  ScopedObject(const ScopedObject &) = delete;
+  ScopedObject &operator=(const ScopedObject &) = delete;
 
   CK_OBJECT_HANDLE get() const { return object_; }
   CK_OBJECT_HANDLE Release() {
@@ -77,7 +77,7 @@ class ScopedObject {
   }
 
  private:
-  Session* session_;
+  Session *session_;
   CK_OBJECT_HANDLE object_;
 };
 

@@ -11,14 +11,14 @@ namespace {
 
 constexpr size_t kMaxPinLength = 256;
 
-void TrimNewline(SecretBuffer& pin) {
+void TrimNewline(SecretBuffer &pin) {
   size_t n = pin.size();
   if (n > 0 && pin.data()[n - 1] == '\n') --n;
   if (n > 0 && pin.data()[n - 1] == '\r') --n;
   pin.truncate(n);
 }
 
-Result<std::string> PinFilePath(const std::string& source) {
+Result<std::string> PinFilePath(const std::string &source) {
   std::string_view s = source;
   if (s.substr(0, 8) == "file:///") {
     s.remove_prefix(7);  // keep the leading '/'
@@ -35,9 +35,9 @@ Result<std::string> PinFilePath(const std::string& source) {
   return std::string(s);
 }
 
-Result<SecretBuffer> ReadPinFile(const std::string& path) {
+Result<SecretBuffer> ReadPinFile(const std::string &path) {
   struct FileCloser {
-    void operator()(FILE* f) const { std::fclose(f); }
+    void operator()(FILE *f) const { std::fclose(f); }
   };
   std::unique_ptr<FILE, FileCloser> f(std::fopen(path.c_str(), "rb"));
   if (!f) {
@@ -61,18 +61,18 @@ Result<SecretBuffer> ReadPinFile(const std::string& path) {
 
 }  // namespace
 
-Result<SecretBuffer> ReadPin(const TokenUri& uri) {
+Result<SecretBuffer> ReadPin(const TokenUri &uri) {
   if (uri.pin_value) {
-    const std::string& v = *uri.pin_value;
-    return SecretBuffer(reinterpret_cast<const uint8_t*>(v.data()), v.size());
+    const std::string &v = *uri.pin_value;
+    return SecretBuffer(reinterpret_cast<const uint8_t *>(v.data()), v.size());
   }
   if (uri.pin_source) {
     Result<std::string> path = PinFilePath(*uri.pin_source);
     if (!path.ok()) return path.status();
     return ReadPinFile(*path);
   }
-  if (const char* env = std::getenv(kPinEnvironmentVariable)) {
-    return SecretBuffer(reinterpret_cast<const uint8_t*>(env),
+  if (const char *env = std::getenv(kPinEnvironmentVariable)) {
+    return SecretBuffer(reinterpret_cast<const uint8_t *>(env),
                         std::strlen(env));
   }
   return PermissionDenied(

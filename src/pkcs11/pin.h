@@ -16,6 +16,6 @@ inline constexpr char kPinEnvironmentVariable[] = "HSMSTEK_PIN";
 // "file:///abs/path" or a plain absolute path; one trailing "\n" or "\r\n" is
 // trimmed. A missing or unreadable file, or no source at all, is
 // kPermissionDenied naming the file (never its contents).
-Result<SecretBuffer> ReadPin(const TokenUri& uri);
+Result<SecretBuffer> ReadPin(const TokenUri &uri);
 
 }  // namespace hsmstek::p11

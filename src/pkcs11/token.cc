@@ -13,7 +13,7 @@ namespace hsmstek::p11 {
 
 Session::~Session() { Release(); }
 
-Session::Session(Session&& other) noexcept
+Session::Session(Session &&other) noexcept
     : token_(other.token_),
       handle_(other.handle_),
       generation_(other.generation_),
@@ -22,7 +22,7 @@ Session::Session(Session&& other) noexcept
   other.handle_ = CK_INVALID_HANDLE;
 }
 
-Session& Session::operator=(Session&& other) noexcept {
+Session &Session::operator=(Session &&other) noexcept {
   if (this != &other) {
     Release();
     token_ = other.token_;
@@ -35,7 +35,7 @@ Session& Session::operator=(Session&& other) noexcept {
   return *this;
 }
 
-CK_FUNCTION_LIST* Session::fn() const { return token_->fn(); }
+CK_FUNCTION_LIST *Session::fn() const { return token_->fn(); }
 
 void Session::Release() {
   if (token_ == nullptr) return;
@@ -44,7 +44,7 @@ void Session::Release() {
   handle_ = CK_INVALID_HANDLE;
 }
 
-Status Session::Check(const char* function, CK_RV rv) {
+Status Session::Check(const char *function, CK_RV rv) {
   if (rv == CKR_OK) return Status::Ok();
   Status status = CkError(function, rv);
   if (IsConnectionFault(rv)) {
@@ -65,7 +65,7 @@ Token::Token(TokenUri uri, TokenOptions options,
 
 Token::~Token() { Disconnect(); }
 
-Result<std::shared_ptr<Token>> Token::Create(const TokenUri& uri,
+Result<std::shared_ptr<Token>> Token::Create(const TokenUri &uri,
                                              TokenOptions options) {
   std::vector<std::shared_ptr<Module>> candidates;
   if (uri.module_path) {
@@ -121,7 +121,7 @@ struct SlotMatch {
   CK_TOKEN_INFO info;
 };
 
-std::string Describe(const CK_TOKEN_INFO& info, CK_SLOT_ID slot) {
+std::string Describe(const CK_TOKEN_INFO &info, CK_SLOT_ID slot) {
   return "\"" + TrimPadded(info.label, sizeof(info.label)) + "\" (serial " +
          TrimPadded(info.serialNumber, sizeof(info.serialNumber)) + ", slot " +
          std::to_string(slot) + ")";
@@ -144,10 +144,10 @@ Status Token::ConnectLocked() {
 
   std::vector<SlotMatch> matches;
   std::vector<std::string> seen;
-  for (const std::shared_ptr<Module>& module : candidates_) {
+  for (const std::shared_ptr<Module> &module : candidates_) {
     Status init = module->EnsureInitialized();
     if (!init.ok()) return fail(init);
-    CK_FUNCTION_LIST* f = module->functions();
+    CK_FUNCTION_LIST *f = module->functions();
     CK_ULONG count = 0;
     CK_RV rv = f->C_GetSlotList(CK_TRUE, nullptr, &count);
     if (rv != CKR_OK) return fail(CkError("C_GetSlotList", rv, module->name()));
@@ -184,12 +184,13 @@ Status Token::ConnectLocked() {
                                 list_seen()));
   }
 
-  const SlotMatch& match = matches[0];
+  const SlotMatch &match = matches[0];
   module_ = match.module;
   slot_ = match.slot;
   label_ = TrimPadded(match.info.label, sizeof(match.info.label));
-  serial_ = TrimPadded(match.info.serialNumber, sizeof(match.info.serialNumber));
-  CK_FUNCTION_LIST* f = module_->functions();
+  serial_ =
+      TrimPadded(match.info.serialNumber, sizeof(match.info.serialNumber));
+  CK_FUNCTION_LIST *f = module_->functions();
 
   for (CK_MECHANISM_TYPE m : options_.required_mechanisms) {
     CK_MECHANISM_INFO info;
@@ -202,7 +203,8 @@ Status Token::ConnectLocked() {
   }
 
   CK_SESSION_HANDLE object_session = CK_INVALID_HANDLE;
-  CK_FLAGS flags = CKF_SERIAL_SESSION | (options_.read_write ? CKF_RW_SESSION : 0);
+  CK_FLAGS flags =
+      CKF_SERIAL_SESSION | (options_.read_write ? CKF_RW_SESSION : 0);
   CK_RV rv = f->C_OpenSession(slot_, flags, nullptr, nullptr, &object_session);
   if (rv != CKR_OK) return fail(CkError("C_OpenSession", rv, label_));
 
@@ -232,7 +234,8 @@ Status Token::ConnectLocked() {
 
 Result<CK_SESSION_HANDLE> Token::OpenSessionLocked() {
   CK_SESSION_HANDLE h = CK_INVALID_HANDLE;
-  CK_FLAGS flags = CKF_SERIAL_SESSION | (options_.read_write ? CKF_RW_SESSION : 0);
+  CK_FLAGS flags =
+      CKF_SERIAL_SESSION | (options_.read_write ? CKF_RW_SESSION : 0);
   CK_RV rv = fn()->C_OpenSession(slot_, flags, nullptr, nullptr, &h);
   if (rv != CKR_OK) {
     Status status = CkError("C_OpenSession", rv, label_);

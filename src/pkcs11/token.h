@@ -49,21 +49,21 @@ class Session {
  public:
   Session() = default;
   ~Session();
-  Session(Session&& other) noexcept;
-  Session& operator=(Session&& other) noexcept;
-  Session(const Session&) = delete;
-  Session& operator=(const Session&) = delete;
+  Session(Session &&other) noexcept;
+  Session &operator=(Session &&other) noexcept;
+  Session(const Session &) = delete;
+  Session &operator=(const Session &) = delete;
 
   CK_SESSION_HANDLE handle() const { return handle_; }
-  CK_FUNCTION_LIST* fn() const;
+  CK_FUNCTION_LIST *fn() const;
   uint64_t generation() const { return generation_; }
-  Token* token() const { return token_; }
+  Token *token() const { return token_; }
 
   // The single checkpoint for every C_* result on this session: OK for
   // CKR_OK; otherwise logs, returns CkError(function, rv), and on a
   // connection fault tells the token to reconnect and marks this session
   // dead. Use through P11_CALL below.
-  [[nodiscard]] Status Check(const char* function, CK_RV rv);
+  [[nodiscard]] Status Check(const char *function, CK_RV rv);
 
   // Closes the session instead of returning it to the pool (e.g. after an
   // operation was abandoned half-way).
@@ -71,11 +71,11 @@ class Session {
 
  private:
   friend class Token;
-  Session(Token* token, CK_SESSION_HANDLE h, uint64_t gen)
+  Session(Token *token, CK_SESSION_HANDLE h, uint64_t gen)
       : token_(token), handle_(h), generation_(gen) {}
   void Release();
 
-  Token* token_ = nullptr;
+  Token *token_ = nullptr;
   CK_SESSION_HANDLE handle_ = CK_INVALID_HANDLE;
   uint64_t generation_ = 0;
   bool discard_ = false;
@@ -91,7 +91,7 @@ class Token : public std::enable_shared_from_this<Token> {
   // Resolves the module named by `uri` (module-path, module-name, or all of
   // p11-kit's). Fails at once on a bad module; does not touch the token:
   // slot lookup and login happen in Connect (or lazily on first Acquire).
-  static Result<std::shared_ptr<Token>> Create(const TokenUri& uri,
+  static Result<std::shared_ptr<Token>> Create(const TokenUri &uri,
                                                TokenOptions options);
 
   // Connects now: finds exactly one matching token (errors list the tokens
@@ -106,7 +106,7 @@ class Token : public std::enable_shared_from_this<Token> {
   // Runs `fn(session)` holding the long-lived session that owns session
   // objects (derived keys). Serialised by a mutex; only for short calls.
   template <typename Fn>
-  Status WithObjectSession(Fn&& fn);
+  Status WithObjectSession(Fn &&fn);
 
   // The current generation; bumps on each (re)connect and after fork.
   uint64_t generation() const { return generation_.load(); }
@@ -114,8 +114,8 @@ class Token : public std::enable_shared_from_this<Token> {
   // The label and serial of the connected token ("" before connect).
   std::string label() const;
   std::string serial() const;
-  const TokenUri& uri() const { return uri_; }
-  CK_FUNCTION_LIST* fn() const { return module_->functions(); }
+  const TokenUri &uri() const { return uri_; }
+  CK_FUNCTION_LIST *fn() const { return module_->functions(); }
   CK_SLOT_ID slot() const;
 
   // Reports a fault seen with generation `gen`. A connection fault drops
@@ -126,8 +126,8 @@ class Token : public std::enable_shared_from_this<Token> {
   void Disconnect();
 
   ~Token();
-  Token(const Token&) = delete;
-  Token& operator=(const Token&) = delete;
+  Token(const Token &) = delete;
+  Token &operator=(const Token &) = delete;
 
  private:
   Token(TokenUri uri, TokenOptions options,
@@ -163,7 +163,7 @@ class Token : public std::enable_shared_from_this<Token> {
 };
 
 template <typename Fn>
-Status Token::WithObjectSession(Fn&& fn) {
+Status Token::WithObjectSession(Fn &&fn) {
   // Connect (or fail fast in back-off) through an ordinary lease first.
   Result<Session> probe = Acquire();
   if (!probe.ok()) return probe.status();

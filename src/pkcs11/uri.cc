@@ -10,12 +10,12 @@ namespace hsmstek::p11 {
 namespace {
 
 struct UriDeleter {
-  void operator()(P11KitUri* uri) const { p11_kit_uri_free(uri); }
+  void operator()(P11KitUri *uri) const { p11_kit_uri_free(uri); }
 };
 using UniqueUri = std::unique_ptr<P11KitUri, UriDeleter>;
 
 // Token-info fields p11-kit leaves zeroed when the URI does not set them.
-std::optional<std::string> PaddedField(const CK_UTF8CHAR* field, size_t size) {
+std::optional<std::string> PaddedField(const CK_UTF8CHAR *field, size_t size) {
   if (field[0] == 0) return std::nullopt;
   return TrimPadded(field, size);
 }
@@ -32,12 +32,12 @@ std::string Redact(std::string_view uri) {
   return out;
 }
 
-bool ContainsUnknownQuery(std::string_view uri, std::string* name) {
+bool ContainsUnknownQuery(std::string_view uri, std::string *name) {
   size_t q = uri.find('?');
   if (q == std::string_view::npos) return false;
   std::string_view query = uri.substr(q + 1);
-  static constexpr std::string_view kKnown[] = {
-      "module-path", "module-name", "pin-source", "pin-value"};
+  static constexpr std::string_view kKnown[] = {"module-path", "module-name",
+                                                "pin-source", "pin-value"};
   while (!query.empty()) {
     size_t amp = query.find('&');
     std::string_view item = query.substr(0, amp);
@@ -56,19 +56,18 @@ bool ContainsUnknownQuery(std::string_view uri, std::string* name) {
 
 }  // namespace
 
-std::string TrimPadded(const CK_UTF8CHAR* field, size_t size) {
-  std::string s(reinterpret_cast<const char*>(field), size);
+std::string TrimPadded(const CK_UTF8CHAR *field, size_t size) {
+  std::string s(reinterpret_cast<const char *>(field), size);
   size_t end = s.find_last_not_of(" \0", std::string::npos, 2);
   s.resize(end == std::string::npos ? 0 : end + 1);
   return s;
 }
 
-bool TokenUri::MatchesToken(const CK_TOKEN_INFO& info, CK_SLOT_ID slot) const {
+bool TokenUri::MatchesToken(const CK_TOKEN_INFO &info, CK_SLOT_ID slot) const {
   if (token && *token != TrimPadded(info.label, sizeof(info.label)))
     return false;
-  if (manufacturer &&
-      *manufacturer !=
-          TrimPadded(info.manufacturerID, sizeof(info.manufacturerID)))
+  if (manufacturer && *manufacturer != TrimPadded(info.manufacturerID,
+                                                  sizeof(info.manufacturerID)))
     return false;
   if (serial &&
       *serial != TrimPadded(info.serialNumber, sizeof(info.serialNumber)))
@@ -103,7 +102,7 @@ Result<TokenUri> ParseTokenUri(std::string_view text) {
                            unknown + "\": " + out.text);
   }
 
-  const CK_TOKEN_INFO* info = p11_kit_uri_get_token_info(uri.get());
+  const CK_TOKEN_INFO *info = p11_kit_uri_get_token_info(uri.get());
   out.token = PaddedField(info->label, sizeof(info->label));
   out.manufacturer =
       PaddedField(info->manufacturerID, sizeof(info->manufacturerID));
@@ -112,14 +111,15 @@ Result<TokenUri> ParseTokenUri(std::string_view text) {
   CK_SLOT_ID slot = p11_kit_uri_get_slot_id(uri.get());
   if (slot != static_cast<CK_SLOT_ID>(-1)) out.slot_id = slot;
 
-  if (CK_ATTRIBUTE* a = p11_kit_uri_get_attribute(uri.get(), CKA_LABEL)) {
-    out.object = std::string(static_cast<const char*>(a->pValue), a->ulValueLen);
+  if (CK_ATTRIBUTE *a = p11_kit_uri_get_attribute(uri.get(), CKA_LABEL)) {
+    out.object =
+        std::string(static_cast<const char *>(a->pValue), a->ulValueLen);
   }
-  if (CK_ATTRIBUTE* a = p11_kit_uri_get_attribute(uri.get(), CKA_ID)) {
-    const auto* p = static_cast<const uint8_t*>(a->pValue);
+  if (CK_ATTRIBUTE *a = p11_kit_uri_get_attribute(uri.get(), CKA_ID)) {
+    const auto *p = static_cast<const uint8_t *>(a->pValue);
     out.id = Bytes(p, p + a->ulValueLen);
   }
-  if (CK_ATTRIBUTE* a = p11_kit_uri_get_attribute(uri.get(), CKA_CLASS)) {
+  if (CK_ATTRIBUTE *a = p11_kit_uri_get_attribute(uri.get(), CKA_CLASS)) {
     if (a->ulValueLen != sizeof(CK_OBJECT_CLASS)) {
       return InvalidArgument("PKCS#11 URI has a bad type: " + out.text);
     }
@@ -127,16 +127,16 @@ Result<TokenUri> ParseTokenUri(std::string_view text) {
     std::memcpy(&cls, a->pValue, sizeof(cls));
     out.type = cls;
   }
-  if (const char* v = p11_kit_uri_get_module_path(uri.get())) {
+  if (const char *v = p11_kit_uri_get_module_path(uri.get())) {
     out.module_path = v;
   }
-  if (const char* v = p11_kit_uri_get_module_name(uri.get())) {
+  if (const char *v = p11_kit_uri_get_module_name(uri.get())) {
     out.module_name = v;
   }
-  if (const char* v = p11_kit_uri_get_pin_source(uri.get())) {
+  if (const char *v = p11_kit_uri_get_pin_source(uri.get())) {
     out.pin_source = v;
   }
-  if (const char* v = p11_kit_uri_get_pin_value(uri.get())) {
+  if (const char *v = p11_kit_uri_get_pin_value(uri.get())) {
     out.pin_value = v;
   }
   if (out.module_path && out.module_path->empty()) {

@@ -35,7 +35,7 @@ struct TokenUri {
 
   // True if this URI's token attributes select the token in `info`
   // on slot `slot`.
-  bool MatchesToken(const CK_TOKEN_INFO& info, CK_SLOT_ID slot) const;
+  bool MatchesToken(const CK_TOKEN_INFO &info, CK_SLOT_ID slot) const;
 };
 
 // Parses `uri`. Syntax errors, unknown attributes and unsupported values
@@ -44,6 +44,6 @@ struct TokenUri {
 Result<TokenUri> ParseTokenUri(std::string_view uri);
 
 // Returns a CK_TOKEN_INFO/CK_SLOT_INFO blank-padded field as a trimmed string.
-std::string TrimPadded(const CK_UTF8CHAR* field, size_t size);
+std::string TrimPadded(const CK_UTF8CHAR *field, size_t size);
 
 }  // namespace hsmstek::p11

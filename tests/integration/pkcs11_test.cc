@@ -23,7 +23,7 @@ class Pkcs11Test : public ::testing::Test {
     SoftHsm::Get().CreateToken("p11-b");
   }
 
-  static std::shared_ptr<Token> Open(const std::string& uri_text,
+  static std::shared_ptr<Token> Open(const std::string &uri_text,
                                      TokenOptions options = {}) {
     Result<TokenUri> uri = ParseTokenUri(uri_text);
     EXPECT_TRUE(uri.ok()) << uri.status().message();
@@ -33,21 +33,25 @@ class Pkcs11Test : public ::testing::Test {
   }
 
   // Creates an AES-256 and an HMAC session key in the long-lived session.
-  static void MakeSessionKeys(Token& token, CK_OBJECT_HANDLE* aes,
-                              CK_OBJECT_HANDLE* hmac) {
-    Status s = token.WithObjectSession([&](Session& session) {
+  static void MakeSessionKeys(Token &token, CK_OBJECT_HANDLE *aes,
+                              CK_OBJECT_HANDLE *hmac) {
+    Status s = token.WithObjectSession([&](Session &session) {
       CK_MECHANISM aes_gen{CKM_AES_KEY_GEN, nullptr, 0};
       Template t;
-      t.Bool(CKA_TOKEN, false).Bool(CKA_SENSITIVE, true)
-          .Bool(CKA_EXTRACTABLE, false).Bool(CKA_ENCRYPT, true)
+      t.Bool(CKA_TOKEN, false)
+          .Bool(CKA_SENSITIVE, true)
+          .Bool(CKA_EXTRACTABLE, false)
+          .Bool(CKA_ENCRYPT, true)
           .Ulong(CKA_VALUE_LEN, 32);
       Status st = P11_CALL(session, C_GenerateKey, session.handle(), &aes_gen,
                            t.data(), t.size(), aes);
       if (!st.ok()) return st;
       CK_MECHANISM gen{CKM_GENERIC_SECRET_KEY_GEN, nullptr, 0};
       Template h;
-      h.Bool(CKA_TOKEN, false).Bool(CKA_SENSITIVE, true)
-          .Bool(CKA_EXTRACTABLE, false).Bool(CKA_SIGN, true)
+      h.Bool(CKA_TOKEN, false)
+          .Bool(CKA_SENSITIVE, true)
+          .Bool(CKA_EXTRACTABLE, false)
+          .Bool(CKA_SIGN, true)
           .Ulong(CKA_VALUE_LEN, 32);
       return P11_CALL(session, C_GenerateKey, session.handle(), &gen, h.data(),
                       h.size(), hmac);
@@ -56,7 +60,7 @@ class Pkcs11Test : public ::testing::Test {
   }
 
   // One AES-CBC-PAD encryption and one HMAC on a pooled session.
-  static Status EncryptAndSign(Token& token, CK_OBJECT_HANDLE aes,
+  static Status EncryptAndSign(Token &token, CK_OBJECT_HANDLE aes,
                                CK_OBJECT_HANDLE hmac) {
     Result<Session> session = token.Acquire();
     if (!session.ok()) return session.status();
@@ -112,8 +116,9 @@ TEST_F(Pkcs11Test, AmbiguousUriIsAnErrorNotAGuess) {
 }
 
 TEST_F(Pkcs11Test, WrongPinIsNamedWithoutRevealingThePin) {
-  auto token = Open("pkcs11:token=p11-a?module-path=" +
-                    testing::SoftHsmModulePath() + "&pin-value=97531");
+  auto token =
+      Open("pkcs11:token=p11-a?module-path=" + testing::SoftHsmModulePath() +
+           "&pin-value=97531");
   Status s = token->Connect();
   ASSERT_FALSE(s.ok());
   EXPECT_EQ(s.code(), ErrorCode::kPermissionDenied);
@@ -125,9 +130,9 @@ TEST_F(Pkcs11Test, WrongPinIsNamedWithoutRevealingThePin) {
 }
 
 TEST_F(Pkcs11Test, MissingPinFileIsAClearError) {
-  auto token = Open("pkcs11:token=p11-a?module-path=" +
-                    testing::SoftHsmModulePath() +
-                    "&pin-source=file:/nonexistent/pin");
+  auto token =
+      Open("pkcs11:token=p11-a?module-path=" + testing::SoftHsmModulePath() +
+           "&pin-source=file:/nonexistent/pin");
   Status s = token->Connect();
   ASSERT_FALSE(s.ok());
   EXPECT_EQ(s.code(), ErrorCode::kPermissionDenied);
@@ -138,14 +143,14 @@ TEST_F(Pkcs11Test, MissingPinFileIsAClearError) {
 TEST_F(Pkcs11Test, PinFileWithCrLfAndEnvironmentPin) {
   std::string pin_file = SoftHsm::Get().dir() + "/crlf.pin";
   std::ofstream(pin_file) << testing::kUserPin << "\r\n";
-  auto token = Open("pkcs11:token=p11-a?module-path=" +
-                    testing::SoftHsmModulePath() + "&pin-source=file://" +
-                    pin_file);
+  auto token =
+      Open("pkcs11:token=p11-a?module-path=" + testing::SoftHsmModulePath() +
+           "&pin-source=file://" + pin_file);
   EXPECT_TRUE(token->Connect().ok());
 
   setenv("HSMSTEK_PIN", testing::kUserPin, 1);
-  auto env_token = Open("pkcs11:token=p11-b?module-path=" +
-                        testing::SoftHsmModulePath());
+  auto env_token =
+      Open("pkcs11:token=p11-b?module-path=" + testing::SoftHsmModulePath());
   Status s = env_token->Connect();
   unsetenv("HSMSTEK_PIN");
   EXPECT_TRUE(s.ok()) << s.message();
@@ -156,10 +161,10 @@ TEST_F(Pkcs11Test, PinFileThatAppearsLaterIsUsedAfterBackoff) {
   std::remove(pin_file.c_str());
   TokenOptions options;
   options.backoff_initial = std::chrono::milliseconds(0);
-  auto token = Open("pkcs11:token=p11-b?module-path=" +
-                        testing::SoftHsmModulePath() + "&pin-source=file:" +
-                        pin_file,
-                    options);
+  auto token =
+      Open("pkcs11:token=p11-b?module-path=" + testing::SoftHsmModulePath() +
+               "&pin-source=file:" + pin_file,
+           options);
   Result<Session> first = token->Acquire();
   ASSERT_FALSE(first.ok());
   EXPECT_EQ(token->state(), TokenState::kBackoff);
@@ -171,9 +176,10 @@ TEST_F(Pkcs11Test, PinFileThatAppearsLaterIsUsedAfterBackoff) {
 TEST_F(Pkcs11Test, BackoffRefusesWithoutTouchingTheToken) {
   TokenOptions options;
   options.backoff_initial = std::chrono::hours(1);
-  auto token = Open("pkcs11:token=p11-a?module-path=" +
-                        testing::SoftHsmModulePath() + "&pin-value=0000",
-                    options);
+  auto token =
+      Open("pkcs11:token=p11-a?module-path=" + testing::SoftHsmModulePath() +
+               "&pin-value=0000",
+           options);
   ASSERT_FALSE(token->Acquire().ok());
   Result<Session> again = token->Acquire();
   ASSERT_FALSE(again.ok());
@@ -217,7 +223,7 @@ TEST_F(Pkcs11Test, EightThreadsNeverShareAnOperation) {
       }
     });
   }
-  for (auto& th : threads) th.join();
+  for (auto &th : threads) th.join();
   EXPECT_EQ(failures.load(), 0) << first_error;
 }
 
@@ -277,7 +283,7 @@ TEST_F(Pkcs11Test, ForkedChildReinitialisesAndWorks) {
     // Child: nothing of the parent's may be used; new keys, new sessions.
     int code = 0;
     CK_OBJECT_HANDLE child_aes = 0, child_hmac = 0;
-    Status s = token->WithObjectSession([&](Session& session) {
+    Status s = token->WithObjectSession([&](Session &session) {
       CK_MECHANISM gen{CKM_AES_KEY_GEN, nullptr, 0};
       Template t;
       t.Bool(CKA_TOKEN, false).Bool(CKA_ENCRYPT, true).Ulong(CKA_VALUE_LEN, 32);
@@ -287,8 +293,8 @@ TEST_F(Pkcs11Test, ForkedChildReinitialisesAndWorks) {
       CK_MECHANISM hgen{CKM_GENERIC_SECRET_KEY_GEN, nullptr, 0};
       Template h;
       h.Bool(CKA_TOKEN, false).Bool(CKA_SIGN, true).Ulong(CKA_VALUE_LEN, 32);
-      return P11_CALL(session, C_GenerateKey, session.handle(), &hgen,
-                      h.data(), h.size(), &child_hmac);
+      return P11_CALL(session, C_GenerateKey, session.handle(), &hgen, h.data(),
+                      h.size(), &child_hmac);
     });
     if (!s.ok()) code = 2;
     if (code == 0 && token->generation() == parent_generation) code = 3;

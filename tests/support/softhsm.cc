@@ -18,15 +18,16 @@ namespace hsmstek::testing {
 
 namespace fs = std::filesystem;
 
-static void Die(const std::string& what) {
+static void Die(const std::string &what) {
   std::fprintf(stderr, "softhsm test harness: %s\n", what.c_str());
   std::abort();
 }
 
-const std::string& SoftHsmModulePath() {
+const std::string &SoftHsmModulePath() {
   static const std::string path = [] {
-    if (const char* p = std::getenv("HSMSTEK_TEST_MODULE")) return std::string(p);
-    for (const char* p : {"/usr/lib/softhsm/libsofthsm2.so",
+    if (const char *p = std::getenv("HSMSTEK_TEST_MODULE"))
+      return std::string(p);
+    for (const char *p : {"/usr/lib/softhsm/libsofthsm2.so",
                           "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so"}) {
       if (fs::exists(p)) return std::string(p);
     }
@@ -36,17 +37,18 @@ const std::string& SoftHsmModulePath() {
   return path;
 }
 
-std::string MakeTempDir(const std::string& prefix) {
-  const char* base = std::getenv("TMPDIR");
-  std::string tmpl = std::string(base ? base : "/tmp") + "/" + prefix + "XXXXXX";
+std::string MakeTempDir(const std::string &prefix) {
+  const char *base = std::getenv("TMPDIR");
+  std::string tmpl =
+      std::string(base ? base : "/tmp") + "/" + prefix + "XXXXXX";
   std::vector<char> buf(tmpl.begin(), tmpl.end());
   buf.push_back('\0');
   if (mkdtemp(buf.data()) == nullptr) Die("mkdtemp failed");
   return std::string(buf.data());
 }
 
-SoftHsm& SoftHsm::Get() {
-  static SoftHsm* instance = new SoftHsm();
+SoftHsm &SoftHsm::Get() {
+  static SoftHsm *instance = new SoftHsm();
   return *instance;
 }
 
@@ -81,8 +83,8 @@ SoftHsm::SoftHsm() {
   if (!s.ok()) Die(s.message());
 }
 
-void SoftHsm::CreateToken(const std::string& label) {
-  CK_FUNCTION_LIST* f = module_->functions();
+void SoftHsm::CreateToken(const std::string &label) {
+  CK_FUNCTION_LIST *f = module_->functions();
   CK_ULONG count = 0;
   if (f->C_GetSlotList(CK_FALSE, nullptr, &count) != CKR_OK) Die("slot list");
   std::vector<CK_SLOT_ID> slots(count);
@@ -102,8 +104,8 @@ void SoftHsm::CreateToken(const std::string& label) {
   CK_UTF8CHAR padded[32];
   std::memset(padded, ' ', sizeof(padded));
   std::memcpy(padded, label.data(), std::min(label.size(), sizeof(padded)));
-  auto so = reinterpret_cast<CK_UTF8CHAR_PTR>(const_cast<char*>(kSoPin));
-  auto user = reinterpret_cast<CK_UTF8CHAR_PTR>(const_cast<char*>(kUserPin));
+  auto so = reinterpret_cast<CK_UTF8CHAR_PTR>(const_cast<char *>(kSoPin));
+  auto user = reinterpret_cast<CK_UTF8CHAR_PTR>(const_cast<char *>(kUserPin));
   CK_RV rv = f->C_InitToken(free_slot, so, std::strlen(kSoPin), padded);
   if (rv != CKR_OK) Die("C_InitToken: " + std::string(p11::CkrName(rv)));
 
@@ -132,11 +134,12 @@ void SoftHsm::CreateToken(const std::string& label) {
   Die("initialised token not found: " + label);
 }
 
-std::string SoftHsm::Uri(const std::string& label,
-                         const std::string& object) const {
+std::string SoftHsm::Uri(const std::string &label,
+                         const std::string &object) const {
   std::string uri = "pkcs11:token=" + label;
   if (!object.empty()) uri += ";object=" + object;
-  uri += "?module-path=" + SoftHsmModulePath() + "&pin-source=file:" + pin_file_;
+  uri +=
+      "?module-path=" + SoftHsmModulePath() + "&pin-source=file:" + pin_file_;
   return uri;
 }
 

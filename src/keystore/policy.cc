@@ -1,0 +1,247 @@
+#include "keystore/policy.h"
+
+#include <array>
+
+#include "keystore/duration.h"
+#include "keystore/time_format.h"
+
+namespace hsmstek::keystore {
+namespace {
+
+// The keys of lines 2..8, in their fixed order.
+constexpr std::array<std::string_view, 7> kKeys = {
+    "period", "decrypt-window", "not-before", "retire-at",
+    "kdf",    "replicable",     "created"};
+
+// Quotes a value for a message: at most 40 bytes, non-printable bytes as
+// \xNN.
+std::string QuoteValue(std::string_view v) {
+  static constexpr char kHex[] = "0123456789abcdef";
+  std::string out = "\"";
+  for (size_t i = 0; i < v.size() && i < 40; ++i) {
+    const auto c = static_cast<unsigned char>(v[i]);
+    if (c >= 0x20 && c < 0x7f && c != '"' && c != '\\') {
+      out.push_back(static_cast<char>(c));
+    } else {
+      out += "\\x";
+      out.push_back(kHex[c >> 4]);
+      out.push_back(kHex[c & 0xf]);
+    }
+  }
+  if (v.size() > 40) out += "...";
+  return out + "\"";
+}
+
+std::string LinePrefix(size_t line) {
+  return "policy line " + std::to_string(line) + ": ";
+}
+
+std::string KeyContext(size_t line, std::string_view key) {
+  return "policy line " + std::to_string(line) + " (" + std::string(key) + ")";
+}
+
+std::string KeyPrefix(size_t line, std::string_view key) {
+  return KeyContext(line, key) + ": ";
+}
+
+// Stores the value of line `index` (0-based into kKeys) into `p`.
+Status ParseValue(size_t index, std::string_view value, Policy *p) {
+  switch (index) {
+    case 0:
+    case 1: {
+      Result<int64_t> d = ParseDuration(value);
+      if (!d.ok()) return d.status();
+      (index == 0 ? p->period_s : p->decrypt_window_s) = *d;
+      return Status::Ok();
+    }
+    case 2:
+    case 3:
+    case 6: {
+      if (index == 3 && value == "-") {
+        p->retire_at.reset();
+        return Status::Ok();
+      }
+      Result<int64_t> t = ParseRfc3339(value);
+      if (!t.ok()) return t.status();
+      if (index == 2) p->not_before = *t;
+      if (index == 3) p->retire_at = *t;
+      if (index == 6) p->created_at = *t;
+      return Status::Ok();
+    }
+    case 4:
+      if (value != kKdfAesEcbV1) {
+        return InvalidArgument("unknown KDF " + QuoteValue(value) +
+                               " (supported: " + kKdfAesEcbV1 + ")");
+      }
+      p->kdf = std::string(value);
+      return Status::Ok();
+    case 5:
+      if (value == "yes") {
+        p->replicable = true;
+      } else if (value == "no") {
+        p->replicable = false;
+      } else {
+        return InvalidArgument("expected \"yes\" or \"no\", got " +
+                               QuoteValue(value));
+      }
+      return Status::Ok();
+    default:
+      return Internal("policy key index out of range");
+  }
+}
+
+}  // namespace
+
+std::string SerializePolicy(const Policy &policy) {
+  std::string out;
+  out.reserve(256);
+  out += kPolicyHeader;
+  out += "\nperiod " + FormatDuration(policy.period_s);
+  out += "\ndecrypt-window " + FormatDuration(policy.decrypt_window_s);
+  out += "\nnot-before " + FormatRfc3339(policy.not_before);
+  out += "\nretire-at ";
+  out += policy.retire_at ? FormatRfc3339(*policy.retire_at) : "-";
+  out += "\nkdf " + policy.kdf;
+  out += "\nreplicable ";
+  out += policy.replicable ? "yes" : "no";
+  out += "\ncreated " + FormatRfc3339(policy.created_at);
+  out += "\n";
+  return out;
+}
+
+Result<Policy> ParsePolicy(std::string_view text) {
+  if (text.empty()) return InvalidArgument("empty policy");
+  if (text.size() > kMaxPolicySize) {
+    return InvalidArgument("policy is " + std::to_string(text.size()) +
+                           " bytes, more than " +
+                           std::to_string(kMaxPolicySize));
+  }
+  Policy p;
+  size_t next_key = 0;  // index into kKeys of the key expected next
+  size_t line_no = 0;
+  size_t start = 0;
+  while (start < text.size()) {
+    ++line_no;
+    const size_t nl = text.find('\n', start);
+    if (nl == std::string_view::npos) {
+      return InvalidArgument(LinePrefix(line_no) +
+                             "missing newline at end of line (truncated?)");
+    }
+    const std::string_view line = text.substr(start, nl - start);
+    start = nl + 1;
+    for (char c : line) {
+      const auto u = static_cast<unsigned char>(c);
+      if (u == '\r') {
+        return InvalidArgument(LinePrefix(line_no) +
+                               "carriage return not allowed");
+      }
+      if (u < 0x20 || u > 0x7e) {
+        static constexpr char kHex[] = "0123456789abcdef";
+        return InvalidArgument(LinePrefix(line_no) + "non-printable byte 0x" +
+                               kHex[u >> 4] + kHex[u & 0xf]);
+      }
+    }
+    if (line_no == 1) {
+      if (line == kPolicyHeader) continue;
+      constexpr std::string_view kMagic = "hsmstek-policy ";
+      if (line.substr(0, kMagic.size()) == kMagic) {
+        return InvalidArgument(LinePrefix(1) + "unsupported policy version " +
+                               QuoteValue(line.substr(kMagic.size())) +
+                               " (this build reads 1)");
+      }
+      return InvalidArgument(LinePrefix(1) + "expected header \"" +
+                             kPolicyHeader + "\"");
+    }
+    if (line.empty())
+      return InvalidArgument(LinePrefix(line_no) + "empty line");
+    const size_t space = line.find(' ');
+    if (space == std::string_view::npos) {
+      return InvalidArgument(LinePrefix(line_no) + "expected \"key value\"");
+    }
+    const std::string_view key = line.substr(0, space);
+    const std::string_view value = line.substr(space + 1);
+    size_t index = kKeys.size();
+    for (size_t i = 0; i < kKeys.size(); ++i) {
+      if (kKeys[i] == key) index = i;
+    }
+    if (index == kKeys.size()) {
+      return InvalidArgument(LinePrefix(line_no) + "unknown key " +
+                             QuoteValue(key));
+    }
+    if (index < next_key) {
+      return InvalidArgument(LinePrefix(line_no) + "duplicate key " +
+                             QuoteValue(key));
+    }
+    if (index > next_key) {
+      return InvalidArgument(LinePrefix(line_no) + "key " + QuoteValue(key) +
+                             " out of order or missing key " +
+                             QuoteValue(kKeys[next_key]) + " before it");
+    }
+    if (value.empty()) {
+      return InvalidArgument(KeyPrefix(line_no, key) + "empty value");
+    }
+    if (value.find(' ') != std::string_view::npos) {
+      return InvalidArgument(KeyPrefix(line_no, key) +
+                             "value contains a space");
+    }
+    Status s = ParseValue(index, value, &p);
+    if (!s.ok()) return s.WithContext(KeyContext(line_no, key));
+    ++next_key;
+  }
+  if (line_no == 0) return InvalidArgument("empty policy");
+  if (next_key < kKeys.size()) {
+    return InvalidArgument("policy ends after line " + std::to_string(line_no) +
+                           ": missing key " + QuoteValue(kKeys[next_key]));
+  }
+  Status valid = ValidatePolicy(p);
+  if (!valid.ok()) return valid.WithContext("invalid policy");
+  return p;
+}
+
+Status ValidatePolicy(const Policy &p) {
+  if (p.period_s < kMinPeriodSeconds) {
+    return InvalidArgument("period " + FormatDuration(p.period_s) +
+                           " is shorter than the minimum " +
+                           FormatDuration(kMinPeriodSeconds));
+  }
+  if (p.period_s > kMaxDecryptWindowSeconds) {
+    return InvalidArgument("period " + FormatDuration(p.period_s) +
+                           " is longer than the maximum " +
+                           FormatDuration(kMaxDecryptWindowSeconds));
+  }
+  if (p.decrypt_window_s <= 0) {
+    return InvalidArgument("decrypt-window " +
+                           FormatDuration(p.decrypt_window_s) +
+                           " must be positive");
+  }
+  if (p.decrypt_window_s > kMaxDecryptWindowSeconds) {
+    return InvalidArgument("decrypt-window " +
+                           FormatDuration(p.decrypt_window_s) +
+                           " is longer than the maximum " +
+                           FormatDuration(kMaxDecryptWindowSeconds));
+  }
+  if (p.decrypt_window_s % p.period_s != 0) {
+    return InvalidArgument(
+        "decrypt-window " + FormatDuration(p.decrypt_window_s) +
+        " is not a multiple of period " + FormatDuration(p.period_s));
+  }
+  if (p.kdf != kKdfAesEcbV1) {
+    return InvalidArgument("unknown KDF " + QuoteValue(p.kdf) +
+                           " (supported: " + kKdfAesEcbV1 + ")");
+  }
+  if (p.not_before < 0 || p.not_before > kMaxRfc3339Time) {
+    return InvalidArgument("not-before " + std::to_string(p.not_before) +
+                           " is out of range (1970 to 9999)");
+  }
+  if (p.retire_at && (*p.retire_at <= 0 || *p.retire_at > kMaxRfc3339Time)) {
+    return InvalidArgument("retire-at " + std::to_string(*p.retire_at) +
+                           " is out of range (1970 to 9999)");
+  }
+  if (p.created_at < 0 || p.created_at > kMaxRfc3339Time) {
+    return InvalidArgument("created " + std::to_string(p.created_at) +
+                           " is out of range (1970 to 9999)");
+  }
+  return Status::Ok();
+}
+
+}  // namespace hsmstek::keystore

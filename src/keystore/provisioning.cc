@@ -1,0 +1,200 @@
+#include "keystore/provisioning.h"
+
+#include <openssl/crypto.h>
+#include <openssl/rand.h>
+
+#include "pkcs11/object.h"
+
+namespace hsmstek::keystore {
+
+p11::Template MasterTemplate(std::string_view label, const StoreId &id,
+                             bool replicable, bool for_unwrap) {
+  p11::Template t;
+  t.Ulong(CKA_CLASS, CKO_SECRET_KEY).Ulong(CKA_KEY_TYPE, CKK_AES);
+  // C_UnwrapKey takes the length from the wrapped value.
+  if (!for_unwrap) t.Ulong(CKA_VALUE_LEN, 32);
+  t.Bool(CKA_TOKEN, true)
+      .Bool(CKA_PRIVATE, true)
+      .Bool(CKA_SENSITIVE, true)
+      .Bool(CKA_EXTRACTABLE, replicable)
+      .Bool(CKA_DERIVE, true)
+      .Bool(CKA_ENCRYPT, false)
+      .Bool(CKA_DECRYPT, false)
+      .Bool(CKA_SIGN, false)
+      .Bool(CKA_VERIFY, false)
+      .Bool(CKA_WRAP, false)
+      .Bool(CKA_UNWRAP, false)
+      .Bool(CKA_MODIFIABLE, false)
+      .String(CKA_LABEL, label)
+      .Data(CKA_ID, id);
+  if (replicable) t.Bool(CKA_WRAP_WITH_TRUSTED, true);
+  return t;
+}
+
+Result<CK_OBJECT_HANDLE> StorePolicyObject(p11::Session &session,
+                                           std::string_view label,
+                                           const StoreId &id,
+                                           const Policy &policy) {
+  Status valid = ValidatePolicy(policy);
+  if (!valid.ok()) return valid;
+  std::string text = SerializePolicy(policy);
+  p11::Template t;
+  t.Ulong(CKA_CLASS, CKO_DATA)
+      .Bool(CKA_TOKEN, true)
+      .Bool(CKA_PRIVATE, true)
+      .Bool(CKA_MODIFIABLE, true)
+      .String(CKA_APPLICATION, kPolicyApplication)
+      .String(CKA_LABEL, label)
+      .Data(kDataIdAttribute, id)
+      .String(CKA_VALUE, text);
+  CK_OBJECT_HANDLE h = CK_INVALID_HANDLE;
+  Status s = P11_CALL(session, C_CreateObject, session.handle(), t.data(),
+                      t.size(), &h);
+  if (!s.ok()) return s.WithContext("storing the policy");
+  return h;
+}
+
+Result<StoreId> CreateMaster(p11::Session &session, std::string_view label,
+                             const Policy &policy) {
+  Status valid = ValidatePolicy(policy);
+  if (!valid.ok()) return valid;
+  StoreId id;
+  if (RAND_bytes(id.data(), static_cast<int>(id.size())) != 1) {
+    return Internal("RAND_bytes failed");
+  }
+  p11::Template t = MasterTemplate(label, id, policy.replicable, false);
+  CK_MECHANISM mechanism{CKM_AES_KEY_GEN, nullptr, 0};
+  CK_OBJECT_HANDLE key = CK_INVALID_HANDLE;
+  Status s = P11_CALL(session, C_GenerateKey, session.handle(), &mechanism,
+                      t.data(), t.size(), &key);
+  if (!s.ok()) return s.WithContext("generating the master");
+  p11::ScopedObject key_owner(session, key);
+  Status attrs = VerifyMasterAttributes(session, key, policy.replicable,
+                                        "new master " + HexEncode(id));
+  if (!attrs.ok()) return attrs;
+  Result<CK_OBJECT_HANDLE> policy_object =
+      StorePolicyObject(session, label, id, policy);
+  if (!policy_object.ok()) return policy_object.status();
+  key_owner.Release();
+  return id;
+}
+
+Status UpdatePolicy(p11::Session &session, const Master &master,
+                    std::string_view label, const Policy &policy) {
+  // Tokens may keep CKA_VALUE of a data object read-only (SoftHSM does), so
+  // the policy is replaced: the new object exists before the old one goes,
+  // and is removed again if the old one cannot be destroyed.
+  Result<CK_OBJECT_HANDLE> replacement =
+      StorePolicyObject(session, label, master.id, policy);
+  if (!replacement.ok()) return replacement.status();
+  p11::ScopedObject owner(session, *replacement);
+  Status s = P11_CALL(session, C_DestroyObject, session.handle(),
+                      master.policy_object);
+  if (!s.ok()) return s.WithContext("replacing the policy object");
+  owner.Release();
+  return Status::Ok();
+}
+
+Status DestroyMaster(p11::Session &session, const Master &master) {
+  Status s = P11_CALL(session, C_DestroyObject, session.handle(), master.key);
+  if (!s.ok()) return s.WithContext("destroying the master");
+  s = P11_CALL(session, C_DestroyObject, session.handle(),
+               master.policy_object);
+  if (!s.ok()) return s.WithContext("destroying the policy object");
+  return Status::Ok();
+}
+
+namespace {
+
+Result<CK_OBJECT_HANDLE> CreateLegacySecret(p11::Session &session,
+                                            std::string_view label,
+                                            ByteSpan name, bool is_aes,
+                                            const SecretBuffer &value) {
+  p11::Template t;
+  t.Ulong(CKA_CLASS, CKO_SECRET_KEY)
+      .Ulong(CKA_KEY_TYPE, is_aes ? CKK_AES : CKK_GENERIC_SECRET)
+      .Bool(CKA_TOKEN, true)
+      .Bool(CKA_PRIVATE, true)
+      .Bool(CKA_SENSITIVE, true)
+      .Bool(CKA_EXTRACTABLE, false)
+      .Bool(CKA_MODIFIABLE, false)
+      .Bool(CKA_ENCRYPT, false)
+      .Bool(CKA_DECRYPT, is_aes)
+      .Bool(CKA_SIGN, !is_aes)
+      .Bool(CKA_VERIFY, !is_aes)
+      .Bool(CKA_WRAP, false)
+      .Bool(CKA_UNWRAP, false)
+      .Bool(CKA_DERIVE, false)
+      .String(CKA_LABEL, label)
+      .Data(CKA_ID, name)
+      .Data(CKA_VALUE, value.span());
+  CK_OBJECT_HANDLE h = CK_INVALID_HANDLE;
+  Status s = P11_CALL(session, C_CreateObject, session.handle(), t.data(),
+                      t.size(), &h);
+  // The template held a copy of the key bytes: wipe it now.
+  for (const CK_ATTRIBUTE &a : t.attributes()) {
+    if (a.type == CKA_VALUE && a.pValue != nullptr) {
+      OPENSSL_cleanse(a.pValue, a.ulValueLen);
+    }
+  }
+  if (!s.ok()) return s;
+  return h;
+}
+
+}  // namespace
+
+Status ImportLegacyKeys(p11::Session &session, std::string_view label,
+                        const std::vector<LegacyKey> &keys, int64_t expires,
+                        LegacyFormat format) {
+  Result<std::vector<LegacyKeyObjects>> existing =
+      LoadLegacyKeys(session, label);
+  if (!existing.ok()) return existing.status();
+  for (const LegacyKey &key : keys) {
+    for (const LegacyKeyObjects &e : *existing) {
+      if (e.name.bytes == key.name) {
+        return AlreadyExists("legacy key " + HexEncode(key.name) +
+                             " is already in the token");
+      }
+    }
+  }
+  // Created objects are destroyed if any later step fails.
+  std::vector<std::unique_ptr<p11::ScopedObject>> created;
+  for (const LegacyKey &key : keys) {
+    Result<CK_OBJECT_HANDLE> aes =
+        CreateLegacySecret(session, label, key.name, true, key.aes_key);
+    if (!aes.ok()) return aes.status().WithContext("importing the AES key");
+    created.push_back(std::make_unique<p11::ScopedObject>(session, *aes));
+    Result<CK_OBJECT_HANDLE> hmac =
+        CreateLegacySecret(session, label, key.name, false, key.hmac_key);
+    if (!hmac.ok()) return hmac.status().WithContext("importing the HMAC key");
+    created.push_back(std::make_unique<p11::ScopedObject>(session, *hmac));
+    p11::Template info;
+    std::string text = SerializeLegacyInfo(expires, LegacyFormatName(format));
+    info.Ulong(CKA_CLASS, CKO_DATA)
+        .Bool(CKA_TOKEN, true)
+        .Bool(CKA_PRIVATE, true)
+        .String(CKA_APPLICATION, kLegacyApplication)
+        .String(CKA_LABEL, label)
+        .Data(kDataIdAttribute, key.name)
+        .String(CKA_VALUE, text);
+    CK_OBJECT_HANDLE h = CK_INVALID_HANDLE;
+    Status s = P11_CALL(session, C_CreateObject, session.handle(), info.data(),
+                        info.size(), &h);
+    if (!s.ok()) return s.WithContext("storing the legacy key's expiry");
+    created.push_back(std::make_unique<p11::ScopedObject>(session, h));
+  }
+  for (auto &object : created) object->Release();
+  return Status::Ok();
+}
+
+Status DestroyLegacyKey(p11::Session &session, const LegacyKeyObjects &legacy) {
+  for (CK_OBJECT_HANDLE h : {legacy.aes, legacy.hmac, legacy.info}) {
+    Status s = P11_CALL(session, C_DestroyObject, session.handle(), h);
+    if (!s.ok())
+      return s.WithContext("destroying legacy key " +
+                           HexEncode(legacy.name.bytes));
+  }
+  return Status::Ok();
+}
+
+}  // namespace hsmstek::keystore

@@ -1,0 +1,381 @@
+#include "keystore/store.h"
+
+#include <algorithm>
+
+#include "common/log.h"
+#include "pkcs11/object.h"
+
+namespace hsmstek::keystore {
+
+namespace {
+
+const Master *FindMaster(const std::vector<Master> &masters,
+                         const StoreId &id) {
+  for (const Master &m : masters) {
+    if (ConstantTimeEqual(m.id, id)) return &m;
+  }
+  return nullptr;
+}
+
+}  // namespace
+
+Result<std::shared_ptr<KeyStore>> KeyStore::Open(std::string_view uri_text,
+                                                 StoreOptions options) {
+  Result<p11::TokenUri> uri = p11::ParseTokenUri(uri_text);
+  if (!uri.ok()) return uri.status();
+  if (!uri->object || uri->object->empty()) {
+    return InvalidArgument("the URI must name the store with object=<label>: " +
+                           uri->text);
+  }
+  for (CK_MECHANISM_TYPE m :
+       {CKM_AES_CBC_PAD, CKM_SHA256_HMAC, CKM_AES_ECB_ENCRYPT_DATA}) {
+    auto &required = options.token.required_mechanisms;
+    if (std::find(required.begin(), required.end(), m) == required.end()) {
+      required.push_back(m);
+    }
+  }
+  Result<std::shared_ptr<p11::Token>> token =
+      p11::Token::Create(*uri, options.token);
+  if (!token.ok()) return token.status();
+  return std::shared_ptr<KeyStore>(
+      new KeyStore(*uri->object, std::move(*token), std::move(options)));
+}
+
+KeyStore::KeyStore(std::string label, std::shared_ptr<p11::Token> token,
+                   StoreOptions options)
+    : label_(std::move(label)),
+      token_(std::move(token)),
+      options_(std::move(options)),
+      clock_skew_s_(options_.clock_skew_s) {}
+
+KeyStore::~KeyStore() {
+  std::thread *thread;
+  {
+    std::lock_guard<std::mutex> lock(thread_mu_);
+    stop_ = true;
+    thread = thread_;
+    thread_ = nullptr;
+  }
+  thread_cv_.notify_all();
+  // A thread object inherited through fork() has no thread behind it:
+  // joining it would hang, so it is deliberately leaked.
+  if (thread != nullptr && thread_fork_count_ == p11::Module::ForkCount()) {
+    thread->join();
+    delete thread;
+  }
+}
+
+Status KeyStore::Load() {
+  Result<std::shared_ptr<const View>> view = CurrentView(/*force_reload=*/true);
+  return view.status();
+}
+
+Result<std::shared_ptr<const KeyStore::View>> KeyStore::CurrentView(
+    bool force_reload) {
+  auto fresh = [this](const std::shared_ptr<const View> &v) {
+    if (!v || v->generation != token_->generation()) return false;
+    if (token_->state() != p11::TokenState::kConnected) return false;
+    int64_t age = options_.clock->NowUnix() - v->loaded_at;
+    return age >= 0 && age < options_.refresh_interval_s;
+  };
+  std::shared_ptr<const View> view;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    view = view_;
+  }
+  if (!force_reload && fresh(view)) return view;
+
+  std::lock_guard<std::mutex> load_lock(load_mu_);
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    // Another thread may have reloaded while we waited.
+    if (!force_reload && view_ != view && fresh(view_)) return view_;
+  }
+  Status status = ReloadLocked();
+  if (!status.ok()) return status;
+  std::lock_guard<std::mutex> lock(mu_);
+  return view_;
+}
+
+Status KeyStore::ReloadLocked() {
+  Result<p11::Session> session = token_->Acquire();
+  if (!session.ok()) return session.status();
+  Result<std::vector<Master>> masters = LoadMasters(*session, label_);
+  if (!masters.ok()) return masters.status();
+  Result<std::vector<LegacyKeyObjects>> legacy =
+      LoadLegacyKeys(*session, label_);
+  if (!legacy.ok()) return legacy.status();
+
+  auto view = std::make_shared<View>();
+  view->generation = session->generation();
+  view->loaded_at = options_.clock->NowUnix();
+  view->masters = std::move(*masters);
+  view->legacy = std::move(*legacy);
+  std::lock_guard<std::mutex> lock(mu_);
+  if (!view_ || view_->generation != view->generation) {
+    // Handles of another generation are dead: forget them, never reuse.
+    cache_.clear();
+  }
+  view_ = view;
+  reloads_.fetch_add(1);
+  return Status::Ok();
+}
+
+Result<TicketKeys> KeyStore::KeysFor(const View &view, const Master &master,
+                                     uint64_t epoch) {
+  KeyName name = MakeKeyName(master.id, epoch);
+  auto from_entry = [&](const CacheEntry &e) {
+    return TicketKeys{name, e.keys.aes, e.keys.hmac, e.generation,
+                      master.policy.decrypt_window_s};
+  };
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = cache_.find(name.bytes);
+    if (it != cache_.end() && it->second.generation == view.generation) {
+      return from_entry(it->second);
+    }
+  }
+  std::lock_guard<std::mutex> load_lock(load_mu_);
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = cache_.find(name.bytes);
+    if (it != cache_.end() && it->second.generation == view.generation) {
+      return from_entry(it->second);
+    }
+  }
+  DerivedKeys derived;
+  Status status = token_->WithObjectSession([&](p11::Session &session) {
+    if (session.generation() != view.generation) {
+      return Unavailable("token reconnected; reloading the store");
+    }
+    Result<DerivedKeys> keys = DeriveEpochKeys(session, master.key, epoch);
+    if (!keys.ok()) return keys.status();
+    derived = *keys;
+    return Status::Ok();
+  });
+  if (!status.ok()) {
+    return status.WithContext("deriving keys of epoch " +
+                              std::to_string(epoch) + " of store \"" + label_ +
+                              "\"");
+  }
+  derivations_.fetch_add(1);
+  CacheEntry entry{derived, view.generation, master.id, epoch};
+  std::lock_guard<std::mutex> lock(mu_);
+  cache_[name.bytes] = entry;
+  return from_entry(entry);
+}
+
+Result<TicketKeys> KeyStore::KeysForEncrypt() {
+  EnsureMaintenanceThread();
+  Result<std::shared_ptr<const View>> view = CurrentView(false);
+  if (!view.ok()) return view.status();
+  int64_t now = options_.clock->NowUnix();
+  const std::vector<Master> &masters = (*view)->masters;
+  std::vector<MasterState> states = ComputeStates(masters, now);
+  for (size_t i = 0; i < masters.size(); ++i) {
+    if (states[i].state != KeyState::kActive) continue;
+    return KeysFor(**view, masters[i],
+                   EpochAt(now, masters[i].policy.period_s));
+  }
+  return FailedPrecondition("store \"" + label_ + "\" has no active master");
+}
+
+DecryptLookup KeyStore::KeysForDecrypt(const KeyName &name) {
+  EnsureMaintenanceThread();
+  DecryptLookup out;
+  Result<std::shared_ptr<const View>> view = CurrentView(false);
+  if (!view.ok()) {
+    out.verdict = DecryptVerdict::kUnavailable;
+    out.error = view.status();
+    return out;
+  }
+  const View &v = **view;
+  const int64_t now = options_.clock->NowUnix();
+  const int64_t skew = clock_skew_s_.load();
+
+  const Master *master = FindMaster(v.masters, KeyNameStoreId(name));
+  if (master == nullptr) {
+    for (const LegacyKeyObjects &legacy : v.legacy) {
+      if (!ConstantTimeEqual(legacy.name.bytes, name.bytes)) continue;
+      if (now >= legacy.expires) {
+        out.verdict = DecryptVerdict::kExpired;
+        return out;
+      }
+      out.verdict = DecryptVerdict::kOld;
+      out.keys = TicketKeys{name, legacy.aes, legacy.hmac, v.generation,
+                            legacy.expires - now};
+      return out;
+    }
+    out.verdict = DecryptVerdict::kUnknownKey;
+    return out;
+  }
+
+  std::vector<MasterState> states = ComputeStates(v.masters, now);
+  const KeyState state = states[master - v.masters.data()].state;
+  const Policy &policy = master->policy;
+  if (state == KeyState::kRetired) {
+    out.verdict = DecryptVerdict::kExpired;
+    return out;
+  }
+  if (state == KeyState::kPending && now + skew < policy.not_before) {
+    out.verdict = DecryptVerdict::kFuture;
+    return out;
+  }
+  const uint64_t n = EpochAt(now, policy.period_s);
+  const uint64_t e = KeyNameEpoch(name);
+  const uint64_t window_epochs =
+      static_cast<uint64_t>(policy.decrypt_window_s / policy.period_s);
+  DecryptVerdict verdict;
+  if (e > n + 1) {
+    verdict = DecryptVerdict::kFuture;
+  } else if (e == n + 1) {
+    verdict = EpochStart(e, policy.period_s) - now <= skew
+                  ? DecryptVerdict::kCurrent
+                  : DecryptVerdict::kFuture;
+  } else if (e == n) {
+    verdict = state == KeyState::kActive ? DecryptVerdict::kCurrent
+                                         : DecryptVerdict::kOld;
+  } else if (n - e <= window_epochs) {
+    verdict = DecryptVerdict::kOld;
+  } else {
+    verdict = DecryptVerdict::kExpired;
+  }
+  // A superseded master's "next epoch" ticket was still issued by it.
+  if (verdict == DecryptVerdict::kCurrent && state != KeyState::kActive) {
+    verdict = DecryptVerdict::kOld;
+  }
+  if (verdict != DecryptVerdict::kCurrent && verdict != DecryptVerdict::kOld) {
+    out.verdict = verdict;
+    return out;
+  }
+  Result<TicketKeys> keys = KeysFor(v, *master, e);
+  if (!keys.ok()) {
+    out.verdict = DecryptVerdict::kUnavailable;
+    out.error = keys.status();
+    return out;
+  }
+  out.verdict = verdict;
+  out.keys = *keys;
+  return out;
+}
+
+void KeyStore::EvictLocked(const View &view, int64_t now) {
+  for (auto it = cache_.begin(); it != cache_.end();) {
+    const CacheEntry &e = it->second;
+    bool keep = false;
+    if (e.generation == view.generation) {
+      if (const Master *m = FindMaster(view.masters, e.master)) {
+        uint64_t n = EpochAt(now, m->policy.period_s);
+        uint64_t window_epochs = static_cast<uint64_t>(
+            m->policy.decrypt_window_s / m->policy.period_s);
+        keep = e.epoch + window_epochs >= n && e.epoch <= n + 1;
+      }
+    }
+    it = keep ? std::next(it) : cache_.erase(it);
+  }
+}
+
+void KeyStore::Maintain() {
+  Result<std::shared_ptr<const View>> view = CurrentView(false);
+  if (!view.ok()) return;
+  const View &v = **view;
+  const int64_t now = options_.clock->NowUnix();
+  std::vector<MasterState> states = ComputeStates(v.masters, now);
+  for (size_t i = 0; i < v.masters.size(); ++i) {
+    const Master &m = v.masters[i];
+    uint64_t n = EpochAt(now, m.policy.period_s);
+    if (states[i].state == KeyState::kActive) {
+      // The next epoch's keys exist before the boundary: no handshake pays
+      // for a derivation.
+      (void)KeysFor(v, m, n);
+      (void)KeysFor(v, m, n + 1);
+    } else if (states[i].state == KeyState::kPending &&
+               m.policy.not_before - now <= m.policy.period_s) {
+      (void)KeysFor(v, m, EpochAt(m.policy.not_before, m.policy.period_s));
+    }
+  }
+  // Evicted handles are dropped, not destroyed: a ticket operation on
+  // another thread may still hold one, and session objects die with the
+  // long-lived session at the next reconnect or close.
+  std::lock_guard<std::mutex> lock(mu_);
+  EvictLocked(v, now);
+}
+
+size_t KeyStore::cached_keys() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return cache_.size();
+}
+
+Result<StoreSnapshot> KeyStore::Describe() {
+  Result<std::shared_ptr<const View>> view = CurrentView(false);
+  if (!view.ok()) return view.status();
+  const View &v = **view;
+  StoreSnapshot out;
+  out.label = label_;
+  out.now = options_.clock->NowUnix();
+  std::vector<MasterState> states = ComputeStates(v.masters, out.now);
+  for (size_t i = 0; i < v.masters.size(); ++i) {
+    const Master &m = v.masters[i];
+    MasterInfo info;
+    info.id = m.id;
+    info.policy = m.policy;
+    info.state = states[i].state;
+    info.superseded_at = states[i].superseded_at;
+    info.extractable = m.extractable;
+    info.current_epoch = EpochAt(out.now, m.policy.period_s);
+    info.current_name = MakeKeyName(m.id, info.current_epoch);
+    info.next_rotation = EpochStart(info.current_epoch + 1, m.policy.period_s);
+    out.masters.push_back(info);
+  }
+  std::sort(out.masters.begin(), out.masters.end(),
+            [](const MasterInfo &a, const MasterInfo &b) {
+              return a.policy.not_before > b.policy.not_before;
+            });
+  for (const LegacyKeyObjects &l : v.legacy) {
+    out.legacy.push_back(
+        LegacyInfo{l.name, l.expires, l.format, l.aes_key_bytes});
+  }
+  return out;
+}
+
+Result<std::array<uint8_t, kCheckValueSize>> KeyStore::CheckValue(
+    const StoreId &id) {
+  Result<std::shared_ptr<const View>> view = CurrentView(false);
+  if (!view.ok()) return view.status();
+  const Master *master = FindMaster((*view)->masters, id);
+  if (master == nullptr) {
+    return NotFound("no master " + HexEncode(id) + " in store \"" + label_ +
+                    "\"");
+  }
+  Result<p11::Session> session = token_->Acquire();
+  if (!session.ok()) return session.status();
+  if (session->generation() != (*view)->generation) {
+    return Unavailable("token reconnected; try again");
+  }
+  return ComputeCheckValue(*session, master->key);
+}
+
+void KeyStore::EnsureMaintenanceThread() {
+  if (!options_.background_maintenance) return;
+  const uint64_t forks = p11::Module::ForkCount();
+  std::lock_guard<std::mutex> lock(thread_mu_);
+  if (stop_) return;
+  if (thread_ != nullptr && thread_fork_count_ == forks) return;
+  // In a forked child the parent's thread does not exist: leak its object
+  // (joining would hang) and start our own.
+  thread_fork_count_ = forks;
+  thread_ = new std::thread([this] { MaintenanceLoop(); });
+}
+
+void KeyStore::MaintenanceLoop() {
+  std::unique_lock<std::mutex> lock(thread_mu_);
+  while (!stop_) {
+    lock.unlock();
+    Maintain();
+    lock.lock();
+    thread_cv_.wait_for(lock, std::chrono::seconds(1),
+                        [this] { return stop_; });
+  }
+}
+
+}  // namespace hsmstek::keystore

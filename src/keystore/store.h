@@ -1,0 +1,195 @@
+// KeyStore: the server-side view of one store (a label in one token).
+//
+// It finds the store's masters and legacy keys, computes their states from
+// the policies and the injected clock, derives per-epoch keys inside the
+// token on demand, and caches their handles by key name (bounded: decrypt
+// window / period + 2 per master). A maintenance pass (a background thread
+// by default, or Maintain() from tests) re-reads the token every
+// refresh interval, derives the next epoch's keys ahead of the boundary and
+// evicts keys that left the window.
+//
+// Handles are only valid for one token generation: after a reconnect (or in
+// a forked child) everything is reloaded, never reused.
+//
+// Thread-safety: all methods are thread-safe.
+#pragma once
+
+#include <array>
+#include <atomic>
+#include <condition_variable>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "common/clock.h"
+#include "keystore/derivation.h"
+#include "keystore/master.h"
+#include "pkcs11/token.h"
+
+namespace hsmstek::keystore {
+
+struct StoreOptions {
+  // Must outlive the store.
+  const Clock *clock = &SystemClock::Instance();
+  p11::TokenOptions token;
+  // How often masters, policies and legacy keys are re-read from the token
+  // (picks up rotations, retirements and imports from other processes).
+  int64_t refresh_interval_s = 30;
+  // Seconds a ticket's epoch may be ahead of this server's clock.
+  int64_t clock_skew_s = 60;
+  // Run maintenance on a background thread (started on first use, and
+  // again in a forked child). Tests turn it off and call Maintain().
+  bool background_maintenance = true;
+};
+
+// Handles of the keys for one ticket: no key bytes, only what the token
+// needs to run the operation, valid for `generation`.
+struct TicketKeys {
+  KeyName name;
+  CK_OBJECT_HANDLE aes = CK_INVALID_HANDLE;
+  CK_OBJECT_HANDLE hmac = CK_INVALID_HANDLE;
+  uint64_t generation = 0;
+  // The decrypt window of the issuing master (caps the ticket lifetime).
+  int64_t decrypt_window_s = 0;
+};
+
+// What the store says about a ticket's key name (SPEC §5).
+enum class DecryptVerdict : uint8_t {
+  kCurrent,      // current epoch of the active master (or next, within skew)
+  kOld,          // inside the decrypt window, a superseded master, or legacy
+  kUnknownKey,   // not one of our names
+  kExpired,      // older than the decrypt window, retired, or legacy expired
+  kFuture,       // epoch beyond the clock-skew tolerance
+  kUnavailable,  // the token could not be used
+};
+
+struct DecryptLookup {
+  DecryptVerdict verdict = DecryptVerdict::kUnknownKey;
+  TicketKeys keys;  // set for kCurrent and kOld
+  Status error;     // set for kUnavailable
+};
+
+struct MasterInfo {
+  StoreId id{};
+  Policy policy;
+  KeyState state = KeyState::kRetired;
+  std::optional<int64_t> superseded_at;
+  bool extractable = false;
+  uint64_t current_epoch = 0;
+  KeyName current_name;
+  int64_t next_rotation = 0;  // start of the next epoch
+};
+
+struct LegacyInfo {
+  KeyName name;
+  int64_t expires = 0;
+  std::string format;
+  size_t aes_key_bytes = 0;
+};
+
+struct StoreSnapshot {
+  std::string label;
+  int64_t now = 0;
+  std::vector<MasterInfo> masters;
+  std::vector<LegacyInfo> legacy;
+};
+
+class KeyStore {
+ public:
+  // Opens the store named by `uri` (an RFC 7512 URI whose `object` is the
+  // store label). Fails at once on a bad URI, a missing `object`, or a
+  // module that cannot be loaded; the token itself is reached lazily.
+  [[nodiscard]] static Result<std::shared_ptr<KeyStore>> Open(
+      std::string_view uri, StoreOptions options = {});
+
+  ~KeyStore();
+  KeyStore(const KeyStore &) = delete;
+  KeyStore &operator=(const KeyStore &) = delete;
+
+  // Connects if needed and (re)reads masters and legacy keys now.
+  [[nodiscard]] Status Load();
+
+  // KeysForEncrypt returns the current epoch's keys of the active master,
+  // deriving them if needed. Errors: kFailedPrecondition (no active
+  // master), kUnavailable (token trouble), ...
+  [[nodiscard]] Result<TicketKeys> KeysForEncrypt();
+
+  // KeysForDecrypt classifies `name` by SPEC §5 and, when the ticket may be
+  // accepted, returns its keys.
+  DecryptLookup KeysForDecrypt(const KeyName &name);
+
+  // One maintenance pass: refresh if due, derive the next epoch ahead of
+  // the boundary, evict keys outside the window.
+  void Maintain();
+
+  // Describes masters (with states) and legacy keys, reloading if stale.
+  [[nodiscard]] Result<StoreSnapshot> Describe();
+
+  // Computes the check value of master `id` (SPEC §4).
+  [[nodiscard]] Result<std::array<uint8_t, kCheckValueSize>> CheckValue(
+      const StoreId &id);
+
+  const std::string &label() const { return label_; }
+  const std::shared_ptr<p11::Token> &token() const { return token_; }
+  const Clock &clock() const { return *options_.clock; }
+  const StoreOptions &options() const { return options_; }
+  void set_clock_skew(int64_t seconds) { clock_skew_s_.store(seconds); }
+
+  // Counters since open.
+  uint64_t derivations() const { return derivations_.load(); }
+  uint64_t reloads() const { return reloads_.load(); }
+  // Number of cached epoch keys (for tests of the bound).
+  size_t cached_keys() const;
+
+ private:
+  struct View {
+    uint64_t generation = 0;
+    int64_t loaded_at = 0;
+    std::vector<Master> masters;
+    std::vector<LegacyKeyObjects> legacy;
+  };
+  struct CacheEntry {
+    DerivedKeys keys;
+    uint64_t generation = 0;
+    StoreId master{};
+    uint64_t epoch = 0;
+  };
+  using NameBytes = std::array<uint8_t, kKeyNameSize>;
+
+  KeyStore(std::string label, std::shared_ptr<p11::Token> token,
+           StoreOptions options);
+
+  // Returns a view whose handles belong to the token's current generation,
+  // reloading when stale, disconnected or due.
+  Result<std::shared_ptr<const View>> CurrentView(bool force_reload);
+  Status ReloadLocked();
+  Result<TicketKeys> KeysFor(const View &view, const Master &master,
+                             uint64_t epoch);
+  void EvictLocked(const View &view, int64_t now);
+  void EnsureMaintenanceThread();
+  void MaintenanceLoop();
+
+  const std::string label_;
+  const std::shared_ptr<p11::Token> token_;
+  const StoreOptions options_;
+  std::atomic<int64_t> clock_skew_s_;
+
+  std::mutex load_mu_;     // serialises reloads and derivations
+  mutable std::mutex mu_;  // guards view_ and cache_
+  std::shared_ptr<const View> view_;
+  std::map<NameBytes, CacheEntry> cache_;
+
+  std::atomic<uint64_t> derivations_{0};
+  std::atomic<uint64_t> reloads_{0};
+
+  std::mutex thread_mu_;
+  std::condition_variable thread_cv_;
+  bool stop_ = false;
+  std::thread *thread_ = nullptr;  // leaked in a forked child, see .cc
+  uint64_t thread_fork_count_ = 0;
+};
+
+}  // namespace hsmstek::keystore

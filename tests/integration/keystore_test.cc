@@ -1,0 +1,471 @@
+// The key store against real SoftHSM tokens: SPEC §4 layout and vectors,
+// key states on a fake clock, SPEC §5 verdicts, cache bound, recovery,
+// legacy keys.
+#include <gtest/gtest.h>
+
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <sstream>
+
+#include "keystore/derivation.h"
+#include "keystore/provisioning.h"
+#include "keystore/store.h"
+#include "pkcs11/object.h"
+#include "softhsm.h"
+
+namespace hsmstek::keystore {
+namespace {
+
+using testing::SoftHsm;
+
+nlohmann::json Vectors() {
+  std::ifstream in(HSMSTEK_VECTORS);
+  return nlohmann::json::parse(in);
+}
+
+Bytes Hex(const std::string &s) { return *HexDecode(s); }
+
+constexpr int64_t kHour = 3600;
+constexpr int64_t kDay = 24 * kHour;
+
+Policy HourlyPolicy(int64_t not_before, bool replicable = false) {
+  Policy p;
+  p.period_s = kHour;
+  p.decrypt_window_s = kDay;
+  p.not_before = not_before;
+  p.created_at = not_before;
+  p.replicable = replicable;
+  return p;
+}
+
+class KeyStoreTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    for (const char *t : {"ks-a", "ks-b", "ks-c", "ks-d"}) {
+      SoftHsm::Get().CreateToken(t);
+    }
+  }
+
+  std::shared_ptr<KeyStore> OpenStore(const std::string &token,
+                                      const std::string &label,
+                                      bool read_write = true) {
+    StoreOptions options;
+    options.clock = &clock_;
+    options.background_maintenance = false;
+    options.token.read_write = read_write;
+    options.token.backoff_initial = std::chrono::milliseconds(0);
+    Result<std::shared_ptr<KeyStore>> store =
+        KeyStore::Open(SoftHsm::Get().Uri(token, label), options);
+    EXPECT_TRUE(store.ok()) << store.status().message();
+    return *store;
+  }
+
+  // Imports the vector master (a TEST value) with the SPEC §4 attributes.
+  static void ImportVectorMaster(KeyStore &store, const Policy &policy) {
+    nlohmann::json v = Vectors();
+    Bytes value = Hex(v["master_key_hex"]);
+    Bytes id_bytes = Hex(v["store_id_hex"]);
+    StoreId id;
+    std::copy(id_bytes.begin(), id_bytes.end(), id.begin());
+    Result<p11::Session> session = store.token()->Acquire();
+    ASSERT_TRUE(session.ok()) << session.status().message();
+    p11::Template t = MasterTemplate(store.label(), id, false, true);
+    t.Data(CKA_VALUE, value);
+    CK_OBJECT_HANDLE h;
+    ASSERT_TRUE(P11_CALL(*session, C_CreateObject, session->handle(), t.data(),
+                         t.size(), &h)
+                    .ok());
+    Result<CK_OBJECT_HANDLE> po =
+        StorePolicyObject(*session, store.label(), id, policy);
+    ASSERT_TRUE(po.ok()) << po.status().message();
+  }
+
+  static StoreId Provision(KeyStore &store, const Policy &policy) {
+    Result<p11::Session> session = store.token()->Acquire();
+    EXPECT_TRUE(session.ok());
+    Result<StoreId> id = CreateMaster(*session, store.label(), policy);
+    EXPECT_TRUE(id.ok()) << id.status().message();
+    return *id;
+  }
+
+  // Encrypts and MACs like a ticket seal, inside the token.
+  static std::pair<Bytes, Bytes> Seal(KeyStore &store, const TicketKeys &keys,
+                                      ByteSpan iv, ByteSpan plaintext) {
+    Result<p11::Session> s = store.token()->Acquire();
+    EXPECT_TRUE(s.ok());
+    CK_MECHANISM cbc{CKM_AES_CBC_PAD, const_cast<uint8_t *>(iv.data()),
+                     static_cast<CK_ULONG>(iv.size())};
+    Bytes ct(plaintext.size() + 16);
+    CK_ULONG ct_len = ct.size();
+    EXPECT_TRUE(P11_CALL(*s, C_EncryptInit, s->handle(), &cbc, keys.aes).ok());
+    EXPECT_TRUE(P11_CALL(*s, C_Encrypt, s->handle(),
+                         const_cast<uint8_t *>(plaintext.data()),
+                         plaintext.size(), ct.data(), &ct_len)
+                    .ok());
+    ct.resize(ct_len);
+    Bytes macced(keys.name.bytes.begin(), keys.name.bytes.end());
+    macced.insert(macced.end(), iv.begin(), iv.end());
+    macced.insert(macced.end(), ct.begin(), ct.end());
+    CK_MECHANISM mac{CKM_SHA256_HMAC, nullptr, 0};
+    Bytes tag(32);
+    CK_ULONG tag_len = 32;
+    EXPECT_TRUE(P11_CALL(*s, C_SignInit, s->handle(), &mac, keys.hmac).ok());
+    EXPECT_TRUE(P11_CALL(*s, C_Sign, s->handle(), macced.data(), macced.size(),
+                         tag.data(), &tag_len)
+                    .ok());
+    return {ct, tag};
+  }
+
+  static Bytes Decrypt(KeyStore &store, const TicketKeys &keys, ByteSpan iv,
+                       ByteSpan ct) {
+    Result<p11::Session> s = store.token()->Acquire();
+    EXPECT_TRUE(s.ok());
+    CK_MECHANISM cbc{CKM_AES_CBC_PAD, const_cast<uint8_t *>(iv.data()),
+                     static_cast<CK_ULONG>(iv.size())};
+    Bytes pt(ct.size());
+    CK_ULONG pt_len = pt.size();
+    EXPECT_TRUE(P11_CALL(*s, C_DecryptInit, s->handle(), &cbc, keys.aes).ok());
+    Status st =
+        P11_CALL(*s, C_Decrypt, s->handle(), const_cast<uint8_t *>(ct.data()),
+                 ct.size(), pt.data(), &pt_len);
+    EXPECT_TRUE(st.ok()) << st.message();
+    pt.resize(pt_len);
+    return pt;
+  }
+
+  FakeClock clock_{1774800017};
+};
+
+TEST_F(KeyStoreTest, KnownAnswerVectorsInsideTheToken) {
+  nlohmann::json v = Vectors();
+  clock_.Set(v["unix_time"]);
+  auto store = OpenStore("ks-a", "kat");
+  ImportVectorMaster(*store, HourlyPolicy(0));
+  ASSERT_TRUE(store->Load().ok());
+
+  Result<TicketKeys> keys = store->KeysForEncrypt();
+  ASSERT_TRUE(keys.ok()) << keys.status().message();
+  EXPECT_EQ(HexEncode(keys->name.bytes), v["key_name_hex"]);
+
+  Bytes iv = Hex(v["ticket_iv_hex"]);
+  std::string pt = v["ticket_plaintext_ascii"];
+  auto [ct, tag] =
+      Seal(*store, *keys, iv,
+           ByteSpan(reinterpret_cast<const uint8_t *>(pt.data()), pt.size()));
+  EXPECT_EQ(HexEncode(ct), v["ticket_ciphertext_hex"]);
+  EXPECT_EQ(HexEncode(tag), v["ticket_hmac_hex"]);
+
+  Bytes ticket(keys->name.bytes.begin(), keys->name.bytes.end());
+  ticket.insert(ticket.end(), iv.begin(), iv.end());
+  ticket.insert(ticket.end(), ct.begin(), ct.end());
+  ticket.insert(ticket.end(), tag.begin(), tag.end());
+  EXPECT_EQ(HexEncode(ticket), v["ticket_hex"]);
+
+  Bytes id = Hex(v["store_id_hex"]);
+  StoreId sid;
+  std::copy(id.begin(), id.end(), sid.begin());
+  Result<std::array<uint8_t, 8>> check = store->CheckValue(sid);
+  ASSERT_TRUE(check.ok()) << check.status().message();
+  EXPECT_EQ(HexEncode(*check), v["check_value_hex"]);
+}
+
+TEST_F(KeyStoreTest, ProvisionedMasterHasExactlyTheSpecAttributes) {
+  auto store = OpenStore("ks-a", "attrs");
+  StoreId id = Provision(*store, HourlyPolicy(clock_.NowUnix()));
+  Result<p11::Session> s = store->token()->Acquire();
+  ASSERT_TRUE(s.ok());
+  p11::Template find;
+  find.Ulong(CKA_CLASS, CKO_SECRET_KEY)
+      .String(CKA_LABEL, "attrs")
+      .Data(CKA_ID, id);
+  Result<std::vector<CK_OBJECT_HANDLE>> found = p11::FindObjects(*s, find);
+  ASSERT_TRUE(found.ok());
+  ASSERT_EQ(found->size(), 1u);
+  static constexpr CK_ATTRIBUTE_TYPE kTypes[] = {CKA_TOKEN,
+                                                 CKA_PRIVATE,
+                                                 CKA_SENSITIVE,
+                                                 CKA_EXTRACTABLE,
+                                                 CKA_DERIVE,
+                                                 CKA_ENCRYPT,
+                                                 CKA_DECRYPT,
+                                                 CKA_SIGN,
+                                                 CKA_VERIFY,
+                                                 CKA_WRAP,
+                                                 CKA_UNWRAP,
+                                                 CKA_ALWAYS_SENSITIVE,
+                                                 CKA_NEVER_EXTRACTABLE};
+  auto bools = p11::ReadBools(*s, (*found)[0], kTypes);
+  ASSERT_TRUE(bools.ok());
+  std::vector<std::optional<bool>> expected = {
+      true,  true,  true,  false, true, false, false,
+      false, false, false, false, true, true};
+  EXPECT_EQ(*bools, expected);
+  EXPECT_EQ(*p11::ReadUlong(*s, (*found)[0], CKA_KEY_TYPE), CKK_AES);
+  EXPECT_EQ(*p11::ReadUlong(*s, (*found)[0], CKA_VALUE_LEN), 32u);
+  // The policy object sits next to it, same label and id.
+  p11::Template pol;
+  pol.Ulong(CKA_CLASS, CKO_DATA)
+      .String(CKA_APPLICATION, "hsmstek")
+      .String(CKA_LABEL, "attrs")
+      .Data(kDataIdAttribute, id);
+  Result<std::vector<CK_OBJECT_HANDLE>> policies = p11::FindObjects(*s, pol);
+  ASSERT_TRUE(policies.ok());
+  ASSERT_EQ(policies->size(), 1u);
+  Result<Bytes> text = p11::ReadDataValue(*s, (*policies)[0]);
+  ASSERT_TRUE(text.ok());
+  Result<Policy> parsed = ParsePolicy(std::string(text->begin(), text->end()));
+  ASSERT_TRUE(parsed.ok());
+  EXPECT_EQ(parsed->period_s, kHour);
+  // The layer refuses to read a secret key's value, by construction.
+  Result<Bytes> value = p11::ReadAttribute(*s, (*found)[0], CKA_VALUE);
+  EXPECT_FALSE(value.ok());
+  EXPECT_FALSE(p11::ReadDataValue(*s, (*found)[0]).ok());
+}
+
+TEST_F(KeyStoreTest, ReplicableMasterIsExtractableOnlyUnderTrustedWrap) {
+  auto store = OpenStore("ks-a", "repl");
+  StoreId id = Provision(*store, HourlyPolicy(clock_.NowUnix(), true));
+  Result<StoreSnapshot> snap = store->Describe();
+  ASSERT_TRUE(snap.ok());
+  ASSERT_EQ(snap->masters.size(), 1u);
+  EXPECT_EQ(snap->masters[0].id, id);
+  EXPECT_TRUE(snap->masters[0].extractable);
+  EXPECT_TRUE(snap->masters[0].policy.replicable);
+}
+
+TEST_F(KeyStoreTest, RefusesAMasterWeakerThanTheSpec) {
+  auto store = OpenStore("ks-b", "weak");
+  Result<p11::Session> s = store->token()->Acquire();
+  ASSERT_TRUE(s.ok());
+  StoreId id = {9, 9, 9, 9, 9, 9, 9, 9};
+  // A derive key that can also encrypt: one usage too many.
+  p11::Template bad;
+  bad.Ulong(CKA_CLASS, CKO_SECRET_KEY)
+      .Ulong(CKA_KEY_TYPE, CKK_AES)
+      .Ulong(CKA_VALUE_LEN, 32)
+      .Bool(CKA_TOKEN, true)
+      .Bool(CKA_PRIVATE, true)
+      .Bool(CKA_SENSITIVE, true)
+      .Bool(CKA_EXTRACTABLE, false)
+      .Bool(CKA_DERIVE, true)
+      .Bool(CKA_ENCRYPT, true)
+      .String(CKA_LABEL, "weak")
+      .Data(CKA_ID, id);
+  CK_MECHANISM gen{CKM_AES_KEY_GEN, nullptr, 0};
+  CK_OBJECT_HANDLE h;
+  ASSERT_TRUE(
+      P11_CALL(*s, C_GenerateKey, s->handle(), &gen, bad.data(), bad.size(), &h)
+          .ok());
+  ASSERT_TRUE(StorePolicyObject(*s, "weak", id, HourlyPolicy(0)).ok());
+  Status load = store->Load();
+  ASSERT_FALSE(load.ok());
+  EXPECT_EQ(load.code(), ErrorCode::kPermissionDenied);
+  EXPECT_NE(load.message().find("CKA_ENCRYPT is TRUE"), std::string::npos)
+      << load.message();
+  EXPECT_NE(load.message().find("0909090909090909"), std::string::npos);
+}
+
+TEST_F(KeyStoreTest, StatesFollowTheClockThroughARotation) {
+  auto store = OpenStore("ks-b", "states");
+  const int64_t t0 = clock_.NowUnix();
+  StoreId first = Provision(*store, HourlyPolicy(t0 + kHour));
+  ASSERT_TRUE(store->Load().ok());
+  auto state_of = [&](const StoreId &id) {
+    Result<StoreSnapshot> snap = store->Describe();
+    EXPECT_TRUE(snap.ok());
+    for (const MasterInfo &m : snap->masters)
+      if (m.id == id) return m.state;
+    ADD_FAILURE() << "master missing";
+    return KeyState::kRetired;
+  };
+  EXPECT_EQ(state_of(first), KeyState::kPending);
+  Result<TicketKeys> none = store->KeysForEncrypt();
+  ASSERT_FALSE(none.ok());
+  EXPECT_EQ(none.status().code(), ErrorCode::kFailedPrecondition);
+
+  clock_.Advance(kHour);
+  EXPECT_EQ(state_of(first), KeyState::kActive);
+  Result<TicketKeys> k1 = store->KeysForEncrypt();
+  ASSERT_TRUE(k1.ok());
+  EXPECT_EQ(KeyNameStoreId(k1->name), first);
+
+  // Rotate: a second generation activates an hour later.
+  StoreId second = Provision(*store, HourlyPolicy(clock_.NowUnix() + kHour));
+  ASSERT_TRUE(store->Load().ok());
+  EXPECT_EQ(state_of(second), KeyState::kPending);
+  EXPECT_EQ(state_of(first), KeyState::kActive);
+  clock_.Advance(kHour);
+  EXPECT_EQ(state_of(second), KeyState::kActive);
+  EXPECT_EQ(state_of(first), KeyState::kDecryptOnly);
+  Result<TicketKeys> k2 = store->KeysForEncrypt();
+  ASSERT_TRUE(k2.ok());
+  EXPECT_EQ(KeyNameStoreId(k2->name), second);
+  // The old master's tickets renew while in the window...
+  EXPECT_EQ(store->KeysForDecrypt(k1->name).verdict, DecryptVerdict::kOld);
+  clock_.Advance(kDay);
+  // ...and are refused once the window has passed.
+  EXPECT_EQ(state_of(first), KeyState::kRetired);
+  EXPECT_EQ(store->KeysForDecrypt(k1->name).verdict, DecryptVerdict::kExpired);
+}
+
+TEST_F(KeyStoreTest, ExplicitRetireStopsDecryptingAtOnce) {
+  auto store = OpenStore("ks-b", "retire");
+  StoreId id = Provision(*store, HourlyPolicy(clock_.NowUnix()));
+  ASSERT_TRUE(store->Load().ok());
+  Result<TicketKeys> k = store->KeysForEncrypt();
+  ASSERT_TRUE(k.ok());
+  Result<p11::Session> s = store->token()->Acquire();
+  ASSERT_TRUE(s.ok());
+  Result<std::vector<Master>> masters = LoadMasters(*s, "retire");
+  ASSERT_TRUE(masters.ok());
+  Policy p = (*masters)[0].policy;
+  p.retire_at = clock_.NowUnix();
+  Status updated = UpdatePolicy(*s, (*masters)[0], "retire", p);
+  ASSERT_TRUE(updated.ok()) << updated.message();
+  ASSERT_TRUE(store->Load().ok());
+  EXPECT_EQ(store->KeysForDecrypt(k->name).verdict, DecryptVerdict::kExpired);
+  EXPECT_FALSE(store->KeysForEncrypt().ok());
+  (void)id;
+}
+
+TEST_F(KeyStoreTest, DecryptVerdictsFollowSpecSection5) {
+  auto store = OpenStore("ks-c", "verdicts");
+  const int64_t t0 =
+      (clock_.NowUnix() / kHour) * kHour + 10;  // just past a boundary
+  clock_.Set(t0);
+  StoreId id = Provision(*store, HourlyPolicy(t0 - 30 * kDay));
+  ASSERT_TRUE(store->Load().ok());
+  const uint64_t n = EpochAt(t0, kHour);
+  auto verdict = [&](uint64_t epoch) {
+    return store->KeysForDecrypt(MakeKeyName(id, epoch)).verdict;
+  };
+  EXPECT_EQ(verdict(n), DecryptVerdict::kCurrent);
+  EXPECT_EQ(verdict(n - 1), DecryptVerdict::kOld);
+  EXPECT_EQ(verdict(n - 24), DecryptVerdict::kOld);      // window edge
+  EXPECT_EQ(verdict(n - 25), DecryptVerdict::kExpired);  // beyond the window
+  EXPECT_EQ(verdict(n + 2), DecryptVerdict::kFuture);
+  // n+1 starts in 3590 s: beyond the default 60 s skew.
+  EXPECT_EQ(verdict(n + 1), DecryptVerdict::kFuture);
+  clock_.Set(t0 + kHour - 10 - 30);  // 30 s before the boundary
+  EXPECT_EQ(verdict(n + 1), DecryptVerdict::kCurrent);
+  store->set_clock_skew(10);
+  EXPECT_EQ(verdict(n + 1), DecryptVerdict::kFuture);
+  StoreId other = {1, 1, 1, 1, 1, 1, 1, 1};
+  EXPECT_EQ(store->KeysForDecrypt(MakeKeyName(other, n)).verdict,
+            DecryptVerdict::kUnknownKey);
+}
+
+TEST_F(KeyStoreTest, EpochKeyCacheIsBoundedAndPrederivesTheNextEpoch) {
+  auto store = OpenStore("ks-c", "bound");
+  Policy p = HourlyPolicy(clock_.NowUnix());
+  p.decrypt_window_s = 3 * kHour;
+  StoreId id = Provision(*store, p);
+  ASSERT_TRUE(store->Load().ok());
+  store->Maintain();
+  uint64_t n = EpochAt(clock_.NowUnix(), kHour);
+  uint64_t derived = store->derivations();
+  EXPECT_EQ(derived, 2u);  // epochs n and n+1
+  clock_.Advance(kHour);
+  // The boundary was crossed: the new current epoch needs no derivation.
+  ASSERT_TRUE(store->KeysForEncrypt().ok());
+  EXPECT_EQ(store->derivations(), derived);
+  for (int i = 0; i < 10; ++i) {
+    // Touch old epochs inside the window, then move on.
+    for (uint64_t e = n - 3; e <= n; ++e) {
+      (void)store->KeysForDecrypt(MakeKeyName(id, e));
+    }
+    clock_.Advance(kHour);
+    n = EpochAt(clock_.NowUnix(), kHour);
+    store->Maintain();
+    EXPECT_LE(store->cached_keys(), 3u + 2u);
+  }
+}
+
+TEST_F(KeyStoreTest, RebuildsEverythingAfterTheTokenDropsItsSessions) {
+  auto store = OpenStore("ks-c", "recover");
+  Provision(*store, HourlyPolicy(clock_.NowUnix()));
+  Result<TicketKeys> before = store->KeysForEncrypt();
+  ASSERT_TRUE(before.ok());
+  uint64_t derivations = store->derivations();
+  auto token = store->token();
+  ASSERT_EQ(token->fn()->C_CloseAllSessions(token->slot()), CKR_OK);
+  // The fault is seen by the next token call; the store then reloads and
+  // derives again instead of reusing the dead handles.
+  Result<p11::Session> s = token->Acquire();
+  ASSERT_TRUE(s.ok());
+  uint8_t buf[8];
+  Status probe = P11_CALL(*s, C_GenerateRandom, s->handle(), buf, sizeof(buf));
+  EXPECT_FALSE(probe.ok());
+  Result<TicketKeys> after = store->KeysForEncrypt();
+  ASSERT_TRUE(after.ok()) << after.status().message();
+  EXPECT_GT(after->generation, before->generation);
+  EXPECT_EQ(store->derivations(), derivations + 1);
+  EXPECT_EQ(after->name, before->name);
+}
+
+TEST_F(KeyStoreTest, LegacyKeysDecryptOnlyUntilExpiry) {
+  auto store = OpenStore("ks-d", "legacy");
+  std::vector<LegacyKey> keys(1);
+  for (int i = 0; i < 16; ++i) keys[0].name[i] = static_cast<uint8_t>(0x40 + i);
+  keys[0].aes_key = SecretBuffer(32);
+  keys[0].hmac_key = SecretBuffer(32);
+  for (int i = 0; i < 32; ++i) {
+    keys[0].aes_key.data()[i] = static_cast<uint8_t>(i + 1);
+    keys[0].hmac_key.data()[i] = static_cast<uint8_t>(0x80 + i);
+  }
+  Result<p11::Session> s = store->token()->Acquire();
+  ASSERT_TRUE(s.ok());
+  ASSERT_TRUE(ImportLegacyKeys(*s, "legacy", keys, clock_.NowUnix() + kDay,
+                               LegacyFormat::kNginx)
+                  .ok());
+  Status dup = ImportLegacyKeys(*s, "legacy", keys, clock_.NowUnix() + kDay,
+                                LegacyFormat::kNginx);
+  EXPECT_EQ(dup.code(), ErrorCode::kAlreadyExists);
+  ASSERT_TRUE(store->Load().ok());
+  KeyName name;
+  name.bytes = keys[0].name;
+  DecryptLookup lookup = store->KeysForDecrypt(name);
+  EXPECT_EQ(lookup.verdict, DecryptVerdict::kOld);
+  // The legacy AES key decrypts what OpenSSL encrypted with the same bytes
+  // (only the test knows them) and cannot encrypt.
+  Result<StoreSnapshot> snap = store->Describe();
+  ASSERT_TRUE(snap.ok());
+  ASSERT_EQ(snap->legacy.size(), 1u);
+  EXPECT_EQ(snap->legacy[0].format, "nginx");
+  EXPECT_EQ(snap->legacy[0].aes_key_bytes, 32u);
+  static constexpr CK_ATTRIBUTE_TYPE kTypes[] = {
+      CKA_ENCRYPT, CKA_DECRYPT, CKA_SENSITIVE, CKA_EXTRACTABLE};
+  auto bools = p11::ReadBools(*s, lookup.keys.aes, kTypes);
+  ASSERT_TRUE(bools.ok());
+  std::vector<std::optional<bool>> expected = {false, true, true, false};
+  EXPECT_EQ(*bools, expected);
+  clock_.Advance(kDay);
+  EXPECT_EQ(store->KeysForDecrypt(name).verdict, DecryptVerdict::kExpired);
+}
+
+TEST_F(KeyStoreTest, SameMasterInTwoTokensDerivesTheSameKeys) {
+  nlohmann::json v = Vectors();
+  auto a = OpenStore("ks-a", "fleet");
+  auto b = OpenStore("ks-d", "fleet");
+  ImportVectorMaster(*a, HourlyPolicy(0));
+  ImportVectorMaster(*b, HourlyPolicy(0));
+  Result<TicketKeys> ka = a->KeysForEncrypt();
+  ASSERT_TRUE(ka.ok());
+  DecryptLookup kb = b->KeysForDecrypt(ka->name);
+  ASSERT_EQ(kb.verdict, DecryptVerdict::kCurrent);
+  Bytes iv(16, 0x5a);
+  std::string pt = "session state from server A";
+  auto [ct, tag] =
+      Seal(*a, *ka, iv,
+           ByteSpan(reinterpret_cast<const uint8_t *>(pt.data()), pt.size()));
+  auto [ct_b, tag_b] =
+      Seal(*b, kb.keys, iv,
+           ByteSpan(reinterpret_cast<const uint8_t *>(pt.data()), pt.size()));
+  EXPECT_EQ(ct, ct_b);
+  EXPECT_EQ(tag, tag_b);
+  Bytes back = Decrypt(*b, kb.keys, iv, ct);
+  EXPECT_EQ(std::string(back.begin(), back.end()), pt);
+}
+
+}  // namespace
+}  // namespace hsmstek::keystore
