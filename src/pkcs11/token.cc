@@ -208,12 +208,13 @@ Status Token::ConnectLocked() {
   CK_RV rv = f->C_OpenSession(slot_, flags, nullptr, nullptr, &object_session);
   if (rv != CKR_OK) return fail(CkError("C_OpenSession", rv, label_));
 
-  Result<SecretBuffer> pin = ReadPin(uri_);
+  Result<SecretBuffer> pin =
+      options_.pin_provider ? options_.pin_provider() : ReadPin(uri_);
   if (!pin.ok()) {
     f->C_CloseSession(object_session);
     return fail(pin.status().WithContext("token \"" + label_ + "\""));
   }
-  rv = f->C_Login(object_session, CKU_USER, pin->data(),
+  rv = f->C_Login(object_session, options_.login_as, pin->data(),
                   static_cast<CK_ULONG>(pin->size()));
   pin->clear();
   if (rv != CKR_OK && rv != CKR_USER_ALREADY_LOGGED_IN) {

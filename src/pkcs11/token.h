@@ -13,12 +13,14 @@
 #include <atomic>
 #include <chrono>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <span>
 #include <string>
 #include <vector>
 
+#include "common/bytes.h"
 #include "common/status.h"
 #include "pkcs11/ck.h"
 #include "pkcs11/error.h"
@@ -39,6 +41,12 @@ struct TokenOptions {
   std::chrono::milliseconds backoff_max{30000};
   // Idle sessions kept in the pool; more are closed on release.
   size_t max_idle_sessions = 16;
+  // Who logs in: CKU_USER (servers, most CLI commands) or CKU_SO (installing
+  // a trusted wrapping key).
+  CK_USER_TYPE login_as = CKU_USER;
+  // When set, supplies the PIN instead of the URI / HSMSTEK_PIN (the CLI's
+  // interactive prompt, or the SO PIN). Called at each login.
+  std::function<Result<SecretBuffer>()> pin_provider;
 };
 
 enum class TokenState : uint8_t { kDisconnected, kConnected, kBackoff };
