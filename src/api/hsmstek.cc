@@ -1,0 +1,222 @@
+// The exported C API: a thin layer over the internal C++ (BoringSSL style).
+// Every entry point checks its handle's magic, catches every exception, and
+// turns a Status into an HSMSTEK_* code plus a thread-local message.
+#include "hsmstek/hsmstek.h"
+
+#include <exception>
+#include <memory>
+#include <new>
+#include <string>
+
+#include "common/log.h"
+#include "keystore/store.h"
+#include "provider/provider.h"
+#include "tls/ticket_callback.h"
+
+struct hsmstek_store {
+  static constexpr uint64_t kMagic = 0x6873746b73746f72;  // "hstkstor"
+  uint64_t magic = kMagic;
+  std::shared_ptr<hsmstek::keystore::KeyStore> store;
+  std::shared_ptr<hsmstek::tls::TicketStats> stats;
+  hsmstek::tls::TicketOptions options;
+};
+
+namespace hsmstek {
+namespace {
+
+thread_local std::string t_last_error;
+
+int CodeOf(ErrorCode code) {
+  switch (code) {
+    case ErrorCode::kOk:
+      return HSMSTEK_OK;
+    case ErrorCode::kInvalidArgument:
+      return HSMSTEK_ERR_INVALID_ARGUMENT;
+    case ErrorCode::kNotFound:
+      return HSMSTEK_ERR_NOT_FOUND;
+    case ErrorCode::kPermissionDenied:
+      return HSMSTEK_ERR_PERMISSION_DENIED;
+    case ErrorCode::kUnavailable:
+      return HSMSTEK_ERR_UNAVAILABLE;
+    case ErrorCode::kUnsupported:
+      return HSMSTEK_ERR_UNSUPPORTED;
+    case ErrorCode::kFailedPrecondition:
+    case ErrorCode::kAlreadyExists:
+      return HSMSTEK_ERR_FAILED_PRECONDITION;
+    case ErrorCode::kInternal:
+    default:
+      return HSMSTEK_ERR_INTERNAL;
+  }
+}
+
+int Fail(const Status &status) {
+  t_last_error = status.message();
+  return CodeOf(status.code());
+}
+
+int Succeed() {
+  t_last_error.clear();
+  return HSMSTEK_OK;
+}
+
+bool Valid(const hsmstek_store *store) {
+  return store != nullptr && store->magic == hsmstek_store::kMagic;
+}
+
+// Runs `fn` so that no exception crosses the C boundary.
+template <typename Fn>
+int Guard(Fn &&fn) {
+  try {
+    return fn();
+  } catch (const std::bad_alloc &) {
+    return Fail(Internal("out of memory"));
+  } catch (...) {
+    return Fail(Internal("unexpected internal error"));
+  }
+}
+
+std::shared_ptr<tls::TicketContext> ContextFor(const hsmstek_store *store) {
+  auto context = std::make_shared<tls::TicketContext>();
+  context->store = store->store;
+  context->stats = store->stats;
+  context->options = store->options;
+  return context;
+}
+
+hsmstek_latency ToLatency(const tls::LatencyHistogram::Summary &s) {
+  return hsmstek_latency{s.count, s.p50_ns, s.p99_ns, s.max_ns};
+}
+
+}  // namespace
+}  // namespace hsmstek
+
+using hsmstek::Fail;
+using hsmstek::Guard;
+using hsmstek::InvalidArgument;
+using hsmstek::Succeed;
+using hsmstek::Valid;
+
+extern "C" {
+
+int hsmstek_store_open(const char *pkcs11_uri, hsmstek_store **out) {
+  return Guard([&] {
+    if (out != nullptr) *out = nullptr;
+    if (pkcs11_uri == nullptr || out == nullptr) {
+      return Fail(InvalidArgument("hsmstek_store_open: null argument"));
+    }
+    hsmstek::Result<std::shared_ptr<hsmstek::keystore::KeyStore>> store =
+        hsmstek::keystore::KeyStore::Open(pkcs11_uri);
+    if (!store.ok()) return Fail(store.status());
+    auto handle = std::make_unique<hsmstek_store>();
+    handle->store = std::move(*store);
+    handle->stats = std::make_shared<hsmstek::tls::TicketStats>();
+    *out = handle.release();
+    return Succeed();
+  });
+}
+
+int hsmstek_store_check(hsmstek_store *store) {
+  return Guard([&] {
+    if (!Valid(store)) return Fail(InvalidArgument("invalid store handle"));
+    hsmstek::Status loaded = store->store->Load();
+    if (!loaded.ok()) return Fail(loaded);
+    hsmstek::Result<hsmstek::keystore::TicketKeys> keys =
+        store->store->KeysForEncrypt();
+    if (!keys.ok()) return Fail(keys.status());
+    return Succeed();
+  });
+}
+
+void hsmstek_store_close(hsmstek_store *store) {
+  if (!Valid(store)) return;
+  store->magic = 0;
+  delete store;
+}
+
+const char *hsmstek_last_error(void) { return hsmstek::t_last_error.c_str(); }
+
+int hsmstek_store_set_option(hsmstek_store *store, int option, long value) {
+  return Guard([&] {
+    if (!Valid(store)) return Fail(InvalidArgument("invalid store handle"));
+    switch (option) {
+      case HSMSTEK_OPT_CLOCK_SKEW_SECONDS:
+        if (value < 0 || value > 3600) {
+          return Fail(InvalidArgument("clock skew must be 0..3600 seconds"));
+        }
+        store->store->set_clock_skew(value);
+        return Succeed();
+      case HSMSTEK_OPT_TLS13_RENEW:
+        if (value != 0 && value != 1) {
+          return Fail(InvalidArgument("HSMSTEK_OPT_TLS13_RENEW takes 0 or 1"));
+        }
+        store->options.tls13_renew = value == 1;
+        return Succeed();
+      default:
+        return Fail(
+            InvalidArgument("unknown option " + std::to_string(option)));
+    }
+  });
+}
+
+SSL_CTX *hsmstek_ssl_ctx_new(hsmstek_store *store, const SSL_METHOD *method) {
+  SSL_CTX *out = nullptr;
+  Guard([&] {
+    if (!Valid(store) || method == nullptr) {
+      return Fail(InvalidArgument("hsmstek_ssl_ctx_new: invalid argument"));
+    }
+    hsmstek::Result<SSL_CTX *> ctx =
+        hsmstek::tls::NewScopedSslCtx(method, hsmstek::ContextFor(store));
+    if (!ctx.ok()) return Fail(ctx.status());
+    out = *ctx;
+    return Succeed();
+  });
+  return out;
+}
+
+int hsmstek_ssl_ctx_install(hsmstek_store *store, SSL_CTX *ctx) {
+  return Guard([&] {
+    if (!Valid(store) || ctx == nullptr) {
+      return Fail(InvalidArgument("hsmstek_ssl_ctx_install: invalid argument"));
+    }
+    hsmstek::Status s =
+        hsmstek::tls::InstallTicketCallback(ctx, hsmstek::ContextFor(store));
+    return s.ok() ? Succeed() : Fail(s);
+  });
+}
+
+int hsmstek_enable_process_wide(void) {
+  return Guard([&] {
+    hsmstek::Status s = hsmstek::provider::EnableProcessWide();
+    return s.ok() ? Succeed() : Fail(s);
+  });
+}
+
+int hsmstek_store_stats(hsmstek_store *store, hsmstek_stats *out) {
+  return Guard([&] {
+    if (out != nullptr) *out = hsmstek_stats{};
+    if (!Valid(store) || out == nullptr) {
+      return Fail(InvalidArgument("hsmstek_store_stats: invalid argument"));
+    }
+    hsmstek::tls::TicketCounters c = store->stats->Snapshot();
+    out->tickets_issued = c.issued;
+    out->tickets_resumed = c.resumed;
+    out->tickets_renewed = c.renewed;
+    out->rejected_unknown_key = c.rejected_unknown_key;
+    out->rejected_expired = c.rejected_expired;
+    out->rejected_future = c.rejected_future;
+    out->rejected_not_routed = c.rejected_not_routed;
+    out->token_errors = c.token_errors;
+    out->derivations = store->store->derivations();
+    out->reconnects = store->store->token()->generation();
+    out->seal = hsmstek::ToLatency(c.seal);
+    out->open = hsmstek::ToLatency(c.open);
+    return Succeed();
+  });
+}
+
+void hsmstek_set_log_callback(void (*cb)(int level, const char *msg, void *arg),
+                              void *arg) {
+  hsmstek::log::SetSink(cb, arg);
+}
+
+}  // extern "C"

@@ -1,0 +1,68 @@
+// Per-store ticket counters and seal/open latency, fed by the ticket
+// callback and by the provider's token-operation observer. Lock-free.
+#pragma once
+
+#include <array>
+#include <atomic>
+#include <cstdint>
+
+#include "provider/key_ref.h"
+
+namespace hsmstek::tls {
+
+// Log2 histogram of nanoseconds: bucket i holds values in [2^i, 2^(i+1)).
+class LatencyHistogram {
+ public:
+  void Record(uint64_t ns);
+  struct Summary {
+    uint64_t count = 0, p50_ns = 0, p99_ns = 0, max_ns = 0;
+  };
+  // Percentiles are the upper bound of the bucket holding them (at most 2x
+  // the true value), clamped to the observed maximum.
+  Summary Summarize() const;
+
+ private:
+  std::array<std::atomic<uint64_t>, 64> buckets_{};
+  std::atomic<uint64_t> max_{0};
+};
+
+enum class RejectReason : uint8_t {
+  kUnknownKey,
+  kExpired,
+  kFuture,
+  kNotRouted
+};
+
+struct TicketCounters {
+  uint64_t issued = 0, resumed = 0, renewed = 0;
+  uint64_t rejected_unknown_key = 0, rejected_expired = 0, rejected_future = 0,
+           rejected_not_routed = 0;
+  uint64_t token_errors = 0;
+  LatencyHistogram::Summary seal, open;
+};
+
+// TicketStats counts what the callback decides and what the token then
+// does. A seal counts as issued when its last token step (the HMAC) has
+// succeeded; an accepted ticket counts as resumed/renewed when its last
+// step (the decryption, which libssl runs only after the HMAC matched) has
+// succeeded. Latency runs from the callback's entry to that last step.
+class TicketStats final : public provider::TokenOpObserver {
+ public:
+  // Called by the callback on the handshake thread before it returns.
+  void BeginSeal();
+  void BeginOpen(bool renew);
+  void Reject(RejectReason reason);
+  void TokenError() { token_errors_.fetch_add(1); }
+
+  void OnTokenOp(provider::TokenOp op, bool ok) override;
+
+  TicketCounters Snapshot() const;
+
+ private:
+  std::atomic<uint64_t> issued_{0}, resumed_{0}, renewed_{0};
+  std::atomic<uint64_t> unknown_{0}, expired_{0}, future_{0}, not_routed_{0};
+  std::atomic<uint64_t> token_errors_{0};
+  LatencyHistogram seal_, open_;
+};
+
+}  // namespace hsmstek::tls

@@ -1,0 +1,212 @@
+#include "tls/ticket_callback.h"
+
+#include <openssl/core_names.h>
+#include <openssl/rand.h>
+
+#include <cstring>
+#include <mutex>
+
+#include "common/log.h"
+#include "provider/provider.h"
+
+namespace hsmstek::tls {
+namespace {
+
+constexpr long kOneWeekSeconds = 7 * 24 * 3600;
+constexpr int kTicketOk = 1;
+constexpr int kTicketRenew = 2;
+constexpr int kNoTicket = 0;
+
+void FreeContext(void * /*parent*/, void *ptr, CRYPTO_EX_DATA * /*ad*/,
+                 int /*idx*/, long /*argl*/, void * /*argp*/) {
+  delete static_cast<std::shared_ptr<TicketContext> *>(ptr);
+}
+
+int ContextIndex() {
+  static const int index =
+      SSL_CTX_get_ex_new_index(0, nullptr, nullptr, nullptr, FreeContext);
+  return index;
+}
+
+TicketContext *ContextOf(SSL *ssl) {
+  auto *holder = static_cast<std::shared_ptr<TicketContext> *>(
+      SSL_CTX_get_ex_data(SSL_get_SSL_CTX(ssl), ContextIndex()));
+  return holder == nullptr ? nullptr : holder->get();
+}
+
+// Logs the routing error at most once a minute per context.
+void ReportNotRouted(TicketContext &context) {
+  context.stats->Reject(RejectReason::kNotRouted);
+  int64_t now = context.store->clock().NowUnix();
+  int64_t next = context.next_routing_log.load();
+  if (now < next ||
+      !context.next_routing_log.compare_exchange_strong(next, now + 60)) {
+    return;
+  }
+  log::Error(
+      "hsmstek: the ticket HMAC of this SSL_CTX does not come from the "
+      "hsmstek provider, so no session tickets are issued or accepted; create "
+      "the SSL_CTX with hsmstek_ssl_ctx_new() or call "
+      "hsmstek_enable_process_wide() before creating it");
+}
+
+// Hands the token key handles to the provider's cipher and HMAC.
+bool SetUpCipherAndMac(TicketContext &context, const keystore::TicketKeys &keys,
+                       const unsigned char iv[16], EVP_CIPHER_CTX *cipher_ctx,
+                       EVP_MAC_CTX *mac_ctx, bool encrypt) {
+  Result<const EVP_CIPHER *> cipher = provider::TicketCipher();
+  if (!cipher.ok()) {
+    log::Error("hsmstek: " + cipher.status().message());
+    return false;
+  }
+  const std::shared_ptr<p11::Token> &token = context.store->token();
+  provider::TokenKeyRef aes{provider::TokenKeyRef::kMagic, token, keys.aes,
+                            keys.generation, context.stats};
+  provider::TokenKeyRef hmac{provider::TokenKeyRef::kMagic, token, keys.hmac,
+                             keys.generation, context.stats};
+  const provider::TokenKeyRef *aes_ptr = &aes;
+  const provider::TokenKeyRef *hmac_ptr = &hmac;
+  OSSL_PARAM cipher_params[] = {provider::KeyRefParam(&aes_ptr),
+                                OSSL_PARAM_construct_end()};
+  OSSL_PARAM mac_params[] = {provider::KeyRefParam(&hmac_ptr),
+                             OSSL_PARAM_construct_end()};
+  int ok = encrypt ? EVP_EncryptInit_ex2(cipher_ctx, *cipher, nullptr, iv,
+                                         cipher_params)
+                   : EVP_DecryptInit_ex2(cipher_ctx, *cipher, nullptr, iv,
+                                         cipher_params);
+  if (ok != 1 || EVP_MAC_CTX_set_params(mac_ctx, mac_params) != 1) {
+    log::Error("hsmstek: setting up the ticket cipher or HMAC failed");
+    return false;
+  }
+  return true;
+}
+
+// Caps the lifetime the server advertises for this ticket: the decrypt
+// window of the issuing master, and 7 days (RFC 8446 §4.6.1).
+void CapLifetime(SSL *ssl, int64_t decrypt_window_s) {
+  SSL_SESSION *session = SSL_get0_session(ssl);
+  if (session == nullptr) return;
+  long cap = kOneWeekSeconds;
+  if (decrypt_window_s > 0 && decrypt_window_s < cap) cap = decrypt_window_s;
+  if (SSL_SESSION_get_timeout(session) > cap) {
+    SSL_SESSION_set_timeout(session, cap);
+  }
+}
+
+int Seal(SSL *ssl, TicketContext &context, unsigned char key_name[16],
+         unsigned char iv[16], EVP_CIPHER_CTX *cipher_ctx,
+         EVP_MAC_CTX *mac_ctx) {
+  Result<keystore::TicketKeys> keys = context.store->KeysForEncrypt();
+  if (!keys.ok()) {
+    if (keys.status().code() == ErrorCode::kUnavailable) {
+      context.stats->TokenError();
+    }
+    log::Warning("hsmstek: no ticket issued: " + keys.status().message());
+    return kNoTicket;
+  }
+  if (RAND_bytes(iv, 16) != 1) return kNoTicket;
+  std::memcpy(key_name, keys->name.bytes.data(), 16);
+  context.stats->BeginSeal();
+  if (!SetUpCipherAndMac(context, *keys, iv, cipher_ctx, mac_ctx, true)) {
+    return kNoTicket;
+  }
+  CapLifetime(ssl, keys->decrypt_window_s);
+  return kTicketOk;
+}
+
+int Open(SSL *ssl, TicketContext &context, const unsigned char key_name[16],
+         const unsigned char iv[16], EVP_CIPHER_CTX *cipher_ctx,
+         EVP_MAC_CTX *mac_ctx) {
+  keystore::KeyName name;
+  std::memcpy(name.bytes.data(), key_name, 16);
+  keystore::DecryptLookup lookup = context.store->KeysForDecrypt(name);
+  int result;
+  switch (lookup.verdict) {
+    case keystore::DecryptVerdict::kCurrent:
+      result = SSL_version(ssl) == TLS1_3_VERSION && context.options.tls13_renew
+                   ? kTicketRenew
+                   : kTicketOk;
+      break;
+    case keystore::DecryptVerdict::kOld:
+      result = kTicketRenew;
+      break;
+    case keystore::DecryptVerdict::kUnknownKey:
+      context.stats->Reject(RejectReason::kUnknownKey);
+      return kNoTicket;
+    case keystore::DecryptVerdict::kExpired:
+      context.stats->Reject(RejectReason::kExpired);
+      return kNoTicket;
+    case keystore::DecryptVerdict::kFuture:
+      context.stats->Reject(RejectReason::kFuture);
+      return kNoTicket;
+    case keystore::DecryptVerdict::kUnavailable:
+    default:
+      context.stats->TokenError();
+      log::Warning("hsmstek: ticket not accepted: " + lookup.error.message());
+      return kNoTicket;
+  }
+  context.stats->BeginOpen(result == kTicketRenew);
+  if (!SetUpCipherAndMac(context, lookup.keys, iv, cipher_ctx, mac_ctx,
+                         false)) {
+    return kNoTicket;
+  }
+  return result;
+}
+
+}  // namespace
+
+int TicketKeyCallback(SSL *ssl, unsigned char key_name[16],
+                      unsigned char iv[16], EVP_CIPHER_CTX *cipher_ctx,
+                      EVP_MAC_CTX *mac_ctx, int encrypt) {
+  TicketContext *context = ContextOf(ssl);
+  if (context == nullptr) return kNoTicket;
+  if (!provider::IsProviderMac(mac_ctx)) {
+    ReportNotRouted(*context);
+    return kNoTicket;
+  }
+  return encrypt ? Seal(ssl, *context, key_name, iv, cipher_ctx, mac_ctx)
+                 : Open(ssl, *context, key_name, iv, cipher_ctx, mac_ctx);
+}
+
+Status InstallTicketCallback(SSL_CTX *ctx,
+                             std::shared_ptr<TicketContext> context) {
+  if (ctx == nullptr || !context || !context->store || !context->stats) {
+    return InvalidArgument("InstallTicketCallback: null argument");
+  }
+  Status registered = provider::RegisterProvider();
+  if (!registered.ok()) return registered;
+  int index = ContextIndex();
+  if (index < 0) return Internal("SSL_CTX_get_ex_new_index failed");
+  auto *holder = new std::shared_ptr<TicketContext>(std::move(context));
+  auto *previous = static_cast<std::shared_ptr<TicketContext> *>(
+      SSL_CTX_get_ex_data(ctx, index));
+  if (SSL_CTX_set_ex_data(ctx, index, holder) != 1) {
+    delete holder;
+    return Internal("SSL_CTX_set_ex_data failed");
+  }
+  delete previous;
+  if (SSL_CTX_set_tlsext_ticket_key_evp_cb(ctx, TicketKeyCallback) != 1) {
+    return Internal("SSL_CTX_set_tlsext_ticket_key_evp_cb failed");
+  }
+  if (SSL_CTX_get_timeout(ctx) > kOneWeekSeconds) {
+    SSL_CTX_set_timeout(ctx, kOneWeekSeconds);
+  }
+  return Status::Ok();
+}
+
+Result<SSL_CTX *> NewScopedSslCtx(const SSL_METHOD *method,
+                                  std::shared_ptr<TicketContext> context) {
+  Status registered = provider::RegisterProvider();
+  if (!registered.ok()) return registered;
+  SSL_CTX *ctx =
+      SSL_CTX_new_ex(nullptr, provider::kPreferProviderQuery, method);
+  if (ctx == nullptr) return Internal("SSL_CTX_new_ex failed");
+  Status installed = InstallTicketCallback(ctx, std::move(context));
+  if (!installed.ok()) {
+    SSL_CTX_free(ctx);
+    return installed;
+  }
+  return ctx;
+}
+
+}  // namespace hsmstek::tls

@@ -1,0 +1,56 @@
+// The session-ticket callback (SPEC §5) and its installation on SSL_CTXs.
+//
+// Encrypt: the active master's current epoch keys, a random IV, the
+// provider's cipher and HMAC on token handles; 1 on success, 0 (no ticket)
+// on any failure. Decrypt: the store's verdict on the key name; 1 for a
+// current ticket in TLS 1.2, 2 (renew) for a current ticket in TLS 1.3 by
+// default and for any older or legacy ticket, 0 for everything else. Never
+// -1 for token trouble: the handshake completes in full.
+#pragma once
+
+#include <openssl/ssl.h>
+
+#include <atomic>
+#include <memory>
+
+#include "common/status.h"
+#include "keystore/store.h"
+#include "tls/stats.h"
+
+namespace hsmstek::tls {
+
+struct TicketOptions {
+  // TLS 1.3: ask for a fresh ticket when resuming with a current one.
+  bool tls13_renew = true;
+};
+
+// What one SSL_CTX's callback works with. Owned by the SSL_CTX (ex_data)
+// through a shared_ptr, so the store outlives every context using it.
+struct TicketContext {
+  std::shared_ptr<keystore::KeyStore> store;
+  std::shared_ptr<TicketStats> stats;
+  TicketOptions options;
+  // Rate limit for the "not routed" error: next Unix second to log at.
+  std::atomic<int64_t> next_routing_log{0};
+};
+
+// InstallTicketCallback makes `ctx` seal and open its tickets through
+// `context`'s store, replacing any other ticket key callback (and any
+// previously installed context), and caps the session timeout (the
+// advertised ticket lifetime) at 7 days. Registers the provider. Does not
+// change whether tickets are enabled (SSL_OP_NO_TICKET is respected).
+[[nodiscard]] Status InstallTicketCallback(
+    SSL_CTX *ctx, std::shared_ptr<TicketContext> context);
+
+// NewScopedSslCtx returns an SSL_CTX created with
+// SSL_CTX_new_ex(NULL, "?provider=hsmstek", method) with the callback
+// installed: only this context routes its ticket HMAC to the provider.
+[[nodiscard]] Result<SSL_CTX *> NewScopedSslCtx(
+    const SSL_METHOD *method, std::shared_ptr<TicketContext> context);
+
+// The callback itself, exposed for tests and fuzzers.
+int TicketKeyCallback(SSL *ssl, unsigned char key_name[16],
+                      unsigned char iv[16], EVP_CIPHER_CTX *cipher_ctx,
+                      EVP_MAC_CTX *mac_ctx, int encrypt);
+
+}  // namespace hsmstek::tls
