@@ -1,0 +1,62 @@
+// ProviderContext: the state one loaded instance of the hsmstek provider
+// shares between its algorithm contexts (the provider's "provctx"), and the
+// dispatch-table helpers the operation files use. Internal to src/provider.
+#pragma once
+
+#include <openssl/core.h>
+#include <openssl/core_dispatch.h>
+#include <openssl/evp.h>
+
+#include <atomic>
+#include <mutex>
+#include <string_view>
+
+#include "provider/errors.h"
+
+namespace hsmstek::provider::internal {
+
+// DispatchEntry builds an OSSL_DISPATCH entry from a function whose type is
+// checked against OpenSSL's typedef `Fn` (an OSSL_FUNC_*_fn), so a wrong
+// signature is a compile error instead of a crash.
+template <typename Fn>
+OSSL_DISPATCH DispatchEntry(int id, Fn *fn) {
+  return OSSL_DISPATCH{id, reinterpret_cast<void (*)(void)>(fn)};
+}
+
+class ProviderContext {
+ public:
+  // Takes the core's library context and error functions from `in`.
+  ProviderContext(const OSSL_CORE_HANDLE *handle, const OSSL_DISPATCH *in);
+  ~ProviderContext();
+  ProviderContext(const ProviderContext &) = delete;
+  ProviderContext &operator=(const ProviderContext &) = delete;
+
+  // libctx returns the library context that loaded this provider instance.
+  OSSL_LIB_CTX *libctx() const { return libctx_; }
+
+  // DelegateHmac returns another provider's HMAC ("provider!=hsmstek") in
+  // libctx(), fetched on first use and kept until teardown; null (and an
+  // error raised) if none is available — the next call tries again.
+  // Thread-safe; lock-free after the first successful fetch.
+  EVP_MAC *DelegateHmac();
+
+  // RaiseError puts `reason` with `detail` as error data on the calling
+  // thread's OpenSSL error stack, located at the caller (the defaults; the
+  // strings must be static: OpenSSL keeps the pointers). Thread-safe.
+  void RaiseError(ProviderReason reason, std::string_view detail,
+                  const char *func = __builtin_FUNCTION(),
+                  const char *file = __builtin_FILE(),
+                  int line = __builtin_LINE()) const;
+
+ private:
+  const OSSL_CORE_HANDLE *handle_;
+  OSSL_LIB_CTX *libctx_ = nullptr;
+  OSSL_FUNC_core_new_error_fn *new_error_ = nullptr;
+  OSSL_FUNC_core_set_error_debug_fn *set_error_debug_ = nullptr;
+  OSSL_FUNC_core_vset_error_fn *vset_error_ = nullptr;
+
+  std::mutex delegate_mu_;  // serialises the first fetch only
+  std::atomic<EVP_MAC *> delegate_hmac_{nullptr};
+};
+
+}  // namespace hsmstek::provider::internal

@@ -1,0 +1,81 @@
+#include "provider/token_op.h"
+
+#include <openssl/params.h>
+#include <openssl/rand.h>
+
+#include <cstring>
+#include <string>
+
+#include "common/log.h"
+
+namespace hsmstek::provider::internal {
+
+bool ParseKeyRef(const ProviderContext &prov, const OSSL_PARAM &param,
+                 TokenKeyRef *out) {
+  const TokenKeyRef *ref = nullptr;
+  if (param.data_type != OSSL_PARAM_OCTET_STRING || param.data == nullptr ||
+      param.data_size != sizeof(ref)) {
+    prov.RaiseError(ProviderReason::kInvalidKeyRef,
+                    std::string(kKeyRefParam) +
+                        " must be an octet string holding a TokenKeyRef*");
+    return false;
+  }
+  std::memcpy(&ref, param.data, sizeof(ref));
+  if (ref == nullptr) {
+    prov.RaiseError(ProviderReason::kInvalidKeyRef,
+                    std::string(kKeyRefParam) + " is a null pointer");
+    return false;
+  }
+  if (ref->magic != TokenKeyRef::kMagic) {
+    prov.RaiseError(ProviderReason::kInvalidKeyRef,
+                    std::string(kKeyRefParam) +
+                        " does not point at a TokenKeyRef (bad magic)");
+    return false;
+  }
+  if (ref->token == nullptr || ref->handle == CK_INVALID_HANDLE) {
+    prov.RaiseError(ProviderReason::kInvalidKeyRef,
+                    std::string(kKeyRefParam) + " has no token or no handle");
+    return false;
+  }
+  *out = *ref;
+  return true;
+}
+
+Status CheckGeneration(const TokenKeyRef &ref, uint64_t current) {
+  if (ref.generation == current) return Status::Ok();
+  return FailedPrecondition("stale key handle: key generation " +
+                            std::to_string(ref.generation) +
+                            ", token generation " + std::to_string(current));
+}
+
+bool FinishTokenOp(const ProviderContext &prov, const TokenKeyRef &ref,
+                   TokenOp op, ProviderReason reason, const Status &status,
+                   FailureMode mode, const CallSite &site) {
+  if (ref.observer != nullptr) ref.observer->OnTokenOp(op, status.ok());
+  if (status.ok()) return true;
+  if (mode == FailureMode::kSoft) {
+    // Nothing on the error stack: the caller reports success with unusable
+    // output, and libssl would treat a stray error as fatal.
+    log::Warning("hsmstek provider: " + status.message() +
+                 " (fail-soft: the ticket will be unusable)");
+  } else {
+    prov.RaiseError(reason, status.message(), site.func, site.file, site.line);
+  }
+  return false;
+}
+
+bool ParseFailSoft(const OSSL_PARAM &param, bool *fail_soft) {
+  int value = 0;
+  if (!OSSL_PARAM_get_int(&param, &value)) return false;
+  *fail_soft = value != 0;
+  return true;
+}
+
+bool FillRandom(const ProviderContext &prov, unsigned char *out, size_t len) {
+  if (len == 0 || RAND_bytes_ex(prov.libctx(), out, len, 0) == 1) return true;
+  prov.RaiseError(ProviderReason::kTokenOperationFailed,
+                  "fail-soft: no random bytes for the stand-in output");
+  return false;
+}
+
+}  // namespace hsmstek::provider::internal
