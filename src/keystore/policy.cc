@@ -152,8 +152,9 @@ Result<Policy> ParsePolicy(std::string_view text) {
       return InvalidArgument(LinePrefix(1) + "expected header \"" +
                              kPolicyHeader + "\"");
     }
-    if (line.empty())
+    if (line.empty()) {
       return InvalidArgument(LinePrefix(line_no) + "empty line");
+    }
     const size_t space = line.find(' ');
     if (space == std::string_view::npos) {
       return InvalidArgument(LinePrefix(line_no) + "expected \"key value\"");
@@ -188,7 +189,6 @@ Result<Policy> ParsePolicy(std::string_view text) {
     if (!s.ok()) return s.WithContext(KeyContext(line_no, key));
     ++next_key;
   }
-  if (line_no == 0) return InvalidArgument("empty policy");
   if (next_key < kKeys.size()) {
     return InvalidArgument("policy ends after line " + std::to_string(line_no) +
                            ": missing key " + QuoteValue(kKeys[next_key]));
@@ -224,6 +224,13 @@ Status ValidatePolicy(const Policy &p) {
     return InvalidArgument(
         "decrypt-window " + FormatDuration(p.decrypt_window_s) +
         " is not a multiple of period " + FormatDuration(p.period_s));
+  }
+  if (p.decrypt_window_s / p.period_s > kMaxWindowEpochs) {
+    return InvalidArgument(
+        "decrypt-window " + FormatDuration(p.decrypt_window_s) + " spans " +
+        std::to_string(p.decrypt_window_s / p.period_s) +
+        " periods; at most " + std::to_string(kMaxWindowEpochs) +
+        " are allowed (use a longer period)");
   }
   if (p.kdf != kKdfAesEcbV1) {
     return InvalidArgument("unknown KDF " + QuoteValue(p.kdf) +

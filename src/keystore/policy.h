@@ -41,6 +41,12 @@ inline constexpr int64_t kMinPeriodSeconds = 60;
 // Seven days: RFC 8446 §4.6.1 caps TLS 1.3 ticket lifetime at 7 days, and
 // the advertised lifetime never exceeds the decrypt window.
 inline constexpr int64_t kMaxDecryptWindowSeconds = 7 * 24 * 3600;
+// At most this many epochs in a decrypt window (7 days of hourly keys). A
+// forged ticket naming an old epoch costs a derivation before its MAC can
+// be checked, and each server caches window / period + 2 key pairs per
+// master, so the ratio bounds both the work an attacker can cause and the
+// token memory a store uses.
+inline constexpr int64_t kMaxWindowEpochs = 168;
 
 struct Policy {
   int64_t period_s = 0;              // rotation period, seconds
@@ -65,7 +71,8 @@ std::string SerializePolicy(const Policy &policy);
 Result<Policy> ParsePolicy(std::string_view text);
 
 // ValidatePolicy checks: kMinPeriodSeconds <= period_s; 0 < decrypt window
-// <= kMaxDecryptWindowSeconds and a multiple of period_s; kdf is
+// <= kMaxDecryptWindowSeconds, a multiple of period_s spanning at most
+// kMaxWindowEpochs periods; kdf is
 // kKdfAesEcbV1; not_before and created_at in [0, kMaxRfc3339Time];
 // retire_at, if set, in [1, kMaxRfc3339Time]. retire_at <= not_before is
 // allowed: it is a pending master retired before it ever activated.

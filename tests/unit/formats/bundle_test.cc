@@ -1,0 +1,320 @@
+#include "keystore/bundle.h"
+
+#include <gtest/gtest.h>
+#include <openssl/sha.h>
+
+#include <string>
+#include <vector>
+
+#include "common/bytes.h"
+#include "formats_test_util.h"
+
+namespace hsmstek::keystore {
+namespace {
+
+using testing::IsInvalid;
+
+Bundle Sample() {
+  Bundle b;
+  b.label = "web tickets";
+  b.store_id = {0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07, 0x08};
+  b.check = {0xc4, 0x3f, 0xde, 0x2e, 0x76, 0x96, 0xd6, 0xcd};
+  b.mechanism = WrapMechanism::kRsaOaepSha1;
+  b.wrapping_key_id = {0xab, 0xcd};
+  b.policy.period_s = 3600;
+  b.policy.decrypt_window_s = 86400;
+  b.policy.not_before = 1795773600;
+  b.policy.created_at = 1795770000;
+  b.policy.replicable = true;
+  b.wrapped = Bytes(256);
+  for (size_t i = 0; i < b.wrapped.size(); ++i) {
+    b.wrapped[i] = static_cast<uint8_t>(i * 7);
+  }
+  return b;
+}
+
+std::string Sha256Hex(std::string_view s) {
+  uint8_t md[SHA256_DIGEST_LENGTH];
+  SHA256(reinterpret_cast<const uint8_t *>(s.data()), s.size(), md);
+  return HexEncode(md);
+}
+
+// Appends a correct sha256 line to `body`, so field errors are reachable.
+std::string Sign(const std::string &body) {
+  return body + "sha256 " + Sha256Hex(body) + "\n";
+}
+
+// The lines of SerializeBundle(Sample()) without the sha256 line.
+std::vector<std::string> SampleLines() {
+  const std::string text = SerializeBundle(Sample());
+  std::vector<std::string> lines;
+  size_t start = 0;
+  while (start < text.size()) {
+    size_t nl = text.find('\n', start);
+    lines.push_back(text.substr(start, nl - start));
+    start = nl + 1;
+  }
+  lines.pop_back();
+  return lines;
+}
+
+// Signs SampleLines() with line `index` (0-based) replaced by `with`.
+std::string WithLine(size_t index, const std::string &with) {
+  std::vector<std::string> lines = SampleLines();
+  lines.at(index) = with;
+  std::string body;
+  for (const std::string &l : lines) body += l + "\n";
+  return Sign(body);
+}
+
+TEST(Bundle, SerializedText) {
+  const std::string text = SerializeBundle(Sample());
+  const std::vector<std::string> lines = SampleLines();
+  ASSERT_EQ(lines.size(), 8u);
+  EXPECT_EQ(lines[0], "hsmstek-bundle 1");
+  EXPECT_EQ(lines[1], "label web%20tickets");
+  EXPECT_EQ(lines[2], "store-id 0102030405060708");
+  EXPECT_EQ(lines[3], "check c43fde2e7696d6cd");
+  EXPECT_EQ(lines[4], "mechanism rsa-oaep-sha1");
+  EXPECT_EQ(lines[5], "wrapping-key-id abcd");
+  EXPECT_EQ(lines[6],
+            "policy " + Base64Encode(ByteSpan(
+                            reinterpret_cast<const uint8_t *>(
+                                SerializePolicy(Sample().policy).data()),
+                            SerializePolicy(Sample().policy).size())));
+  EXPECT_EQ(lines[7].substr(0, 12), "wrapped AAcO");
+  // The digest covers every byte before the sha256 line.
+  const size_t digest_at = text.rfind("sha256 ");
+  EXPECT_EQ(text.substr(digest_at),
+            "sha256 " + Sha256Hex(text.substr(0, digest_at)) + "\n");
+}
+
+TEST(Bundle, RoundTrips) {
+  Bundle b = Sample();
+  Result<Bundle> back = ParseBundle(SerializeBundle(b));
+  ASSERT_TRUE(back.ok()) << back.status().message();
+  EXPECT_EQ(*back, b);
+
+  b.label = std::string("50% caf\xc3\xa9\n\x01", 11);
+  b.mechanism = WrapMechanism::kAesKeyWrapPad;
+  b.wrapping_key_id.clear();
+  b.wrapped = {0x42};
+  b.policy.retire_at = 1796378400;
+  const std::string text = SerializeBundle(b);
+  EXPECT_NE(text.find("\nlabel 50%25%20caf%C3%A9%0A%01\n"), std::string::npos)
+      << text;
+  EXPECT_NE(text.find("\nwrapping-key-id -\n"), std::string::npos);
+  back = ParseBundle(text);
+  ASSERT_TRUE(back.ok()) << back.status().message();
+  EXPECT_EQ(*back, b);
+
+  b.mechanism = WrapMechanism::kRsaOaepSha256;
+  b.label = std::string(kMaxBundleLabelSize, ' ');
+  b.wrapped = Bytes(kMaxWrappedKeySize, 0x5a);
+  b.wrapping_key_id = Bytes(kMaxWrappingKeyIdSize, 0x11);
+  back = ParseBundle(SerializeBundle(b));
+  ASSERT_TRUE(back.ok()) << back.status().message();
+  EXPECT_EQ(*back, b);
+}
+
+TEST(Bundle, Mechanisms) {
+  for (WrapMechanism m :
+       {WrapMechanism::kRsaOaepSha1, WrapMechanism::kRsaOaepSha256,
+        WrapMechanism::kAesKeyWrapPad}) {
+    EXPECT_EQ(*ParseWrapMechanism(WrapMechanismName(m)), m);
+  }
+  EXPECT_EQ(WrapMechanismName(WrapMechanism::kAesKeyWrapPad),
+            "aes-key-wrap-pad");
+  EXPECT_TRUE(IsInvalid(ParseWrapMechanism("rsa-pkcs").status(),
+                        "unknown wrap mechanism"));
+}
+
+TEST(Bundle, WholeFileErrors) {
+  const std::string good = SerializeBundle(Sample());
+  EXPECT_TRUE(IsInvalid(ParseBundle("").status(), "empty bundle"));
+  EXPECT_TRUE(
+      IsInvalid(ParseBundle(good + std::string(kMaxBundleSize, '#')).status(),
+                "more than 16384"));
+  std::string crlf = good;
+  crlf.insert(crlf.find('\n'), "\r");
+  EXPECT_TRUE(IsInvalid(ParseBundle(crlf).status(),
+                        "bundle contains a carriage return"));
+  std::string nul = good;
+  nul[20] = '\0';
+  EXPECT_TRUE(IsInvalid(ParseBundle(nul).status(),
+                        "bundle contains a non-printable byte at offset 20"));
+  EXPECT_TRUE(IsInvalid(ParseBundle("hsmstek-policy 1\n").status(),
+                        "not an hsmstek bundle"));
+  EXPECT_TRUE(IsInvalid(ParseBundle("hsmstek-bundle 2\nlabel x\n").status(),
+                        "unsupported bundle version"));
+  EXPECT_TRUE(IsInvalid(ParseBundle(good + "extra\n").status(),
+                        "bundle has content after the sha256 line"));
+  std::string bad_hex = good;
+  bad_hex.replace(bad_hex.size() - 3, 1, "g");
+  EXPECT_TRUE(IsInvalid(ParseBundle(bad_hex).status(),
+                        "bundle sha256 line: expected 64 hex digits"));
+  EXPECT_TRUE(
+      IsInvalid(ParseBundle(good.substr(0, good.size() - 3) + "\n").status(),
+                "expected 64 hex digits"));
+}
+
+TEST(Bundle, TruncationIsDetected) {
+  const std::string good = SerializeBundle(Sample());
+  const size_t header = good.find('\n') + 1;
+  for (size_t n = header; n < good.size(); ++n) {
+    Status s = ParseBundle(good.substr(0, n)).status();
+    ASSERT_FALSE(s.ok()) << n;
+    ASSERT_EQ(s.code(), ErrorCode::kInvalidArgument);
+    ASSERT_NE(s.message().find("truncated"), std::string::npos)
+        << n << ": " << s.message();
+  }
+}
+
+TEST(Bundle, TamperingIsDetected) {
+  const std::string good = SerializeBundle(Sample());
+  const size_t digest_at = good.rfind("sha256 ");
+  // Flip one character in every covered position after the header.
+  for (size_t i = good.find('\n') + 1; i < digest_at; ++i) {
+    if (good[i] == '\n') continue;
+    std::string t = good;
+    t[i] = t[i] == 'A' ? 'B' : 'A';
+    EXPECT_TRUE(IsInvalid(ParseBundle(t).status(), "bundle digest mismatch"))
+        << i;
+  }
+  std::string upper = good;  // upper-case digest digits are fine
+  for (size_t i = digest_at + 7; i < upper.size(); ++i) {
+    if (upper[i] >= 'a' && upper[i] <= 'f') upper[i] -= 'a' - 'A';
+  }
+  EXPECT_TRUE(ParseBundle(upper).ok());
+}
+
+TEST(Bundle, LineOrder) {
+  std::vector<std::string> lines = SampleLines();
+  std::swap(lines[2], lines[3]);
+  std::string body;
+  for (const std::string &l : lines) body += l + "\n";
+  EXPECT_TRUE(IsInvalid(ParseBundle(Sign(body)).status(),
+                        "bundle line 3: expected \"store-id <value>\""));
+  lines = SampleLines();
+  lines.pop_back();
+  body.clear();
+  for (const std::string &l : lines) body += l + "\n";
+  EXPECT_TRUE(IsInvalid(ParseBundle(Sign(body)).status(),
+                        "bundle is missing line \"wrapped\""));
+  EXPECT_TRUE(IsInvalid(ParseBundle(Sign("hsmstek-bundle 1\n")).status(),
+                        "bundle is missing line \"label\""));
+  lines = SampleLines();
+  body.clear();
+  for (const std::string &l : lines) body += l + "\n";
+  EXPECT_TRUE(IsInvalid(ParseBundle(Sign(body + "note hi\n")).status(),
+                        "bundle line 9: unexpected line after \"wrapped\""));
+  EXPECT_TRUE(IsInvalid(ParseBundle(WithLine(1, "label")).status(),
+                        "bundle line 2: expected \"label <value>\""));
+  EXPECT_TRUE(IsInvalid(ParseBundle(WithLine(1, "label ")).status(),
+                        "bundle line 2 (label): empty value"));
+  EXPECT_TRUE(IsInvalid(ParseBundle(WithLine(1, "label a b")).status(),
+                        "bundle line 2 (label): value contains a space"));
+  EXPECT_TRUE(IsInvalid(ParseBundle(WithLine(1, "")).status(),
+                        "bundle line 2: expected \"label <value>\""));
+}
+
+TEST(Bundle, FieldErrors) {
+  EXPECT_TRUE(IsInvalid(ParseBundle(WithLine(1, "label a%2")).status(),
+                        "bundle line 2 (label): bad percent escape at offset "
+                        "1"));
+  EXPECT_TRUE(IsInvalid(ParseBundle(WithLine(1, "label %zz")).status(),
+                        "bad percent escape at offset 0"));
+  EXPECT_TRUE(IsInvalid(
+      ParseBundle(WithLine(1, "label " + std::string(256, 'x'))).status(),
+      "bundle line 2 (label): label is 256 bytes, more than "
+      "255"));
+  EXPECT_TRUE(
+      IsInvalid(ParseBundle(WithLine(2, "store-id 01020304050607")).status(),
+                "bundle line 3 (store-id): expected 16 hex digits, "
+                "got 14"));
+  EXPECT_TRUE(
+      IsInvalid(ParseBundle(WithLine(2, "store-id 010203040506070x")).status(),
+                "bundle line 3 (store-id): not a hex digit"));
+  EXPECT_TRUE(
+      IsInvalid(ParseBundle(WithLine(3, "check c43fde2e7696d6cd00")).status(),
+                "bundle line 4 (check): expected 16 hex digits, got "
+                "18"));
+  EXPECT_TRUE(IsInvalid(ParseBundle(WithLine(4, "mechanism rsa-pkcs")).status(),
+                        "bundle line 5 (mechanism): unknown wrap mechanism"));
+  EXPECT_TRUE(
+      IsInvalid(ParseBundle(WithLine(5, "wrapping-key-id abc")).status(),
+                "bundle line 6 (wrapping-key-id): hex string has odd "
+                "length 3"));
+  EXPECT_TRUE(IsInvalid(
+      ParseBundle(WithLine(5, "wrapping-key-id " + std::string(512, 'a')))
+          .status(),
+      "wrapping key id longer than 255 bytes"));
+  EXPECT_TRUE(IsInvalid(ParseBundle(WithLine(6, "policy abc")).status(),
+                        "bundle line 7 (policy): invalid base64: length 3"));
+  const std::string bad_policy = "hsmstek-policy 1\nperiod 1x\n";
+  EXPECT_TRUE(IsInvalid(
+      ParseBundle(WithLine(6, "policy " + Base64Encode(ByteSpan(
+                                              reinterpret_cast<const uint8_t *>(
+                                                  bad_policy.data()),
+                                              bad_policy.size()))))
+          .status(),
+      "bundle line 7 (policy): policy line 2 (period): duration \"1x\""));
+  EXPECT_TRUE(IsInvalid(ParseBundle(WithLine(7, "wrapped ab=c")).status(),
+                        "bundle line 8 (wrapped): invalid base64: bad "
+                        "character at offset 2"));
+  EXPECT_TRUE(IsInvalid(
+      ParseBundle(WithLine(7, "wrapped " + Base64Encode(Bytes(4099)))).status(),
+      "bundle line 8 (wrapped): wrapped key longer than "
+      "4096 bytes"));
+  EXPECT_TRUE(IsInvalid(
+      ParseBundle(WithLine(7, "wrapped " + Base64Encode(Bytes(4097)))).status(),
+      "bundle line 8 (wrapped): wrapped key longer than "
+      "4096 bytes"));
+}
+
+TEST(Base64, Rfc4648Vectors) {
+  const std::pair<const char *, const char *> kVectors[] = {
+      {"", ""},
+      {"f", "Zg=="},
+      {"fo", "Zm8="},
+      {"foo", "Zm9v"},
+      {"foob", "Zm9vYg=="},
+      {"fooba", "Zm9vYmE="},
+      {"foobar", "Zm9vYmFy"}};
+  for (const auto &[plain, encoded] : kVectors) {
+    const std::string p = plain;
+    EXPECT_EQ(Base64Encode(ByteSpan(reinterpret_cast<const uint8_t *>(p.data()),
+                                    p.size())),
+              encoded);
+    Result<SecretBuffer> d = Base64Decode(encoded);
+    ASSERT_TRUE(d.ok()) << encoded;
+    EXPECT_EQ(std::string(reinterpret_cast<const char *>(d->data()), d->size()),
+              p);
+  }
+  EXPECT_EQ(Base64Encode(Bytes{0xfb, 0xff}), "+/8=");
+  EXPECT_EQ(Base64Decode("+/8=")->size(), 2u);
+}
+
+TEST(Base64, StrictDecoding) {
+  EXPECT_TRUE(IsInvalid(Base64Decode("Zg=").status(),
+                        "invalid base64: length 3 is not a multiple of 4"));
+  EXPECT_TRUE(IsInvalid(Base64Decode("Zm9v\n").status(), "length 5"));
+  EXPECT_TRUE(IsInvalid(Base64Decode("Zh==").status(),
+                        "invalid base64: non-canonical final character"));
+  EXPECT_TRUE(IsInvalid(Base64Decode("Zm9=").status(), "non-canonical"));
+  EXPECT_TRUE(IsInvalid(Base64Decode("=Zg=").status(),
+                        "invalid base64: bad character at offset 0"));
+  EXPECT_TRUE(IsInvalid(Base64Decode("Zg==Zg==").status(),
+                        "bad character at offset 2"));
+  EXPECT_TRUE(
+      IsInvalid(Base64Decode("Z===").status(), "bad character at offset 1"));
+  EXPECT_TRUE(
+      IsInvalid(Base64Decode("====").status(), "bad character at offset 0"));
+  EXPECT_TRUE(
+      IsInvalid(Base64Decode("Zm 9").status(), "bad character at offset 2"));
+  EXPECT_TRUE(
+      IsInvalid(Base64Decode("Zm-_").status(), "bad character at offset 2"));
+}
+
+}  // namespace
+}  // namespace hsmstek::keystore
