@@ -68,8 +68,9 @@ HSMSTEK_EXPORT int hsmstek_store_open(const char *pkcs11_uri,
  * error describing why not (wrong PIN, no token, no active master, ...). */
 HSMSTEK_EXPORT int hsmstek_store_check(hsmstek_store *store);
 
-/* hsmstek_store_close releases |store|. Every SSL_CTX it was installed on
- * must be freed first. NULL is ignored. */
+/* hsmstek_store_close releases |store|. SSL_CTXs it was installed on keep
+ * working (they hold their own reference) until they are freed. NULL is
+ * ignored. */
 HSMSTEK_EXPORT void hsmstek_store_close(hsmstek_store *store);
 
 /* hsmstek_last_error returns a description of the last failure of an
@@ -97,7 +98,8 @@ HSMSTEK_EXPORT int hsmstek_store_set_option(hsmstek_store *store, int option,
 /* hsmstek_ssl_ctx_new returns a new SSL_CTX for |method| whose session
  * tickets are sealed and opened in |store|'s token (scoped routing: only this
  * SSL_CTX prefers the hsmstek provider; see hsmstek_enable_process_wide).
- * The caller owns the SSL_CTX (SSL_CTX_free); |store| must outlive it.
+ * The caller owns the SSL_CTX (SSL_CTX_free). The SSL_CTX holds its own
+ * reference to the underlying key store, so |store| may be closed first.
  * Returns NULL on failure. */
 HSMSTEK_EXPORT SSL_CTX *hsmstek_ssl_ctx_new(hsmstek_store *store,
                                             const SSL_METHOD *method);
@@ -107,8 +109,9 @@ HSMSTEK_EXPORT SSL_CTX *hsmstek_ssl_ctx_new(hsmstek_store *store,
  * ticket lifetime to the store's decrypt window (and 7 days). Tickets work
  * only if |ctx|'s HMAC fetches reach the hsmstek provider: either |ctx| came
  * from hsmstek_ssl_ctx_new or hsmstek_enable_process_wide() was called;
- * otherwise the callback logs one error and issues no tickets. |store| must
- * outlive |ctx|. Not thread-safe with respect to other uses of |ctx|. */
+ * otherwise the callback logs one error and issues no tickets. |ctx| holds
+ * its own reference to the key store (|store| may be closed first). Not
+ * thread-safe with respect to other uses of |ctx|. */
 HSMSTEK_EXPORT int hsmstek_ssl_ctx_install(hsmstek_store *store, SSL_CTX *ctx);
 
 /* hsmstek_enable_process_wide makes the default library context prefer the

@@ -191,13 +191,6 @@ Status RegisterLocked(Registration &reg) {
     return Internal("OSSL_PROVIDER_load(default) failed: " +
                     DrainOpenSslErrors());
   }
-  EVP_CIPHER *cipher =
-      EVP_CIPHER_fetch(nullptr, kCipherName, kAlgorithmProperties);
-  if (cipher == nullptr) {
-    return Internal(std::string("EVP_CIPHER_fetch(") + kCipherName +
-                    ") failed: " + DrainOpenSslErrors());
-  }
-  reg.cipher = cipher;
   reg.registered = true;
   return Status::Ok();
 }
@@ -250,12 +243,29 @@ Result<const EVP_CIPHER *> TicketCipher() {
   Status registered = RegisterProvider();
   if (!registered.ok()) return registered;
   std::lock_guard<std::mutex> lock(internal::RegistrationMutex());
-  return internal::GetRegistration().cipher;
+  internal::Registration &reg = internal::GetRegistration();
+  if (reg.cipher == nullptr) {
+    reg.cipher =
+        EVP_CIPHER_fetch(nullptr, kCipherName, internal::kAlgorithmProperties);
+    if (reg.cipher == nullptr) {
+      std::string why = internal::DrainOpenSslErrors();
+      if (EVP_default_properties_is_fips_enabled(nullptr)) {
+        return FailedPrecondition(
+            "the default property fips=yes excludes the hsmstek provider: " +
+            why);
+      }
+      return Internal(std::string("EVP_CIPHER_fetch(") + kCipherName +
+                      ") failed: " + why);
+    }
+  }
+  return reg.cipher;
 }
 
 OSSL_PARAM KeyRefParam(const TokenKeyRef *const *ref_ptr) {
+  // OSSL_PARAM has no const data; OpenSSL only reads a param it is given.
   return OSSL_PARAM_construct_octet_string(
-      kKeyRefParam, const_cast<TokenKeyRef **>(ref_ptr), sizeof(*ref_ptr));
+      kKeyRefParam, const_cast<void *>(static_cast<const void *>(ref_ptr)),
+      sizeof(*ref_ptr));
 }
 
 }  // namespace hsmstek::provider

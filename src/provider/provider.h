@@ -52,10 +52,13 @@
 // session's) right before the operation: a stale handle fails the operation,
 // it is never used.
 //
-// Errors: every failure is raised on the OpenSSL error stack through the
-// core's error functions (library "hsmstek", reason codes in errors.h). For
-// token failures the error data is the Status message, which names the
-// PKCS#11 function and the CKR (e.g. "C_EncryptInit: CKR_KEY_HANDLE_INVALID").
+// Errors: every failure (except those fail-soft hides) is raised on the
+// OpenSSL error stack through the core's error functions: library
+// "hsmstek", reason codes in errors.h, the failing provider function as the
+// function name, and for token failures the Status message (PKCS#11
+// function and CKR) as data. ERR_print_errors shows e.g.
+//   error:40800001:hsmstek:RunOneShot:token operation failed:
+//   .../ticket_cipher.cc:259:C_EncryptInit: CKR_KEY_FUNCTION_NOT_PERMITTED
 // After every token operation (success or failure) the ref's observer, if
 // any, is told.
 //
@@ -112,9 +115,11 @@ bool IsProviderMac(const EVP_MAC_CTX *ctx);
 bool IsProviderCipher(const EVP_CIPHER *cipher);
 
 // TicketCipher returns the provider's HSMSTEK-AES-CBC-PAD cipher of the
-// default library context, fetched once and kept for the life of the
-// process (the caller does not own it; do not free). Registers the provider
-// if needed. Thread-safe.
+// default library context, fetched on first success and kept for the life
+// of the process (the caller does not own it; do not free). Registers the
+// provider if needed. Errors: kFailedPrecondition while "fips=yes" is a
+// default property (it excludes this provider), kInternal otherwise.
+// Thread-safe.
 [[nodiscard]] Result<const EVP_CIPHER *> TicketCipher();
 
 // KeyRefParam returns the OSSL_PARAM that hands `*ref_ptr` to the provider's

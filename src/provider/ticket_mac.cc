@@ -9,6 +9,8 @@
 
 #include <openssl/core_dispatch.h>
 #include <openssl/core_names.h>
+#include <openssl/crypto.h>
+#include <openssl/err.h>
 #include <openssl/evp.h>
 #include <openssl/params.h>
 
@@ -171,15 +173,24 @@ int MacUpdate(void *vctx, const unsigned char *in, size_t inl) {
 
 // The token only does HMAC-SHA256; any other requested digest is an error,
 // never silently replaced.
+bool IsSha256(const ProviderContext &prov, const char *name) {
+  // The names libssl and applications use, without a fetch per ticket.
+  for (const char *common : {"SHA256", "SHA2-256", "SHA-256"}) {
+    if (OPENSSL_strcasecmp(name, common) == 0) return true;
+  }
+  // Any other alias (e.g. the OID): ask OpenSSL; a failed fetch is only an
+  // answer here, so its error is dropped.
+  ERR_set_mark();
+  EVP_MD *md = EVP_MD_fetch(prov.libctx(), name, "provider!=hsmstek");
+  ERR_pop_to_mark();
+  bool sha256 = md != nullptr && EVP_MD_is_a(md, "SHA2-256");
+  EVP_MD_free(md);
+  return sha256;
+}
+
 bool CheckTokenDigest(const MacCtx &ctx) {
   if (ctx.digest[0] == '\0' && !ctx.digest_too_long) return true;
-  bool sha256 = false;
-  if (!ctx.digest_too_long) {
-    EVP_MD *md = EVP_MD_fetch(ctx.prov->libctx(), ctx.digest.data(),
-                              "provider!=hsmstek");
-    sha256 = md != nullptr && EVP_MD_is_a(md, "SHA2-256");
-    EVP_MD_free(md);
-  }
+  bool sha256 = !ctx.digest_too_long && IsSha256(*ctx.prov, ctx.digest.data());
   if (!sha256) {
     ctx.prov->RaiseError(
         ProviderReason::kUnsupportedDigest,

@@ -66,10 +66,19 @@ bool SetUpCipherAndMac(TicketContext &context, const keystore::TicketKeys &keys,
                              keys.generation, context.stats};
   const provider::TokenKeyRef *aes_ptr = &aes;
   const provider::TokenKeyRef *hmac_ptr = &hmac;
-  OSSL_PARAM cipher_params[] = {provider::KeyRefParam(&aes_ptr),
-                                OSSL_PARAM_construct_end()};
-  OSSL_PARAM mac_params[] = {provider::KeyRefParam(&hmac_ptr),
-                             OSSL_PARAM_construct_end()};
+  // libssl treats a cipher or HMAC failure after this callback as fatal to
+  // the handshake. Fail-soft turns a token fault there into an unusable
+  // ticket (random bytes, never plaintext) or an undecryptable one: a full
+  // handshake instead of an aborted connection.
+  int fail_soft = 1;
+  OSSL_PARAM cipher_params[] = {
+      provider::KeyRefParam(&aes_ptr),
+      OSSL_PARAM_construct_int(provider::kFailSoftParam, &fail_soft),
+      OSSL_PARAM_construct_end()};
+  OSSL_PARAM mac_params[] = {
+      provider::KeyRefParam(&hmac_ptr),
+      OSSL_PARAM_construct_int(provider::kFailSoftParam, &fail_soft),
+      OSSL_PARAM_construct_end()};
   int ok = encrypt ? EVP_EncryptInit_ex2(cipher_ctx, *cipher, nullptr, iv,
                                          cipher_params)
                    : EVP_DecryptInit_ex2(cipher_ctx, *cipher, nullptr, iv,

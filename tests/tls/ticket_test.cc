@@ -304,7 +304,7 @@ TEST_P(TicketTest, UnroutedSslCtxIssuesNoTicketsAndSaysWhyOnce) {
   messages.clear();
 }
 
-TEST_P(TicketTest, DISABLED_TokenFailureMeansFullHandshakesThenRecovery) {
+TEST_P(TicketTest, TokenFailureMeansFullHandshakesThenRecovery) {
   auto store = ProvisionedStore("tls-b", tls13() ? "fault13" : "fault12");
   auto context = ContextFor(store);
   auto server = ServerCtx(context, version());
