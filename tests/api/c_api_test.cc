@@ -1,0 +1,186 @@
+// The exported C API (and the C++ wrapper over it), linked against the
+// shared library exactly as a server would.
+#include <gtest/gtest.h>
+#include <hsmstek/hsmstek.h>
+
+#include <hsmstek/hsmstek.hpp>
+#include <string>
+
+#include "keystore/provisioning.h"
+#include "keystore/store.h"
+#include "softhsm.h"
+#include "tls_harness.h"
+
+namespace hsmstek::testing {
+namespace {
+
+class CApiTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    SoftHsm::Get().CreateToken("capi");
+    // Provision one store through the key store (the CLI tests cover the
+    // tool); the API under test only opens it.
+    keystore::StoreOptions options;
+    options.token.read_write = true;
+    options.background_maintenance = false;
+    auto store =
+        keystore::KeyStore::Open(SoftHsm::Get().Uri("capi", "web"), options);
+    ASSERT_TRUE(store.ok());
+    auto session = (*store)->token()->Acquire();
+    ASSERT_TRUE(session.ok());
+    keystore::Policy p;
+    p.period_s = 3600;
+    p.decrypt_window_s = 86400;
+    p.not_before = 0;
+    p.created_at = 0;
+    ASSERT_TRUE(keystore::CreateMaster(*session, "web", p).ok());
+  }
+};
+
+TEST_F(CApiTest, OpenFailuresAreImmediateAndExplained) {
+  hsmstek_store *store = reinterpret_cast<hsmstek_store *>(0x1);
+  EXPECT_EQ(hsmstek_store_open("https://example.com", &store),
+            HSMSTEK_ERR_INVALID_ARGUMENT);
+  EXPECT_EQ(store, nullptr);
+  EXPECT_NE(std::string(hsmstek_last_error()).find("pkcs11:"),
+            std::string::npos);
+
+  EXPECT_EQ(hsmstek_store_open("pkcs11:token=capi", &store),
+            HSMSTEK_ERR_INVALID_ARGUMENT);
+  EXPECT_NE(std::string(hsmstek_last_error()).find("object=<label>"),
+            std::string::npos);
+
+  EXPECT_EQ(
+      hsmstek_store_open(
+          "pkcs11:token=capi;object=web?module-path=/nonexistent.so", &store),
+      HSMSTEK_ERR_NOT_FOUND);
+  EXPECT_NE(std::string(hsmstek_last_error()).find("/nonexistent.so"),
+            std::string::npos);
+  EXPECT_EQ(hsmstek_store_open(nullptr, &store), HSMSTEK_ERR_INVALID_ARGUMENT);
+}
+
+TEST_F(CApiTest, TokenProblemsAreDeferredToCheck) {
+  hsmstek_store *store = nullptr;
+  ASSERT_EQ(
+      hsmstek_store_open(SoftHsm::Get().Uri("absent", "web").c_str(), &store),
+      HSMSTEK_OK);
+  EXPECT_STREQ(hsmstek_last_error(), "");
+  EXPECT_EQ(hsmstek_store_check(store), HSMSTEK_ERR_NOT_FOUND);
+  EXPECT_NE(std::string(hsmstek_last_error()).find("\"capi\""),
+            std::string::npos);
+  // A server built on it still completes full handshakes, without tickets.
+  SSL_CTX *ctx = hsmstek_ssl_ctx_new(store, TLS_server_method());
+  ASSERT_NE(ctx, nullptr);
+  PrepareServerCtx(ctx, TLS1_3_VERSION);
+  UniqueSslCtx client = NewClientCtx(TLS1_3_VERSION);
+  HandshakeResult r = Handshake(client.get(), ctx);
+  EXPECT_TRUE(r.ok) << r.error;
+  EXPECT_EQ(r.tickets_received, 0);
+  SSL_CTX_free(ctx);
+  hsmstek_store_close(store);
+}
+
+TEST_F(CApiTest, WrongPinIsReportedByCheckWithoutThePin) {
+  hsmstek_store *store = nullptr;
+  std::string uri =
+      "pkcs11:token=capi;object=web?module-path=" + SoftHsmModulePath() +
+      "&pin-value=86420";
+  ASSERT_EQ(hsmstek_store_open(uri.c_str(), &store), HSMSTEK_OK);
+  EXPECT_EQ(hsmstek_store_check(store), HSMSTEK_ERR_PERMISSION_DENIED);
+  std::string error = hsmstek_last_error();
+  EXPECT_NE(error.find("CKR_PIN_INCORRECT"), std::string::npos);
+  EXPECT_EQ(error.find("86420"), std::string::npos);
+  hsmstek_store_close(store);
+}
+
+TEST_F(CApiTest, ScopedContextResumesAndCountsAndOutlivesItsStore) {
+  hsmstek_store *store = nullptr;
+  ASSERT_EQ(
+      hsmstek_store_open(SoftHsm::Get().Uri("capi", "web").c_str(), &store),
+      HSMSTEK_OK);
+  ASSERT_EQ(hsmstek_store_check(store), HSMSTEK_OK) << hsmstek_last_error();
+  ASSERT_EQ(hsmstek_store_set_option(store, HSMSTEK_OPT_TLS13_RENEW, 0),
+            HSMSTEK_OK);
+  SSL_CTX *ctx = hsmstek_ssl_ctx_new(store, TLS_server_method());
+  ASSERT_NE(ctx, nullptr) << hsmstek_last_error();
+  PrepareServerCtx(ctx, TLS1_3_VERSION);
+  UniqueSslCtx client = NewClientCtx(TLS1_3_VERSION);
+  HandshakeResult full = Handshake(client.get(), ctx);
+  ASSERT_TRUE(full.ok && full.session) << full.error;
+  HandshakeResult again = Handshake(client.get(), ctx, full.session.get());
+  ASSERT_TRUE(again.ok) << again.error;
+  EXPECT_TRUE(again.reused);
+
+  hsmstek_stats stats;
+  ASSERT_EQ(hsmstek_store_stats(store, &stats), HSMSTEK_OK);
+  EXPECT_EQ(stats.tickets_issued, 2u);   // two NewSessionTickets in TLS 1.3
+  EXPECT_EQ(stats.tickets_resumed, 1u);  // renewal turned off
+  EXPECT_EQ(stats.tickets_renewed, 0u);
+  EXPECT_EQ(stats.seal.count, 2u);
+  EXPECT_EQ(stats.open.count, 1u);
+  EXPECT_GE(stats.derivations, 1u);
+  EXPECT_GE(stats.reconnects, 1u);
+
+  // The SSL_CTX keeps its own reference: closing the store first is fine.
+  hsmstek_store_close(store);
+  UniqueSslCtx client2 = NewClientCtx(TLS1_3_VERSION);
+  HandshakeResult after = Handshake(client2.get(), ctx);
+  EXPECT_TRUE(after.ok) << after.error;
+  EXPECT_GE(after.tickets_received, 1);
+  SSL_CTX_free(ctx);
+}
+
+TEST_F(CApiTest, OptionsAreValidated) {
+  hsmstek_store *store = nullptr;
+  ASSERT_EQ(
+      hsmstek_store_open(SoftHsm::Get().Uri("capi", "web").c_str(), &store),
+      HSMSTEK_OK);
+  EXPECT_EQ(hsmstek_store_set_option(store, HSMSTEK_OPT_CLOCK_SKEW_SECONDS, 30),
+            HSMSTEK_OK);
+  EXPECT_EQ(hsmstek_store_set_option(store, HSMSTEK_OPT_CLOCK_SKEW_SECONDS, -1),
+            HSMSTEK_ERR_INVALID_ARGUMENT);
+  EXPECT_EQ(hsmstek_store_set_option(store, HSMSTEK_OPT_TLS13_RENEW, 2),
+            HSMSTEK_ERR_INVALID_ARGUMENT);
+  EXPECT_EQ(hsmstek_store_set_option(store, 99, 0),
+            HSMSTEK_ERR_INVALID_ARGUMENT);
+  EXPECT_NE(std::string(hsmstek_last_error()).find("unknown option 99"),
+            std::string::npos);
+  hsmstek_store_close(store);
+}
+
+TEST_F(CApiTest, NullAndForeignHandlesAreRefused) {
+  hsmstek_stats stats;
+  EXPECT_EQ(hsmstek_store_stats(nullptr, &stats), HSMSTEK_ERR_INVALID_ARGUMENT);
+  EXPECT_EQ(hsmstek_store_check(nullptr), HSMSTEK_ERR_INVALID_ARGUMENT);
+  EXPECT_EQ(hsmstek_ssl_ctx_new(nullptr, TLS_server_method()), nullptr);
+  alignas(8) unsigned char garbage[64] = {};
+  auto *fake = reinterpret_cast<hsmstek_store *>(garbage);
+  EXPECT_EQ(hsmstek_store_check(fake), HSMSTEK_ERR_INVALID_ARGUMENT);
+  hsmstek_store_close(nullptr);
+  hsmstek_store_close(fake);  // ignored: wrong magic
+}
+
+TEST_F(CApiTest, CppWrapperOwnsTheStoreAndReportsErrors) {
+  std::string error;
+  Store bad = Store::Open("pkcs11:token=capi", &error);
+  EXPECT_FALSE(bad);
+  EXPECT_NE(error.find("object=<label>"), std::string::npos);
+
+  Store store = Store::Open(SoftHsm::Get().Uri("capi", "web"), &error);
+  ASSERT_TRUE(store) << error;
+  EXPECT_TRUE(store.Check(&error)) << error;
+  EXPECT_FALSE(store.SetOption(HSMSTEK_OPT_TLS13_RENEW, 7, &error));
+  hsmstek::UniqueSslCtx ctx = store.NewSslCtx(TLS_server_method(), &error);
+  ASSERT_TRUE(ctx) << error;
+  PrepareServerCtx(ctx.get(), TLS1_2_VERSION);
+  UniqueSslCtx client = NewClientCtx(TLS1_2_VERSION);
+  HandshakeResult full = Handshake(client.get(), ctx.get());
+  ASSERT_TRUE(full.ok && full.session) << full.error;
+  HandshakeResult again =
+      Handshake(client.get(), ctx.get(), full.session.get());
+  EXPECT_TRUE(again.reused);
+  EXPECT_EQ(store.Stats().tickets_resumed, 1u);
+}
+
+}  // namespace
+}  // namespace hsmstek::testing
