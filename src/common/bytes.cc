@@ -40,6 +40,25 @@ Result<Bytes> HexDecode(std::string_view hex) {
   return out;
 }
 
+std::string QuoteForMessage(std::string_view text) {
+  static constexpr char kHex[] = "0123456789abcdef";
+  static constexpr size_t kMax = 40;
+  std::string out = "\"";
+  for (size_t i = 0; i < text.size() && i < kMax; ++i) {
+    auto c = static_cast<unsigned char>(text[i]);
+    if (c >= 0x20 && c < 0x7f && c != '"' && c != '\\') {
+      out.push_back(static_cast<char>(c));
+    } else {
+      out += "\\x";
+      out.push_back(kHex[c >> 4]);
+      out.push_back(kHex[c & 0xf]);
+    }
+  }
+  if (text.size() > kMax) out += "...";
+  out += "\"";
+  return out;
+}
+
 void StoreBigEndian64(uint64_t v, uint8_t out[8]) {
   for (int i = 7; i >= 0; --i) {
     out[i] = static_cast<uint8_t>(v);

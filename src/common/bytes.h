@@ -25,6 +25,11 @@ Result<Bytes> HexDecode(std::string_view hex);
 void StoreBigEndian64(uint64_t v, uint8_t out[8]);
 uint64_t LoadBigEndian64(const uint8_t in[8]);
 
+// QuoteForMessage returns `text` in double quotes for an error message: at
+// most 40 bytes, then "..."; bytes outside printable ASCII (and '"', '\\')
+// as \xNN, so hostile input cannot forge log lines.
+std::string QuoteForMessage(std::string_view text);
+
 // Compares in time independent of where the spans differ. Spans of
 // different length compare unequal (length is not secret).
 bool ConstantTimeEqual(ByteSpan a, ByteSpan b);

@@ -2,33 +2,14 @@
 
 #include <limits>
 
+#include "common/bytes.h"
+
 namespace hsmstek::keystore {
 namespace {
 
 constexpr int64_t kMinute = 60;
 constexpr int64_t kHour = 60 * kMinute;
 constexpr int64_t kDay = 24 * kHour;
-
-// Quotes `text` for an error message: at most 40 bytes, non-printable bytes
-// shown as \xNN, so hostile input cannot forge log lines.
-std::string Quote(std::string_view text) {
-  static constexpr char kHex[] = "0123456789abcdef";
-  static constexpr size_t kMax = 40;
-  std::string out = "\"";
-  for (size_t i = 0; i < text.size() && i < kMax; ++i) {
-    auto c = static_cast<unsigned char>(text[i]);
-    if (c >= 0x20 && c < 0x7f && c != '"' && c != '\\') {
-      out.push_back(static_cast<char>(c));
-    } else {
-      out += "\\x";
-      out.push_back(kHex[c >> 4]);
-      out.push_back(kHex[c & 0xf]);
-    }
-  }
-  if (text.size() > kMax) out += "...";
-  out += "\"";
-  return out;
-}
 
 // Returns the size of `unit` in seconds, or 0 for an unknown unit.
 int64_t UnitSeconds(char unit) {
@@ -52,7 +33,7 @@ bool IsDigit(char c) { return c >= '0' && c <= '9'; }
 
 Result<int64_t> ParseDuration(std::string_view text, ZeroDuration zero) {
   if (text.empty()) return InvalidArgument("empty duration");
-  const std::string what = "duration " + Quote(text);
+  const std::string what = "duration " + QuoteForMessage(text);
   for (char c : text) {
     if (c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\v' ||
         c == '\f') {
@@ -69,7 +50,7 @@ Result<int64_t> ParseDuration(std::string_view text, ZeroDuration zero) {
   while (i < text.size()) {
     if (!IsDigit(text[i])) {
       return InvalidArgument(what + " has no number before " +
-                             Quote(text.substr(i, 1)));
+                             QuoteForMessage(text.substr(i, 1)));
     }
     int64_t value = 0;
     bool overflow = false;
@@ -86,7 +67,7 @@ Result<int64_t> ParseDuration(std::string_view text, ZeroDuration zero) {
     const int64_t unit = UnitSeconds(unit_char);
     if (unit == 0) {
       return InvalidArgument(what + " has unknown unit " +
-                             Quote(std::string_view(&unit_char, 1)) +
+                             QuoteForMessage(std::string_view(&unit_char, 1)) +
                              " (use s, m, h or d)");
     }
     if (previous_unit != 0 && unit >= previous_unit) {

@@ -2,6 +2,7 @@
 
 #include <array>
 
+#include "common/bytes.h"
 #include "keystore/duration.h"
 #include "keystore/time_format.h"
 
@@ -12,25 +13,6 @@ namespace {
 constexpr std::array<std::string_view, 7> kKeys = {
     "period", "decrypt-window", "not-before", "retire-at",
     "kdf",    "replicable",     "created"};
-
-// Quotes a value for a message: at most 40 bytes, non-printable bytes as
-// \xNN.
-std::string QuoteValue(std::string_view v) {
-  static constexpr char kHex[] = "0123456789abcdef";
-  std::string out = "\"";
-  for (size_t i = 0; i < v.size() && i < 40; ++i) {
-    const auto c = static_cast<unsigned char>(v[i]);
-    if (c >= 0x20 && c < 0x7f && c != '"' && c != '\\') {
-      out.push_back(static_cast<char>(c));
-    } else {
-      out += "\\x";
-      out.push_back(kHex[c >> 4]);
-      out.push_back(kHex[c & 0xf]);
-    }
-  }
-  if (v.size() > 40) out += "...";
-  return out + "\"";
-}
 
 std::string LinePrefix(size_t line) {
   return "policy line " + std::to_string(line) + ": ";
@@ -70,7 +52,7 @@ Status ParseValue(size_t index, std::string_view value, Policy *p) {
     }
     case 4:
       if (value != kKdfAesEcbV1) {
-        return InvalidArgument("unknown KDF " + QuoteValue(value) +
+        return InvalidArgument("unknown KDF " + QuoteForMessage(value) +
                                " (supported: " + kKdfAesEcbV1 + ")");
       }
       p->kdf = std::string(value);
@@ -82,7 +64,7 @@ Status ParseValue(size_t index, std::string_view value, Policy *p) {
         p->replicable = false;
       } else {
         return InvalidArgument("expected \"yes\" or \"no\", got " +
-                               QuoteValue(value));
+                               QuoteForMessage(value));
       }
       return Status::Ok();
     default:
@@ -146,7 +128,7 @@ Result<Policy> ParsePolicy(std::string_view text) {
       constexpr std::string_view kMagic = "hsmstek-policy ";
       if (line.substr(0, kMagic.size()) == kMagic) {
         return InvalidArgument(LinePrefix(1) + "unsupported policy version " +
-                               QuoteValue(line.substr(kMagic.size())) +
+                               QuoteForMessage(line.substr(kMagic.size())) +
                                " (this build reads 1)");
       }
       return InvalidArgument(LinePrefix(1) + "expected header \"" +
@@ -167,16 +149,17 @@ Result<Policy> ParsePolicy(std::string_view text) {
     }
     if (index == kKeys.size()) {
       return InvalidArgument(LinePrefix(line_no) + "unknown key " +
-                             QuoteValue(key));
+                             QuoteForMessage(key));
     }
     if (index < next_key) {
       return InvalidArgument(LinePrefix(line_no) + "duplicate key " +
-                             QuoteValue(key));
+                             QuoteForMessage(key));
     }
     if (index > next_key) {
-      return InvalidArgument(LinePrefix(line_no) + "key " + QuoteValue(key) +
+      return InvalidArgument(LinePrefix(line_no) + "key " +
+                             QuoteForMessage(key) +
                              " out of order or missing key " +
-                             QuoteValue(kKeys[next_key]) + " before it");
+                             QuoteForMessage(kKeys[next_key]) + " before it");
     }
     if (value.empty()) {
       return InvalidArgument(KeyPrefix(line_no, key) + "empty value");
@@ -191,7 +174,7 @@ Result<Policy> ParsePolicy(std::string_view text) {
   }
   if (next_key < kKeys.size()) {
     return InvalidArgument("policy ends after line " + std::to_string(line_no) +
-                           ": missing key " + QuoteValue(kKeys[next_key]));
+                           ": missing key " + QuoteForMessage(kKeys[next_key]));
   }
   Status valid = ValidatePolicy(p);
   if (!valid.ok()) return valid.WithContext("invalid policy");
@@ -228,12 +211,12 @@ Status ValidatePolicy(const Policy &p) {
   if (p.decrypt_window_s / p.period_s > kMaxWindowEpochs) {
     return InvalidArgument(
         "decrypt-window " + FormatDuration(p.decrypt_window_s) + " spans " +
-        std::to_string(p.decrypt_window_s / p.period_s) +
-        " periods; at most " + std::to_string(kMaxWindowEpochs) +
+        std::to_string(p.decrypt_window_s / p.period_s) + " periods; at most " +
+        std::to_string(kMaxWindowEpochs) +
         " are allowed (use a longer period)");
   }
   if (p.kdf != kKdfAesEcbV1) {
-    return InvalidArgument("unknown KDF " + QuoteValue(p.kdf) +
+    return InvalidArgument("unknown KDF " + QuoteForMessage(p.kdf) +
                            " (supported: " + kKdfAesEcbV1 + ")");
   }
   if (p.not_before < 0 || p.not_before > kMaxRfc3339Time) {

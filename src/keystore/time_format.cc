@@ -1,30 +1,11 @@
 #include "keystore/time_format.h"
 
+#include "common/bytes.h"
+
 namespace hsmstek::keystore {
 namespace {
 
 constexpr int64_t kSecondsPerDay = 86400;
-
-// Quotes `text` for an error message: at most 40 bytes, non-printable bytes
-// shown as \xNN, so hostile input cannot forge log lines.
-std::string Quote(std::string_view text) {
-  static constexpr char kHex[] = "0123456789abcdef";
-  static constexpr size_t kMax = 40;
-  std::string out = "\"";
-  for (size_t i = 0; i < text.size() && i < kMax; ++i) {
-    auto c = static_cast<unsigned char>(text[i]);
-    if (c >= 0x20 && c < 0x7f && c != '"' && c != '\\') {
-      out.push_back(static_cast<char>(c));
-    } else {
-      out += "\\x";
-      out.push_back(kHex[c >> 4]);
-      out.push_back(kHex[c & 0xf]);
-    }
-  }
-  if (text.size() > kMax) out += "...";
-  out += "\"";
-  return out;
-}
 
 bool IsLeapYear(int64_t y) {
   return y % 4 == 0 && (y % 100 != 0 || y % 400 == 0);
@@ -96,7 +77,7 @@ bool ReadChar(std::string_view text, size_t *pos, char a, char b = 0) {
 
 Result<int64_t> ParseRfc3339(std::string_view text) {
   if (text.empty()) return InvalidArgument("empty time");
-  const std::string what = "time " + Quote(text);
+  const std::string what = "time " + QuoteForMessage(text);
   const std::string shape =
       what + " is not RFC 3339 (YYYY-MM-DDTHH:MM:SSZ or ...+HH:MM)";
   size_t pos = 0;
