@@ -1,5 +1,7 @@
 #include "pkcs11/pin.h"
 
+#include <sys/stat.h>
+
 #include <cerrno>
 #include <cstdio>
 #include <cstdlib>
@@ -60,6 +62,21 @@ Result<SecretBuffer> ReadPinFile(const std::string &path) {
 }
 
 }  // namespace
+
+std::string PinSourceFingerprint(const TokenUri &uri) {
+  if (uri.pin_value) return "pin-value";
+  if (uri.pin_source) {
+    Result<std::string> path = PinFilePath(*uri.pin_source);
+    struct stat st;
+    if (!path.ok() || stat(path->c_str(), &st) != 0) return "file:missing";
+    return "file:" + std::to_string(st.st_dev) + ":" +
+           std::to_string(st.st_ino) + ":" + std::to_string(st.st_size) + ":" +
+           std::to_string(st.st_mtim.tv_sec) + "." +
+           std::to_string(st.st_mtim.tv_nsec) + ":" +
+           std::to_string(st.st_ctim.tv_nsec);
+  }
+  return "environment";
+}
 
 Result<SecretBuffer> ReadPin(const TokenUri &uri) {
   if (uri.pin_value) {

@@ -18,4 +18,11 @@ inline constexpr char kPinEnvironmentVariable[] = "HSMSTEK_PIN";
 // kPermissionDenied naming the file (never its contents).
 Result<SecretBuffer> ReadPin(const TokenUri &uri);
 
+// PinSourceFingerprint identifies the current state of the PIN's source
+// without deriving anything from the PIN: for a pin-source file its device,
+// inode, size and modification time; "pin-value" or "environment" for
+// sources that cannot change while the process runs. Used to avoid sending a
+// PIN the token rejected again (tokens lock a PIN after a few failures).
+std::string PinSourceFingerprint(const TokenUri &uri);
+
 }  // namespace hsmstek::p11

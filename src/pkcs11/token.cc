@@ -1,5 +1,7 @@
 #include "pkcs11/token.h"
 
+#include <openssl/err.h>
+
 #include <algorithm>
 #include <string>
 
@@ -122,14 +124,28 @@ struct SlotMatch {
 };
 
 std::string Describe(const CK_TOKEN_INFO &info, CK_SLOT_ID slot) {
-  return "\"" + TrimPadded(info.label, sizeof(info.label)) + "\" (serial " +
-         TrimPadded(info.serialNumber, sizeof(info.serialNumber)) + ", slot " +
-         std::to_string(slot) + ")";
+  // Built with append: GCC 12 at -O3 (Release) reports a false -Wrestrict
+  // on `"literal" + std::string&&` here.
+  std::string s = "\"";
+  s += TrimPadded(info.label, sizeof(info.label));
+  s += "\" (serial ";
+  s += TrimPadded(info.serialNumber, sizeof(info.serialNumber));
+  s += ", slot ";
+  s += std::to_string(slot);
+  s += ")";
+  return s;
 }
 
 }  // namespace
 
 Status Token::ConnectLocked() {
+  // Modules built on OpenSSL (SoftHSM) leave entries on this thread's
+  // OpenSSL error queue during C_Initialize and C_Login; a connect that runs
+  // inside a handshake must not make the server report them as its own.
+  struct ErrorQueueMark {
+    ErrorQueueMark() { ERR_set_mark(); }
+    ~ErrorQueueMark() { ERR_pop_to_mark(); }
+  } error_mark;
   // Back-off bookkeeping runs on every exit path below.
   auto fail = [this](Status status) {
     state_ = TokenState::kBackoff;
@@ -208,8 +224,20 @@ Status Token::ConnectLocked() {
   CK_RV rv = f->C_OpenSession(slot_, flags, nullptr, nullptr, &object_session);
   if (rv != CKR_OK) return fail(CkError("C_OpenSession", rv, label_));
 
+  // Tokens lock a PIN after a few wrong attempts: never retry a PIN the
+  // token rejected until its source (e.g. the PIN file) has changed.
+  const bool external_pin = static_cast<bool>(options_.pin_provider);
+  const std::string pin_source =
+      external_pin ? std::string("provider") : PinSourceFingerprint(uri_);
+  if (!external_pin && rejected_pin_source_ == pin_source) {
+    f->C_CloseSession(object_session);
+    return fail(PermissionDenied(
+        "token \"" + label_ +
+        "\" rejected the PIN earlier; not trying it again until the PIN "
+        "source changes"));
+  }
   Result<SecretBuffer> pin =
-      options_.pin_provider ? options_.pin_provider() : ReadPin(uri_);
+      external_pin ? options_.pin_provider() : ReadPin(uri_);
   if (!pin.ok()) {
     f->C_CloseSession(object_session);
     return fail(pin.status().WithContext("token \"" + label_ + "\""));
@@ -219,8 +247,14 @@ Status Token::ConnectLocked() {
   pin->clear();
   if (rv != CKR_OK && rv != CKR_USER_ALREADY_LOGGED_IN) {
     f->C_CloseSession(object_session);
+    if (rv == CKR_PIN_INCORRECT || rv == CKR_PIN_INVALID ||
+        rv == CKR_PIN_LEN_RANGE || rv == CKR_PIN_LOCKED ||
+        rv == CKR_PIN_EXPIRED) {
+      rejected_pin_source_ = pin_source;
+    }
     return fail(CkError("C_Login", rv, "token \"" + label_ + "\""));
   }
+  rejected_pin_source_.reset();
 
   object_session_ = object_session;
   state_ = TokenState::kConnected;

@@ -16,6 +16,7 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <span>
 #include <string>
 #include <vector>
@@ -165,6 +166,9 @@ class Token : public std::enable_shared_from_this<Token> {
   std::chrono::steady_clock::time_point retry_at_{};
   std::chrono::milliseconds backoff_{0};
   Status last_connect_error_;
+  // Set when the token rejected the PIN: the fingerprint of the PIN source
+  // at that time. The same PIN is not sent again until the source changes.
+  std::optional<std::string> rejected_pin_source_;
   std::atomic<uint64_t> generation_{0};
 
   std::mutex object_mu_;  // serialises use of object_session_

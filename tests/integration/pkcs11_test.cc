@@ -173,6 +173,30 @@ TEST_F(Pkcs11Test, PinFileThatAppearsLaterIsUsedAfterBackoff) {
   EXPECT_TRUE(second.ok()) << second.status().message();
 }
 
+TEST_F(Pkcs11Test, ARejectedPinIsNotSentAgainUntilItsSourceChanges) {
+  std::string pin_file = SoftHsm::Get().dir() + "/wrong.pin";
+  std::ofstream(pin_file) << "0000\n";
+  TokenOptions options;
+  options.backoff_initial = std::chrono::milliseconds(0);
+  auto token =
+      Open("pkcs11:token=p11-b?module-path=" + testing::SoftHsmModulePath() +
+               "&pin-source=file:" + pin_file,
+           options);
+  Status first = token->Connect();
+  ASSERT_FALSE(first.ok());
+  EXPECT_EQ(first.ckr(), CKR_PIN_INCORRECT);
+  // Back-off has elapsed (zero), yet the token is not asked again: tokens
+  // lock a PIN after a few failures.
+  Status second = token->Connect();
+  ASSERT_FALSE(second.ok());
+  EXPECT_EQ(second.ckr(), 0u);
+  EXPECT_NE(second.message().find("not trying it again"), std::string::npos);
+  // The operator fixes the PIN file: the next attempt logs in.
+  std::ofstream(pin_file, std::ios::trunc) << testing::kUserPin << "\n";
+  Status fixed = token->Connect();
+  EXPECT_TRUE(fixed.ok()) << fixed.message();
+}
+
 TEST_F(Pkcs11Test, BackoffRefusesWithoutTouchingTheToken) {
   TokenOptions options;
   options.backoff_initial = std::chrono::hours(1);
