@@ -104,7 +104,17 @@ Status VerifyMasterAttributes(p11::Session &session, CK_OBJECT_HANDLE key,
   if (!key_type.ok()) return key_type.status();
   Result<CK_ULONG> length = p11::ReadUlong(session, key, CKA_VALUE_LEN);
   if (!length.ok()) return length.status();
-  if (*key_type != CKK_AES || *length != 32) {
+  // SoftHSM 2.6 records CKA_VALUE_LEN 0 for an unwrapped key and refuses the
+  // attribute in an unwrap template; such a key (CKA_LOCAL FALSE) was proved
+  // equal to the exporter's 32-byte master by its check value at import.
+  bool unrecorded_length = false;
+  if (*length == 0) {
+    Result<std::vector<std::optional<bool>>> local =
+        p11::ReadBools(session, key, std::array{CKA_LOCAL});
+    if (!local.ok()) return local.status();
+    unrecorded_length = (*local)[0] == false;
+  }
+  if (*key_type != CKK_AES || (*length != 32 && !unrecorded_length)) {
     return PermissionDenied(std::string(what) + " is not a 32-byte AES key");
   }
   return Status::Ok();
@@ -157,7 +167,7 @@ Result<std::vector<Master>> LoadMasters(p11::Session &session,
         "master " + HexEncode(id) + " of \"" + std::string(label) + "\"";
     auto policy_it =
         std::find_if(policy_objects->begin(), policy_objects->end(),
-                     [&](const auto &p) { return p.first == id; });
+                     [&id = id](const auto &p) { return p.first == id; });
     if (policy_it == policy_objects->end()) {
       return FailedPrecondition(what + " has no policy object");
     }

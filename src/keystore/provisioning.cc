@@ -3,6 +3,8 @@
 #include <openssl/crypto.h>
 #include <openssl/rand.h>
 
+#include <algorithm>
+
 #include "pkcs11/object.h"
 
 namespace hsmstek::keystore {
@@ -109,7 +111,14 @@ namespace {
 Result<CK_OBJECT_HANDLE> CreateLegacySecret(p11::Session &session,
                                             std::string_view label,
                                             ByteSpan name, bool is_aes,
-                                            const SecretBuffer &value) {
+                                            const SecretBuffer &key) {
+  // HMAC (RFC 2104 §2) zero-pads a key shorter than the 64-byte block, so a
+  // 16-byte legacy HMAC key and the same key zero-padded to 32 bytes give
+  // the same MAC; SoftHSM 2.6 refuses CKM_SHA256_HMAC keys under 32 bytes
+  // (CKR_KEY_SIZE_RANGE at C_SignInit/C_VerifyInit).
+  SecretBuffer padded(is_aes ? 0 : std::max<size_t>(key.size(), 32));
+  if (!is_aes) std::copy(key.data(), key.data() + key.size(), padded.data());
+  const SecretBuffer &value = is_aes ? key : padded;
   p11::Template t;
   t.Ulong(CKA_CLASS, CKO_SECRET_KEY)
       .Ulong(CKA_KEY_TYPE, is_aes ? CKK_AES : CKK_GENERIC_SECRET)

@@ -1,0 +1,189 @@
+// `hsmstek status`: masters (with states and check values) and legacy keys
+// of one store, as a table or as one JSON object.
+#include <algorithm>
+#include <iomanip>
+#include <iostream>
+#include <map>
+#include <memory>
+#include <nlohmann/json.hpp>
+#include <set>
+#include <sstream>
+
+#include "cli/common.h"
+#include "keystore/duration.h"
+#include "keystore/master.h"
+#include "keystore/time_format.h"
+#include "pkcs11/object.h"
+
+namespace hsmstek::cli {
+namespace {
+
+using keystore::FormatDuration;
+using keystore::FormatRfc3339;
+
+struct StatusArgs {
+  std::string uri;
+  bool json = false;
+};
+
+// Labels of the stores present in the token (for a helpful "not found").
+std::string LabelsPresent(keystore::KeyStore &store) {
+  Result<p11::Session> session = store.token()->Acquire();
+  if (!session.ok()) return "";
+  std::set<std::string> labels;
+  for (const char *app :
+       {keystore::kPolicyApplication, keystore::kLegacyApplication}) {
+    p11::Template t;
+    t.Ulong(CKA_CLASS, CKO_DATA).String(CKA_APPLICATION, app);
+    Result<std::vector<CK_OBJECT_HANDLE>> found = p11::FindObjects(*session, t);
+    if (!found.ok()) return "";
+    for (CK_OBJECT_HANDLE h : *found) {
+      Result<Bytes> label = p11::ReadAttribute(*session, h, CKA_LABEL);
+      if (label.ok()) labels.emplace(label->begin(), label->end());
+    }
+  }
+  if (labels.empty()) return "the token holds no stores";
+  std::string out = "stores present: ";
+  bool first = true;
+  for (const std::string &l : labels) {
+    out += (first ? "" : ", ") + Quote(l);
+    first = false;
+  }
+  return out;
+}
+
+void PrintTable(const keystore::StoreSnapshot &snap, const std::string &token,
+                const std::vector<std::string> &checks) {
+  std::cout << "store " << Quote(snap.label) << " in token " << Quote(token)
+            << " at " << FormatRfc3339(snap.now) << "\n\n";
+  const char *kHeader[] = {
+      "LABEL", "STORE ID", "STATE",        "ACTIVATION",    "PERIOD", "WINDOW",
+      "CHECK", "EPOCH",    "KEY NAME NOW", "NEXT ROTATION", "NOTES"};
+  std::vector<std::vector<std::string>> rows;
+  rows.emplace_back(std::begin(kHeader), std::end(kHeader));
+  for (size_t i = 0; i < snap.masters.size(); ++i) {
+    const keystore::MasterInfo &m = snap.masters[i];
+    std::string notes;
+    if (m.policy.replicable) notes += "replicable";
+    if (m.policy.retire_at) {
+      notes += std::string(notes.empty() ? "" : ", ") + "retire-at " +
+               FormatRfc3339(*m.policy.retire_at);
+    }
+    rows.push_back(
+        {snap.label, HexEncode(m.id),
+         std::string(keystore::KeyStateName(m.state)),
+         FormatRfc3339(m.policy.not_before), FormatDuration(m.policy.period_s),
+         FormatDuration(m.policy.decrypt_window_s), checks[i],
+         std::to_string(m.current_epoch), HexEncode(m.current_name.bytes),
+         FormatRfc3339(m.next_rotation), notes});
+  }
+  std::vector<size_t> width(rows[0].size(), 0);
+  for (const auto &r : rows) {
+    for (size_t c = 0; c < r.size(); ++c) {
+      width[c] = std::max(width[c], r[c].size());
+    }
+  }
+  for (const auto &r : rows) {
+    std::string line;
+    for (size_t c = 0; c < r.size(); ++c) {
+      line += r[c];
+      if (c + 1 < r.size())
+        line += std::string(width[c] - r[c].size() + 2, ' ');
+    }
+    while (!line.empty() && line.back() == ' ') line.pop_back();
+    std::cout << line << "\n";
+  }
+  if (snap.masters.empty()) std::cout << "(no masters)\n";
+  std::cout << "\nlegacy keys (decrypt only):\n";
+  if (snap.legacy.empty()) std::cout << "  (none)\n";
+  for (const keystore::LegacyInfo &l : snap.legacy) {
+    std::cout << "  " << HexEncode(l.name.bytes) << "  " << std::left
+              << std::setw(8) << l.format << "AES-" << l.aes_key_bytes * 8
+              << "  expires " << FormatRfc3339(l.expires)
+              << (l.expires <= snap.now ? " (expired)" : "") << "\n";
+  }
+}
+
+nlohmann::json ToJson(const keystore::StoreSnapshot &snap,
+                      const std::string &token,
+                      const std::vector<std::string> &checks) {
+  nlohmann::json stores = nlohmann::json::array();
+  for (size_t i = 0; i < snap.masters.size(); ++i) {
+    const keystore::MasterInfo &m = snap.masters[i];
+    nlohmann::json s = {
+        {"label", snap.label},
+        {"id", HexEncode(m.id)},
+        {"state", std::string(keystore::KeyStateName(m.state))},
+        {"check", checks[i]},
+        {"period_s", m.policy.period_s},
+        {"decrypt_window_s", m.policy.decrypt_window_s},
+        {"activation", FormatRfc3339(m.policy.not_before)},
+        {"current_key_name", HexEncode(m.current_name.bytes)},
+        {"epoch", m.current_epoch},
+        {"next_rotation", FormatRfc3339(m.next_rotation)},
+        {"replicable", m.policy.replicable},
+        {"created", FormatRfc3339(m.policy.created_at)},
+    };
+    s["retire_at"] = m.policy.retire_at
+                         ? nlohmann::json(FormatRfc3339(*m.policy.retire_at))
+                         : nlohmann::json(nullptr);
+    s["superseded_at"] = m.superseded_at
+                             ? nlohmann::json(FormatRfc3339(*m.superseded_at))
+                             : nlohmann::json(nullptr);
+    stores.push_back(std::move(s));
+  }
+  nlohmann::json legacy = nlohmann::json::array();
+  for (const keystore::LegacyInfo &l : snap.legacy) {
+    legacy.push_back({{"name", HexEncode(l.name.bytes)},
+                      {"expires", FormatRfc3339(l.expires)},
+                      {"format", l.format},
+                      {"aes_bits", l.aes_key_bytes * 8},
+                      {"expired", l.expires <= snap.now}});
+  }
+  return {{"label", snap.label},
+          {"token", token},
+          {"now", FormatRfc3339(snap.now)},
+          {"stores", std::move(stores)},
+          {"legacy", std::move(legacy)}};
+}
+
+Status RunStatus(const StatusArgs &a) {
+  Result<std::shared_ptr<keystore::KeyStore>> store = OpenStore(a.uri, false);
+  if (!store.ok()) return store.status();
+  Result<keystore::StoreSnapshot> snap = (*store)->Describe();
+  if (!snap.ok()) return snap.status();
+  const std::string token = (*store)->token()->label();
+  if (snap->masters.empty() && snap->legacy.empty()) {
+    return NotFound(
+        "no store " + Quote((*store)->label()) + " in token " + Quote(token) +
+        ": no master or legacy key has that label; " + LabelsPresent(**store));
+  }
+  std::vector<std::string> checks;
+  for (const keystore::MasterInfo &m : snap->masters) {
+    Result<std::array<uint8_t, keystore::kCheckValueSize>> check =
+        (*store)->CheckValue(m.id);
+    if (!check.ok()) {
+      return check.status().WithContext("check value of " + HexEncode(m.id));
+    }
+    checks.push_back(HexEncode(*check));
+  }
+  if (a.json) {
+    std::cout << ToJson(*snap, token, checks).dump() << "\n";
+  } else {
+    PrintTable(*snap, token, checks);
+  }
+  return Status::Ok();
+}
+
+}  // namespace
+
+void RegisterStatus(CLI::App &app, std::vector<Command> &out) {
+  auto a = std::make_shared<StatusArgs>();
+  CLI::App *sub = app.add_subcommand(
+      "status", "Show the masters and legacy keys of a store");
+  sub->add_option("uri", a->uri, "Store URI (object=<label>)")->required();
+  sub->add_flag("--json", a->json, "Print one JSON object instead of a table");
+  out.push_back({sub, [a] { return RunStatus(*a); }});
+}
+
+}  // namespace hsmstek::cli

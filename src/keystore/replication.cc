@@ -1,0 +1,765 @@
+#include "keystore/replication.h"
+
+#include <openssl/bn.h>
+#include <openssl/core_names.h>
+#include <openssl/err.h>
+#include <openssl/evp.h>
+#include <openssl/param_build.h>
+#include <openssl/pem.h>
+#include <openssl/rand.h>
+
+#include <algorithm>
+#include <array>
+#include <memory>
+#include <optional>
+#include <vector>
+
+#include "keystore/derivation.h"
+#include "keystore/master.h"
+#include "keystore/provisioning.h"
+#include "pkcs11/error.h"
+#include "pkcs11/object.h"
+
+namespace hsmstek::keystore {
+namespace {
+
+// Owners of the OpenSSL objects used to build and parse public keys.
+struct OpenSslFree {
+  void operator()(EVP_PKEY *p) const { EVP_PKEY_free(p); }
+  void operator()(EVP_PKEY_CTX *p) const { EVP_PKEY_CTX_free(p); }
+  void operator()(BIO *p) const { BIO_free(p); }
+  void operator()(BIGNUM *p) const { BN_free(p); }
+  void operator()(OSSL_PARAM_BLD *p) const { OSSL_PARAM_BLD_free(p); }
+  void operator()(OSSL_PARAM *p) const { OSSL_PARAM_free(p); }
+};
+template <typename T>
+using OsslPtr = std::unique_ptr<T, OpenSslFree>;
+
+constexpr size_t kWrapKeyIdSize = 16;
+
+Result<OsslPtr<EVP_PKEY>> ToEvpKey(const RsaPublicKey &key) {
+  OsslPtr<BIGNUM> n(BN_bin2bn(key.modulus.data(),
+                              static_cast<int>(key.modulus.size()), nullptr));
+  OsslPtr<BIGNUM> e(BN_bin2bn(key.exponent.data(),
+                              static_cast<int>(key.exponent.size()), nullptr));
+  OsslPtr<OSSL_PARAM_BLD> bld(OSSL_PARAM_BLD_new());
+  if (!n || !e || !bld ||
+      OSSL_PARAM_BLD_push_BN(bld.get(), OSSL_PKEY_PARAM_RSA_N, n.get()) != 1 ||
+      OSSL_PARAM_BLD_push_BN(bld.get(), OSSL_PKEY_PARAM_RSA_E, e.get()) != 1) {
+    ERR_clear_error();
+    return Internal("cannot build RSA key parameters");
+  }
+  OsslPtr<OSSL_PARAM> params(OSSL_PARAM_BLD_to_param(bld.get()));
+  OsslPtr<EVP_PKEY_CTX> ctx(
+      EVP_PKEY_CTX_new_from_name(nullptr, "RSA", nullptr));
+  EVP_PKEY *raw = nullptr;
+  if (!params || !ctx || EVP_PKEY_fromdata_init(ctx.get()) != 1 ||
+      EVP_PKEY_fromdata(ctx.get(), &raw, EVP_PKEY_PUBLIC_KEY, params.get()) !=
+          1) {
+    ERR_clear_error();
+    return InvalidArgument("OpenSSL refuses the RSA public key values");
+  }
+  return OsslPtr<EVP_PKEY>(raw);
+}
+
+Result<Bytes> BigNumParam(const EVP_PKEY *pkey, const char *name) {
+  BIGNUM *raw = nullptr;
+  if (EVP_PKEY_get_bn_param(pkey, name, &raw) != 1) {
+    ERR_clear_error();
+    return InvalidArgument(std::string("RSA key lacks ") + name);
+  }
+  OsslPtr<BIGNUM> bn(raw);
+  Bytes out(static_cast<size_t>(BN_num_bytes(bn.get())));
+  BN_bn2bin(bn.get(), out.data());
+  return out;
+}
+
+// The token, slot and info of the session (to check a key URI's token
+// attributes against the store's token).
+struct SessionToken {
+  CK_SLOT_ID slot = 0;
+  CK_TOKEN_INFO info{};
+  std::string label;
+};
+
+Result<SessionToken> TokenOf(p11::Session &session) {
+  CK_SESSION_INFO si;
+  Status s = P11_CALL(session, C_GetSessionInfo, session.handle(), &si);
+  if (!s.ok()) return s;
+  SessionToken out;
+  out.slot = si.slotID;
+  s = P11_CALL(session, C_GetTokenInfo, si.slotID, &out.info);
+  if (!s.ok()) return s;
+  out.label = p11::TrimPadded(out.info.label, sizeof(out.info.label));
+  return out;
+}
+
+// A key found through a key URI.
+struct KeyRef {
+  CK_OBJECT_HANDLE handle = CK_INVALID_HANDLE;
+  CK_OBJECT_CLASS cls = 0;
+  CK_KEY_TYPE type = 0;
+  Bytes id;
+  std::string label;
+};
+
+std::string DescribeKey(const KeyRef &key) {
+  return "key \"" + key.label + "\" (id " +
+         (key.id.empty() ? std::string("none") : HexEncode(key.id)) + ")";
+}
+
+std::string_view ClassName(CK_OBJECT_CLASS cls) {
+  switch (cls) {
+    case CKO_PUBLIC_KEY:
+      return "public key";
+    case CKO_PRIVATE_KEY:
+      return "private key";
+    case CKO_SECRET_KEY:
+      return "secret key";
+    default:
+      return "object";
+  }
+}
+
+// Finds the keys of `classes` that `uri` names (object=, id=, type=) in the
+// session's token. `what` names the option in messages ("--wrap-key").
+Result<std::vector<KeyRef>> FindKeys(p11::Session &session,
+                                     const p11::TokenUri &uri,
+                                     std::vector<CK_OBJECT_CLASS> classes,
+                                     std::string_view what) {
+  if (!uri.object && !uri.id) {
+    return InvalidArgument(std::string(what) + " " + uri.text +
+                           " must name the key with object= and/or id=");
+  }
+  Result<SessionToken> token = TokenOf(session);
+  if (!token.ok()) return token.status();
+  if (!uri.MatchesToken(token->info, token->slot)) {
+    return InvalidArgument(std::string(what) + " " + uri.text +
+                           " names another token; the key must be in token \"" +
+                           token->label + "\", the store's token");
+  }
+  if (uri.type) {
+    if (std::find(classes.begin(), classes.end(), *uri.type) == classes.end()) {
+      return InvalidArgument(std::string(what) + " " + uri.text + " names a " +
+                             std::string(ClassName(*uri.type)) +
+                             ", which cannot serve here");
+    }
+    classes = {*uri.type};
+  }
+  std::vector<KeyRef> out;
+  for (CK_OBJECT_CLASS cls : classes) {
+    p11::Template t;
+    t.Ulong(CKA_CLASS, cls);
+    if (uri.object) t.String(CKA_LABEL, *uri.object);
+    if (uri.id) t.Data(CKA_ID, *uri.id);
+    Result<std::vector<CK_OBJECT_HANDLE>> found = p11::FindObjects(session, t);
+    if (!found.ok()) return found.status();
+    for (CK_OBJECT_HANDLE h : *found) {
+      KeyRef key;
+      key.handle = h;
+      key.cls = cls;
+      Result<CK_ULONG> type = p11::ReadUlong(session, h, CKA_KEY_TYPE);
+      if (!type.ok()) return type.status();
+      key.type = *type;
+      Result<Bytes> id = p11::ReadAttribute(session, h, CKA_ID);
+      if (id.ok()) key.id = *id;
+      Result<Bytes> label = p11::ReadAttribute(session, h, CKA_LABEL);
+      if (label.ok()) key.label.assign(label->begin(), label->end());
+      out.push_back(std::move(key));
+    }
+  }
+  if (out.empty()) {
+    std::string kinds;
+    for (size_t i = 0; i < classes.size(); ++i) {
+      if (i > 0) kinds += i + 1 == classes.size() ? " or " : ", ";
+      kinds += ClassName(classes[i]);
+    }
+    return NotFound("no " + kinds + " matches " + std::string(what) + " " +
+                    uri.text + " in token \"" + token->label + "\"");
+  }
+  return out;
+}
+
+Result<bool> ReadFlag(p11::Session &session, CK_OBJECT_HANDLE h,
+                      CK_ATTRIBUTE_TYPE type) {
+  Result<std::vector<std::optional<bool>>> v =
+      p11::ReadBools(session, h, std::array{type});
+  if (!v.ok()) return v.status();
+  return (*v)[0] == true;
+}
+
+Result<RsaPublicKey> ReadRsaPublic(p11::Session &session, CK_OBJECT_HANDLE h) {
+  // CKA_MODULUS and CKA_PUBLIC_EXPONENT are public attributes of both RSA
+  // public and private keys.
+  Result<Bytes> n = p11::ReadAttribute(session, h, CKA_MODULUS);
+  if (!n.ok()) return n.status();
+  Result<Bytes> e = p11::ReadAttribute(session, h, CKA_PUBLIC_EXPONENT);
+  if (!e.ok()) return e.status();
+  return RsaPublicKey{std::move(*n), std::move(*e)};
+}
+
+// The id the bundle records for a wrapping/unwrapping key (header comment).
+Result<Bytes> BundleKeyId(p11::Session &session, const KeyRef &key) {
+  if (key.type != CKK_RSA) return key.id;
+  Result<RsaPublicKey> pub = ReadRsaPublic(session, key.handle);
+  if (!pub.ok()) return pub.status();
+  return RsaFingerprint(*pub);
+}
+
+struct OaepParams {
+  CK_RSA_PKCS_OAEP_PARAMS params;
+  CK_MECHANISM mechanism;
+};
+
+// Fills `out` for `m`; the mechanism points into `out`, so it must not move.
+void MechanismFor(WrapMechanism m, OaepParams &out) {
+  switch (m) {
+    case WrapMechanism::kRsaOaepSha256:
+      out.params = {CKM_SHA256, CKG_MGF1_SHA256, CKZ_DATA_SPECIFIED, nullptr,
+                    0};
+      out.mechanism = {CKM_RSA_PKCS_OAEP, &out.params, sizeof(out.params)};
+      return;
+    case WrapMechanism::kRsaOaepSha1:
+      out.params = {CKM_SHA_1, CKG_MGF1_SHA1, CKZ_DATA_SPECIFIED, nullptr, 0};
+      out.mechanism = {CKM_RSA_PKCS_OAEP, &out.params, sizeof(out.params)};
+      return;
+    case WrapMechanism::kAesKeyWrapPad:
+    default:
+      out.mechanism = {CKM_AES_KEY_WRAP_PAD, nullptr, 0};
+      return;
+  }
+}
+
+Result<Bytes> Wrap(p11::Session &session, WrapMechanism m,
+                   CK_OBJECT_HANDLE wrapping_key, CK_OBJECT_HANDLE key) {
+  OaepParams p;
+  MechanismFor(m, p);
+  CK_ULONG len = 0;
+  Status s = P11_CALL(session, C_WrapKey, session.handle(), &p.mechanism,
+                      wrapping_key, key, nullptr, &len);
+  if (!s.ok()) return s;
+  if (len == 0 || len > kMaxWrappedKeySize) {
+    return Internal("C_WrapKey announced " + std::to_string(len) + " bytes");
+  }
+  Bytes out(len);
+  s = P11_CALL(session, C_WrapKey, session.handle(), &p.mechanism, wrapping_key,
+               key, out.data(), &len);
+  if (!s.ok()) return s;
+  out.resize(len);
+  return out;
+}
+
+// True when a token refused OAEP parameters (SoftHSM 2.6 answers
+// CKR_ARGUMENTS_BAD to SHA-256; others say CKR_MECHANISM_PARAM_INVALID).
+bool RefusedOaepParams(const Status &s) {
+  return s.ckr() == CKR_ARGUMENTS_BAD ||
+         s.ckr() == CKR_MECHANISM_PARAM_INVALID ||
+         s.ckr() == CKR_MECHANISM_INVALID;
+}
+
+// The private half of an unwrap key pair (see GenerateUnwrapKeyPair).
+p11::Template PrivateUnwrapKeyTemplate(std::string_view label, ByteSpan id) {
+  p11::Template priv;
+  priv.Bool(CKA_TOKEN, true)
+      .Bool(CKA_PRIVATE, true)
+      .Bool(CKA_SENSITIVE, true)
+      .Bool(CKA_EXTRACTABLE, false)
+      .Bool(CKA_MODIFIABLE, false)
+      .Bool(CKA_COPYABLE, false)
+      .Bool(CKA_UNWRAP, true)
+      .Bool(CKA_DECRYPT, false)
+      .Bool(CKA_SIGN, false)
+      .Bool(CKA_SIGN_RECOVER, false)
+      .Bool(CKA_DERIVE, false)
+      .String(CKA_LABEL, label)
+      .Data(CKA_ID, id);
+  return priv;
+}
+
+// What an unwrap key forces on the keys it unwraps (CKA_UNWRAP_TEMPLATE):
+// a master as SPEC §4 has it, never readable, wrappable only by a trusted
+// key. CKA_TOKEN and CKA_EXTRACTABLE stay free (ImportMaster unwraps into
+// a session object first; replicable masters are extractable).
+p11::Template UnwrapTemplate() {
+  p11::Template t;
+  t.Ulong(CKA_CLASS, CKO_SECRET_KEY)
+      .Ulong(CKA_KEY_TYPE, CKK_AES)
+      .Bool(CKA_PRIVATE, true)
+      .Bool(CKA_SENSITIVE, true)
+      .Bool(CKA_WRAP_WITH_TRUSTED, true)
+      .Bool(CKA_DERIVE, true)
+      .Bool(CKA_ENCRYPT, false)
+      .Bool(CKA_DECRYPT, false)
+      .Bool(CKA_SIGN, false)
+      .Bool(CKA_VERIFY, false)
+      .Bool(CKA_WRAP, false)
+      .Bool(CKA_UNWRAP, false);
+  return t;
+}
+
+const Master *FindMasterById(const std::vector<Master> &masters,
+                             const StoreId &id) {
+  for (const Master &m : masters) {
+    if (m.id == id) return &m;
+  }
+  return nullptr;
+}
+
+}  // namespace
+
+Result<std::string> RsaPublicKeyToPem(const RsaPublicKey &key) {
+  Result<OsslPtr<EVP_PKEY>> pkey = ToEvpKey(key);
+  if (!pkey.ok()) return pkey.status();
+  OsslPtr<BIO> bio(BIO_new(BIO_s_mem()));
+  if (!bio || PEM_write_bio_PUBKEY(bio.get(), pkey->get()) != 1) {
+    ERR_clear_error();
+    return Internal("cannot write the PEM public key");
+  }
+  char *data = nullptr;
+  long len = BIO_get_mem_data(bio.get(), &data);
+  if (len <= 0 || data == nullptr) return Internal("empty PEM output");
+  return std::string(data, static_cast<size_t>(len));
+}
+
+Result<RsaPublicKey> RsaPublicKeyFromPem(std::string_view pem) {
+  if (pem.size() > kMaxPemSize) {
+    return InvalidArgument("public key file is larger than " +
+                           std::to_string(kMaxPemSize) + " bytes");
+  }
+  OsslPtr<BIO> bio(BIO_new_mem_buf(pem.data(), static_cast<int>(pem.size())));
+  if (!bio) return Internal("BIO_new_mem_buf failed");
+  OsslPtr<EVP_PKEY> pkey(
+      PEM_read_bio_PUBKEY(bio.get(), nullptr, nullptr, nullptr));
+  ERR_clear_error();
+  if (!pkey) {
+    return InvalidArgument(
+        "not a PEM public key (expected \"-----BEGIN PUBLIC KEY-----\")");
+  }
+  if (EVP_PKEY_is_a(pkey.get(), "RSA") != 1) {
+    return InvalidArgument("the public key is not an RSA key");
+  }
+  int bits = EVP_PKEY_get_bits(pkey.get());
+  if (bits < static_cast<int>(kMinWrapKeyBits)) {
+    return InvalidArgument("the RSA key has " + std::to_string(bits) +
+                           " bits; at least " +
+                           std::to_string(kMinWrapKeyBits) + " are required");
+  }
+  Result<Bytes> n = BigNumParam(pkey.get(), OSSL_PKEY_PARAM_RSA_N);
+  if (!n.ok()) return n.status();
+  Result<Bytes> e = BigNumParam(pkey.get(), OSSL_PKEY_PARAM_RSA_E);
+  if (!e.ok()) return e.status();
+  return RsaPublicKey{std::move(*n), std::move(*e)};
+}
+
+Result<Bytes> RsaFingerprint(const RsaPublicKey &key) {
+  Result<OsslPtr<EVP_PKEY>> pkey = ToEvpKey(key);
+  if (!pkey.ok()) return pkey.status();
+  int len = i2d_PUBKEY(pkey->get(), nullptr);
+  if (len <= 0) {
+    ERR_clear_error();
+    return Internal("cannot encode the public key");
+  }
+  Bytes der(static_cast<size_t>(len));
+  unsigned char *p = der.data();
+  if (i2d_PUBKEY(pkey->get(), &p) != len) {
+    ERR_clear_error();
+    return Internal("cannot encode the public key");
+  }
+  Bytes digest(EVP_MAX_MD_SIZE);
+  unsigned int digest_len = 0;
+  if (EVP_Digest(der.data(), der.size(), digest.data(), &digest_len,
+                 EVP_sha256(), nullptr) != 1) {
+    ERR_clear_error();
+    return Internal("SHA-256 failed");
+  }
+  digest.resize(digest_len);
+  return digest;
+}
+
+Result<UnwrapKeyPair> GenerateUnwrapKeyPair(p11::Session &session,
+                                            std::string_view label) {
+  p11::Template existing;
+  existing.Ulong(CKA_CLASS, CKO_PRIVATE_KEY).String(CKA_LABEL, label);
+  Result<std::vector<CK_OBJECT_HANDLE>> found =
+      p11::FindObjects(session, existing);
+  if (!found.ok()) return found.status();
+  if (!found->empty()) {
+    return AlreadyExists("a private key labelled \"" + std::string(label) +
+                         "\" already exists; choose another object= label");
+  }
+  Bytes id(kWrapKeyIdSize);
+  if (RAND_bytes(id.data(), static_cast<int>(id.size())) != 1) {
+    return Internal("RAND_bytes failed");
+  }
+  const CK_ULONG bits = kUnwrapKeyBits;
+  const uint8_t f4[] = {0x01, 0x00, 0x01};
+  p11::Template pub;
+  // The public half is only needed for its PEM: a session object.
+  pub.Bool(CKA_TOKEN, false)
+      .Bool(CKA_PRIVATE, false)
+      .Ulong(CKA_MODULUS_BITS, bits)
+      .Data(CKA_PUBLIC_EXPONENT, f4)
+      .Bool(CKA_ENCRYPT, false)
+      .Bool(CKA_VERIFY, false)
+      .Bool(CKA_VERIFY_RECOVER, false)
+      .Bool(CKA_WRAP, false)
+      .Bool(CKA_DERIVE, false)
+      .String(CKA_LABEL, label)
+      .Data(CKA_ID, id);
+  p11::Template priv = PrivateUnwrapKeyTemplate(label, id);
+  // Whoever holds the user PIN could otherwise unwrap a bundle with a
+  // template of their own (CKA_SENSITIVE=FALSE) and read the master: the
+  // token forces these attributes on every key this one unwraps.
+  p11::Template pinned = UnwrapTemplate();
+  p11::Template priv_pinned = PrivateUnwrapKeyTemplate(label, id);
+  priv_pinned.Data(CKA_UNWRAP_TEMPLATE,
+                   ByteSpan(reinterpret_cast<const uint8_t *>(pinned.data()),
+                            pinned.size() * sizeof(CK_ATTRIBUTE)));
+  CK_MECHANISM gen{CKM_RSA_PKCS_KEY_PAIR_GEN, nullptr, 0};
+  CK_OBJECT_HANDLE pub_h = CK_INVALID_HANDLE;
+  CK_OBJECT_HANDLE priv_h = CK_INVALID_HANDLE;
+  bool unwrap_template = true;
+  Status s = P11_CALL(session, C_GenerateKeyPair, session.handle(), &gen,
+                      pub.data(), pub.size(), priv_pinned.data(),
+                      priv_pinned.size(), &pub_h, &priv_h);
+  if (s.ckr() == CKR_ATTRIBUTE_TYPE_INVALID ||
+      s.ckr() == CKR_TEMPLATE_INCONSISTENT) {
+    // A token without CKA_UNWRAP_TEMPLATE (PKCS#11 2.40): reported.
+    unwrap_template = false;
+    s = P11_CALL(session, C_GenerateKeyPair, session.handle(), &gen, pub.data(),
+                 pub.size(), priv.data(), priv.size(), &pub_h, &priv_h);
+  }
+  if (!s.ok()) return s.WithContext("generating the RSA key pair");
+  p11::ScopedObject pub_owner(session, pub_h);
+  p11::ScopedObject priv_owner(session, priv_h);
+
+  static constexpr CK_ATTRIBUTE_TYPE kTypes[] = {
+      CKA_TOKEN,  CKA_PRIVATE,    CKA_SENSITIVE,   CKA_EXTRACTABLE,
+      CKA_UNWRAP, CKA_MODIFIABLE, CKA_COPYABLE,    CKA_DECRYPT,
+      CKA_SIGN,   CKA_DERIVE,     CKA_SIGN_RECOVER};
+  static constexpr const char *kNames[] = {
+      "CKA_TOKEN",  "CKA_PRIVATE",    "CKA_SENSITIVE",   "CKA_EXTRACTABLE",
+      "CKA_UNWRAP", "CKA_MODIFIABLE", "CKA_COPYABLE",    "CKA_DECRYPT",
+      "CKA_SIGN",   "CKA_DERIVE",     "CKA_SIGN_RECOVER"};
+  static constexpr bool kWanted[] = {true,  true,  true,  false, true, false,
+                                     false, false, false, false, false};
+  Result<std::vector<std::optional<bool>>> v =
+      p11::ReadBools(session, priv_h, kTypes);
+  if (!v.ok()) return v.status();
+  for (size_t i = 0; i < std::size(kTypes); ++i) {
+    // An absent usage counts as FALSE; every other attribute must be there.
+    bool absent_ok = i >= 7;
+    bool value = (*v)[i].value_or(false);
+    if ((!(*v)[i] && !absent_ok) || value != kWanted[i]) {
+      return PermissionDenied(std::string("the new unwrap key is weaker than "
+                                          "requested: ") +
+                              kNames[i] + " is not " +
+                              (kWanted[i] ? "TRUE" : "FALSE"));
+    }
+  }
+  Result<RsaPublicKey> key = ReadRsaPublic(session, priv_h);
+  if (!key.ok()) return key.status();
+  Result<std::string> pem = RsaPublicKeyToPem(*key);
+  if (!pem.ok()) return pem.status();
+  Result<Bytes> fingerprint = RsaFingerprint(*key);
+  if (!fingerprint.ok()) return fingerprint.status();
+  priv_owner.Release();
+  return UnwrapKeyPair{std::move(id), std::move(*fingerprint), std::move(*pem),
+                       unwrap_template};
+}
+
+Result<Bytes> InstallTrustedWrapKey(p11::Session &session,
+                                    std::string_view label,
+                                    const RsaPublicKey &key) {
+  Result<Bytes> fingerprint = RsaFingerprint(key);
+  if (!fingerprint.ok()) return fingerprint.status();
+  Result<OsslPtr<EVP_PKEY>> pkey = ToEvpKey(key);
+  if (!pkey.ok()) return pkey.status();
+  if (EVP_PKEY_get_bits(pkey->get()) < static_cast<int>(kMinWrapKeyBits)) {
+    return InvalidArgument("the RSA key is shorter than " +
+                           std::to_string(kMinWrapKeyBits) + " bits");
+  }
+  for (bool by_id : {true, false}) {
+    p11::Template t;
+    t.Ulong(CKA_CLASS, CKO_PUBLIC_KEY);
+    if (by_id) {
+      t.Data(CKA_ID, *fingerprint);
+    } else {
+      t.String(CKA_LABEL, label);
+    }
+    Result<std::vector<CK_OBJECT_HANDLE>> found = p11::FindObjects(session, t);
+    if (!found.ok()) return found.status();
+    if (!found->empty()) {
+      return AlreadyExists(
+          by_id ? "this public key (fingerprint " + HexEncode(*fingerprint) +
+                      ") is already installed"
+                : "a public key labelled \"" + std::string(label) +
+                      "\" already exists; choose another object= label");
+    }
+  }
+  p11::Template t;
+  t.Ulong(CKA_CLASS, CKO_PUBLIC_KEY)
+      .Ulong(CKA_KEY_TYPE, CKK_RSA)
+      .Bool(CKA_TOKEN, true)
+      .Bool(CKA_PRIVATE, false)  // the SO can only create public objects
+      .Bool(CKA_MODIFIABLE, false)
+      .Bool(CKA_WRAP, true)
+      .Bool(CKA_TRUSTED, true)
+      .Bool(CKA_ENCRYPT, false)
+      .Bool(CKA_VERIFY, false)
+      .Bool(CKA_VERIFY_RECOVER, false)
+      .Bool(CKA_DERIVE, false)
+      .String(CKA_LABEL, label)
+      .Data(CKA_ID, *fingerprint)
+      .Data(CKA_MODULUS, key.modulus)
+      .Data(CKA_PUBLIC_EXPONENT, key.exponent);
+  CK_OBJECT_HANDLE h = CK_INVALID_HANDLE;
+  Status s = P11_CALL(session, C_CreateObject, session.handle(), t.data(),
+                      t.size(), &h);
+  if (!s.ok()) {
+    if (s.ckr() == CKR_ATTRIBUTE_READ_ONLY) {
+      return s.WithContext(
+          "installing the trusted wrapping key (only the SO may set "
+          "CKA_TRUSTED)");
+    }
+    return s.WithContext("installing the trusted wrapping key");
+  }
+  p11::ScopedObject owner(session, h);
+  static constexpr CK_ATTRIBUTE_TYPE kTypes[] = {CKA_TRUSTED, CKA_WRAP,
+                                                 CKA_ENCRYPT, CKA_VERIFY};
+  Result<std::vector<std::optional<bool>>> v =
+      p11::ReadBools(session, h, kTypes);
+  if (!v.ok()) return v.status();
+  if ((*v)[0] != true || (*v)[1] != true || (*v)[2] == true ||
+      (*v)[3] == true) {
+    return PermissionDenied(
+        "the token did not store the wrapping key as requested (CKA_TRUSTED "
+        "and CKA_WRAP TRUE, CKA_ENCRYPT and CKA_VERIFY FALSE)");
+  }
+  owner.Release();
+  return *fingerprint;
+}
+
+Result<Bundle> ExportMaster(p11::Session &session, std::string_view label,
+                            const StoreId &id, const p11::TokenUri &wrap_key) {
+  Result<std::vector<Master>> masters = LoadMasters(session, label);
+  if (!masters.ok()) return masters.status();
+  const Master *master = FindMasterById(*masters, id);
+  const std::string what =
+      "master " + HexEncode(id) + " of \"" + std::string(label) + "\"";
+  if (master == nullptr) {
+    std::string ids;
+    for (const Master &m : *masters)
+      ids += (ids.empty() ? "" : ", ") + HexEncode(m.id);
+    return NotFound(
+        "no master " + HexEncode(id) + " in store \"" + std::string(label) +
+        "\" (masters: " + (ids.empty() ? std::string("none") : ids) + ")");
+  }
+  // Read back rather than trust the policy text: the token decides.
+  Result<bool> extractable = ReadFlag(session, master->key, CKA_EXTRACTABLE);
+  if (!extractable.ok()) return extractable.status();
+  if (!master->policy.replicable || !*extractable) {
+    return FailedPrecondition(
+        what +
+        " is not replicable (it was provisioned without --replicable and is "
+        "not extractable): it cannot leave this token; provision a "
+        "--replicable master and export that one");
+  }
+  Result<bool> needs_trusted =
+      ReadFlag(session, master->key, CKA_WRAP_WITH_TRUSTED);
+  if (!needs_trusted.ok()) return needs_trusted.status();
+
+  Result<std::vector<KeyRef>> candidates = FindKeys(
+      session, wrap_key, {CKO_PUBLIC_KEY, CKO_SECRET_KEY}, "--wrap-key");
+  if (!candidates.ok()) return candidates.status();
+  std::vector<KeyRef> usable;
+  std::string refused;
+  for (const KeyRef &k : *candidates) {
+    Result<bool> wrap = ReadFlag(session, k.handle, CKA_WRAP);
+    if (!wrap.ok()) return wrap.status();
+    if (*wrap) {
+      usable.push_back(k);
+    } else {
+      refused = DescribeKey(k);
+    }
+  }
+  if (usable.empty()) {
+    return FailedPrecondition(refused + " has CKA_WRAP=FALSE: it cannot wrap");
+  }
+  if (usable.size() > 1) {
+    return InvalidArgument("--wrap-key " + wrap_key.text + " matches " +
+                           std::to_string(usable.size()) +
+                           " wrapping keys; add id= to choose one");
+  }
+  const KeyRef &key = usable[0];
+  WrapMechanism mechanism;
+  if (key.cls == CKO_PUBLIC_KEY && key.type == CKK_RSA) {
+    mechanism = WrapMechanism::kRsaOaepSha256;
+  } else if (key.cls == CKO_SECRET_KEY && key.type == CKK_AES) {
+    mechanism = WrapMechanism::kAesKeyWrapPad;
+  } else {
+    return Unsupported(DescribeKey(key) +
+                       " is neither an RSA public key nor an AES key");
+  }
+  Result<bool> trusted = ReadFlag(session, key.handle, CKA_TRUSTED);
+  if (!trusted.ok()) return trusted.status();
+  if (*needs_trusted && !*trusted) {
+    // The token refuses too (CKR_KEY_NOT_WRAPPABLE); say why first.
+    return FailedPrecondition(
+        what + " may only be wrapped by a trusted key, and " +
+        DescribeKey(key) +
+        " has CKA_TRUSTED=FALSE; the SO installs trusted keys with "
+        "`hsmstek wrap-key trust`");
+  }
+
+  Result<std::array<uint8_t, kCheckValueSize>> check =
+      ComputeCheckValue(session, master->key);
+  if (!check.ok()) return check.status().WithContext("check value of " + what);
+  Result<Bytes> wrapped = Wrap(session, mechanism, key.handle, master->key);
+  if (!wrapped.ok() && mechanism == WrapMechanism::kRsaOaepSha256 &&
+      RefusedOaepParams(wrapped.status())) {
+    mechanism = WrapMechanism::kRsaOaepSha1;
+    wrapped = Wrap(session, mechanism, key.handle, master->key);
+  }
+  if (!wrapped.ok()) {
+    return wrapped.status().WithContext("wrapping " + what + " under " +
+                                        DescribeKey(key));
+  }
+  Result<Bytes> key_id = BundleKeyId(session, key);
+  if (!key_id.ok()) return key_id.status();
+  if (key_id->size() > kMaxWrappingKeyIdSize) {
+    return InvalidArgument(DescribeKey(key) + " has a CKA_ID longer than " +
+                           std::to_string(kMaxWrappingKeyIdSize) + " bytes");
+  }
+  Bundle bundle;
+  bundle.label = std::string(label);
+  bundle.store_id = id;
+  bundle.check = *check;
+  bundle.mechanism = mechanism;
+  bundle.wrapping_key_id = std::move(*key_id);
+  bundle.policy = master->policy;
+  bundle.wrapped = std::move(*wrapped);
+  return bundle;
+}
+
+Status ImportMaster(p11::Session &session, std::string_view label,
+                    const Bundle &bundle, const p11::TokenUri &unwrap_key) {
+  if (bundle.label != label) {
+    return InvalidArgument("bundle is for label \"" + bundle.label +
+                           "\", not \"" + std::string(label) + "\"");
+  }
+  const std::string id_hex = HexEncode(bundle.store_id);
+  Result<std::vector<Master>> masters = LoadMasters(session, label);
+  if (!masters.ok()) return masters.status();
+  if (FindMasterById(*masters, bundle.store_id) != nullptr) {
+    return AlreadyExists("master " + id_hex + " is already in store \"" +
+                         std::string(label) + "\"");
+  }
+
+  const bool rsa = bundle.mechanism != WrapMechanism::kAesKeyWrapPad;
+  const CK_OBJECT_CLASS cls = rsa ? CKO_PRIVATE_KEY : CKO_SECRET_KEY;
+  const CK_KEY_TYPE type = rsa ? CKK_RSA : CKK_AES;
+  const std::string kind = rsa ? "RSA private key" : "AES key";
+  Result<std::vector<KeyRef>> candidates =
+      FindKeys(session, unwrap_key, {cls}, "--unwrap-key");
+  if (!candidates.ok()) {
+    return candidates.status().WithContext(
+        "the bundle needs an " + kind + " (" +
+        std::string(WrapMechanismName(bundle.mechanism)) + ")");
+  }
+  std::vector<KeyRef> usable;
+  std::string refused;
+  for (const KeyRef &k : *candidates) {
+    if (k.type != type) {
+      refused = DescribeKey(k) + " is not an " + kind + " (the bundle uses " +
+                std::string(WrapMechanismName(bundle.mechanism)) + ")";
+      continue;
+    }
+    Result<bool> unwrap = ReadFlag(session, k.handle, CKA_UNWRAP);
+    if (!unwrap.ok()) return unwrap.status();
+    if (!*unwrap) {
+      refused = DescribeKey(k) + " has CKA_UNWRAP=FALSE: it cannot unwrap";
+      continue;
+    }
+    if (!bundle.wrapping_key_id.empty()) {
+      Result<Bytes> key_id = BundleKeyId(session, k);
+      if (!key_id.ok()) return key_id.status();
+      if (*key_id != bundle.wrapping_key_id) {
+        refused = "the bundle was wrapped for key " +
+                  HexEncode(bundle.wrapping_key_id) + ", but " +
+                  DescribeKey(k) + " is key " + HexEncode(*key_id);
+        continue;
+      }
+    }
+    usable.push_back(k);
+  }
+  if (usable.empty()) return FailedPrecondition(refused);
+  if (usable.size() > 1) {
+    return InvalidArgument("--unwrap-key " + unwrap_key.text + " matches " +
+                           std::to_string(usable.size()) +
+                           " unwrapping keys; add id= to choose one");
+  }
+  const KeyRef &key = usable[0];
+
+  // Unwrap as a session object first: nothing reaches the token's storage
+  // before the check value has proved the key. SoftHSM 2.6 refuses
+  // CKA_MODIFIABLE in an unwrap template (CKR_ATTRIBUTE_READ_ONLY); the copy
+  // below sets it.
+  p11::Template spec =
+      MasterTemplate(label, bundle.store_id, bundle.policy.replicable, true);
+  p11::Template t;
+  for (const CK_ATTRIBUTE &a : spec.attributes()) {
+    if (a.type == CKA_MODIFIABLE) continue;
+    if (a.type == CKA_TOKEN) {
+      t.Bool(CKA_TOKEN, false);
+      continue;
+    }
+    t.Data(a.type, ByteSpan(static_cast<const uint8_t *>(a.pValue),
+                            static_cast<size_t>(a.ulValueLen)));
+  }
+  // Our unwrap keys pin CKA_WRAP_WITH_TRUSTED (UnwrapTemplate); for a
+  // non-extractable master it changes nothing.
+  if (!bundle.policy.replicable) t.Bool(CKA_WRAP_WITH_TRUSTED, true);
+  OaepParams p;
+  MechanismFor(bundle.mechanism, p);
+  CK_OBJECT_HANDLE unwrapped = CK_INVALID_HANDLE;
+  Bytes wrapped = bundle.wrapped;  // C_UnwrapKey takes a non-const pointer
+  Status s =
+      P11_CALL(session, C_UnwrapKey, session.handle(), &p.mechanism, key.handle,
+               wrapped.data(), static_cast<CK_ULONG>(wrapped.size()), t.data(),
+               t.size(), &unwrapped);
+  if (!s.ok()) {
+    return s.WithContext("unwrapping master " + id_hex + " with " +
+                         DescribeKey(key) +
+                         " (a damaged bundle, or one wrapped for another key)");
+  }
+  p11::ScopedObject session_copy(session, unwrapped);
+
+  Result<std::array<uint8_t, kCheckValueSize>> check =
+      ComputeCheckValue(session, unwrapped);
+  if (!check.ok()) return check.status().WithContext("check value");
+  if (!ConstantTimeEqual(*check, bundle.check)) {
+    return InvalidArgument("check value mismatch: the bundle says " +
+                           HexEncode(bundle.check) +
+                           ", the unwrapped key gives " + HexEncode(*check) +
+                           "; nothing was imported");
+  }
+
+  p11::Template persist;
+  persist.Bool(CKA_TOKEN, true).Bool(CKA_MODIFIABLE, false);
+  CK_OBJECT_HANDLE stored = CK_INVALID_HANDLE;
+  s = P11_CALL(session, C_CopyObject, session.handle(), unwrapped,
+               persist.data(), persist.size(), &stored);
+  if (!s.ok()) return s.WithContext("storing master " + id_hex);
+  p11::ScopedObject stored_owner(session, stored);
+  Status attrs = VerifyMasterAttributes(
+      session, stored, bundle.policy.replicable, "imported master " + id_hex);
+  if (!attrs.ok()) return attrs;
+  Result<CK_OBJECT_HANDLE> policy =
+      StorePolicyObject(session, label, bundle.store_id, bundle.policy);
+  if (!policy.ok()) return policy.status();
+  stored_owner.Release();
+  return Status::Ok();
+}
+
+}  // namespace hsmstek::keystore

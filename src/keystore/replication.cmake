@@ -1,0 +1,3 @@
+# Export/import of masters between tokens (SPEC §8). Included from
+# src/keystore/CMakeLists.txt; owned by the CLI work.
+target_sources(hsmstek_keystore PRIVATE ${CMAKE_CURRENT_LIST_DIR}/replication.cc)

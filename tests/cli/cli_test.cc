@@ -1,0 +1,1397 @@
+// The `hsmstek` binary, run as a subprocess against real SoftHSM tokens
+// that this test process creates; what it did is checked in-process
+// through the key store library (SPEC §4 layout, states, legacy keys,
+// replication between two tokens).
+#include <fcntl.h>
+#include <gtest/gtest.h>
+#include <openssl/evp.h>
+#include <openssl/hmac.h>
+#include <spawn.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <nlohmann/json.hpp>
+#include <sstream>
+
+#include "keystore/bundle.h"
+#include "keystore/derivation.h"
+#include "keystore/provisioning.h"
+#include "keystore/replication.h"
+#include "keystore/store.h"
+#include "keystore/time_format.h"
+#include "pkcs11/error.h"
+#include "pkcs11/object.h"
+#include "softhsm.h"
+
+extern char **environ;
+
+namespace hsmstek::keystore {
+namespace {
+
+using hsmstek::testing::kSoPin;
+using hsmstek::testing::kUserPin;
+using hsmstek::testing::SoftHsm;
+using Json = nlohmann::json;
+
+// Tokens of this process. kAesA/kAesB hold an AES transport key installed
+// by the SO before anything else logs in (SetUpTestSuite).
+constexpr char kMain[] = "cli-main";
+constexpr char kSend[] = "cli-send";
+constexpr char kRecv[] = "cli-recv";
+constexpr char kAesA[] = "cli-aes-a";
+constexpr char kAesB[] = "cli-aes-b";
+constexpr char kTransportLabel[] = "transport";
+constexpr char kTransportId[] = "transport-1";
+
+// ---------------------------------------------------------------------------
+// Running the binary.
+
+struct RunResult {
+  int code = -1;
+  std::string out;
+  std::string err;
+};
+
+std::string Scratch() {
+  static const std::string dir = [] {
+    std::string d = SoftHsm::Get().dir() + "/scratch";
+    std::filesystem::create_directories(d);
+    return d;
+  }();
+  return dir;
+}
+
+std::string ReadAll(const std::string &path) {
+  std::ifstream in(path, std::ios::binary);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+void WriteAll(const std::string &path, std::string_view data) {
+  std::ofstream(path, std::ios::binary | std::ios::trunc)
+      .write(data.data(), static_cast<std::streamsize>(data.size()));
+}
+
+// Runs `program` with `args`, stdin from /dev/null, stdout and stderr
+// captured in files; `env` entries ("NAME=value") replace or extend ours
+// (which carry SOFTHSM2_CONF).
+RunResult RunProgram(const std::string &program,
+                     const std::vector<std::string> &args,
+                     const std::vector<std::string> &env = {}) {
+  static int counter = 0;
+  const std::string base = Scratch() + "/run" + std::to_string(++counter);
+  const std::string out_path = base + ".out";
+  const std::string err_path = base + ".err";
+  std::vector<std::string> env_strings;
+  for (char **e = environ; *e != nullptr; ++e) {
+    std::string entry(*e);
+    std::string name = entry.substr(0, entry.find('='));
+    bool replaced = false;
+    for (const std::string &x : env) {
+      replaced = replaced || x.substr(0, x.find('=')) == name;
+    }
+    if (!replaced) env_strings.push_back(entry);
+  }
+  env_strings.insert(env_strings.end(), env.begin(), env.end());
+  std::vector<char *> envp;
+  for (std::string &s : env_strings) envp.push_back(s.data());
+  envp.push_back(nullptr);
+  std::vector<std::string> argv_strings = {program};
+  argv_strings.insert(argv_strings.end(), args.begin(), args.end());
+  std::vector<char *> argv;
+  for (std::string &s : argv_strings) argv.push_back(s.data());
+  argv.push_back(nullptr);
+
+  posix_spawn_file_actions_t actions;
+  posix_spawn_file_actions_init(&actions);
+  posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0);
+  posix_spawn_file_actions_addopen(&actions, 1, out_path.c_str(),
+                                   O_WRONLY | O_CREAT | O_TRUNC, 0600);
+  posix_spawn_file_actions_addopen(&actions, 2, err_path.c_str(),
+                                   O_WRONLY | O_CREAT | O_TRUNC, 0600);
+  pid_t pid = -1;
+  int rc = posix_spawn(&pid, program.c_str(), &actions, nullptr, argv.data(),
+                       envp.data());
+  posix_spawn_file_actions_destroy(&actions);
+  RunResult r;
+  if (rc != 0) {
+    r.err = "posix_spawn failed: " + std::string(std::strerror(rc));
+    return r;
+  }
+  int status = 0;
+  while (waitpid(pid, &status, 0) < 0 && errno == EINTR) {
+  }
+  r.code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+  r.out = ReadAll(out_path);
+  r.err = ReadAll(err_path);
+  return r;
+}
+
+RunResult Cli(const std::vector<std::string> &args,
+              const std::vector<std::string> &env = {}) {
+  return RunProgram(HSMSTEK_CLI_PATH, args, env);
+}
+
+std::string Describe(const RunResult &r) {
+  return "exit " + std::to_string(r.code) + "\nstdout:\n" + r.out +
+         "\nstderr:\n" + r.err;
+}
+
+std::string Uri(const std::string &token, const std::string &object) {
+  return SoftHsm::Get().Uri(token, object);
+}
+
+// The URI without pin-source (for PIN tests).
+std::string UriWithoutPin(const std::string &token, const std::string &object,
+                          const std::string &extra_query = "") {
+  return "pkcs11:token=" + token + ";object=" + object +
+         "?module-path=" + hsmstek::testing::SoftHsmModulePath() + extra_query;
+}
+
+std::string SoPinFile() {
+  static const std::string path = [] {
+    std::string p = Scratch() + "/so.pin";
+    WriteAll(p, std::string(kSoPin) + "\n");
+    chmod(p.c_str(), 0600);
+    return p;
+  }();
+  return path;
+}
+
+// The 16 hex digits after "store id:" in provision/rotate output.
+std::string PrintedId(const RunResult &r) {
+  size_t at = r.out.find("store id:");
+  if (at == std::string::npos) return "";
+  at = r.out.find_first_not_of(' ', at + 9);
+  return r.out.substr(at, 16);
+}
+
+StoreId ToStoreId(const std::string &hex) {
+  Result<Bytes> b = HexDecode(hex);
+  StoreId id{};
+  if (b.ok() && b->size() == id.size()) {
+    std::copy(b->begin(), b->end(), id.begin());
+  }
+  return id;
+}
+
+int64_t Now() { return SystemClock::Instance().NowUnix(); }
+
+// ---------------------------------------------------------------------------
+// In-process views of the tokens.
+
+std::shared_ptr<p11::Token> UserToken(const std::string &label) {
+  static std::map<std::string, std::shared_ptr<p11::Token>> tokens;
+  auto &t = tokens[label];
+  if (!t) {
+    p11::TokenOptions options;
+    options.read_write = true;
+    Result<std::shared_ptr<p11::Token>> token =
+        p11::Token::Create(*p11::ParseTokenUri(Uri(label, "")), options);
+    EXPECT_TRUE(token.ok()) << token.status().message();
+    t = *token;
+  }
+  return t;
+}
+
+p11::Session UserSession(const std::string &token) {
+  Result<p11::Session> s = UserToken(token)->Acquire();
+  EXPECT_TRUE(s.ok()) << s.status().message();
+  return std::move(s).value();
+}
+
+// Token objects visible to the user (private and public).
+size_t CountTokenObjects(const std::string &token) {
+  p11::Session s = UserSession(token);
+  p11::Template t;
+  t.Bool(CKA_TOKEN, true);
+  Result<std::vector<CK_OBJECT_HANDLE>> found = p11::FindObjects(s, t, 100000);
+  EXPECT_TRUE(found.ok()) << found.status().message();
+  return found.ok() ? found->size() : 0;
+}
+
+std::shared_ptr<KeyStore> OpenStore(const std::string &token,
+                                    const std::string &label) {
+  StoreOptions options;
+  options.background_maintenance = false;
+  options.token.read_write = true;
+  Result<std::shared_ptr<KeyStore>> store =
+      KeyStore::Open(Uri(token, label), options);
+  EXPECT_TRUE(store.ok()) << store.status().message();
+  Status loaded = (*store)->Load();
+  EXPECT_TRUE(loaded.ok()) << loaded.message();
+  return *store;
+}
+
+std::vector<Master> Masters(const std::string &token,
+                            const std::string &label) {
+  p11::Session s = UserSession(token);
+  Result<std::vector<Master>> m = LoadMasters(s, label);
+  EXPECT_TRUE(m.ok()) << m.status().message();
+  return m.ok() ? *m : std::vector<Master>{};
+}
+
+Json StatusJson(const std::string &token, const std::string &label) {
+  RunResult r = Cli({"status", "--json", Uri(token, label)});
+  EXPECT_EQ(r.code, 0) << Describe(r);
+  Json j = Json::parse(r.out, nullptr, /*allow_exceptions=*/false);
+  EXPECT_TRUE(j.is_object()) << r.out;
+  return j;
+}
+
+Json StoreEntry(const Json &status, const std::string &id) {
+  for (const Json &s : status["stores"]) {
+    if (s["id"] == id) return s;
+  }
+  ADD_FAILURE() << "store " << id << " not in " << status.dump();
+  return Json::object();
+}
+
+std::string Check(KeyStore &store, const std::string &id_hex) {
+  Result<std::array<uint8_t, kCheckValueSize>> c =
+      store.CheckValue(ToStoreId(id_hex));
+  EXPECT_TRUE(c.ok()) << c.status().message();
+  return c.ok() ? HexEncode(*c) : "";
+}
+
+// Encrypts and MACs a ticket body inside the token, like the provider.
+struct Sealed {
+  Bytes ct;
+  Bytes tag;
+};
+Sealed Seal(KeyStore &store, const TicketKeys &keys, ByteSpan iv,
+            std::string_view plaintext) {
+  Result<p11::Session> s = store.token()->Acquire();
+  EXPECT_TRUE(s.ok());
+  CK_MECHANISM cbc{CKM_AES_CBC_PAD, const_cast<uint8_t *>(iv.data()),
+                   static_cast<CK_ULONG>(iv.size())};
+  Bytes ct(plaintext.size() + 16);
+  CK_ULONG ct_len = ct.size();
+  EXPECT_TRUE(P11_CALL(*s, C_EncryptInit, s->handle(), &cbc, keys.aes).ok());
+  EXPECT_TRUE(P11_CALL(*s, C_Encrypt, s->handle(),
+                       reinterpret_cast<CK_BYTE_PTR>(
+                           const_cast<char *>(plaintext.data())),
+                       plaintext.size(), ct.data(), &ct_len)
+                  .ok());
+  ct.resize(ct_len);
+  Bytes macced(keys.name.bytes.begin(), keys.name.bytes.end());
+  macced.insert(macced.end(), iv.begin(), iv.end());
+  macced.insert(macced.end(), ct.begin(), ct.end());
+  CK_MECHANISM mac{CKM_SHA256_HMAC, nullptr, 0};
+  Bytes tag(32);
+  CK_ULONG tag_len = tag.size();
+  EXPECT_TRUE(P11_CALL(*s, C_SignInit, s->handle(), &mac, keys.hmac).ok());
+  EXPECT_TRUE(P11_CALL(*s, C_Sign, s->handle(), macced.data(), macced.size(),
+                       tag.data(), &tag_len)
+                  .ok());
+  return {ct, tag};
+}
+
+// Verifies the HMAC over name || iv || ct and decrypts, inside the token.
+Result<std::string> Open(KeyStore &store, const TicketKeys &keys,
+                         const KeyName &name, ByteSpan iv, ByteSpan ct,
+                         ByteSpan tag) {
+  Result<p11::Session> s = store.token()->Acquire();
+  if (!s.ok()) return s.status();
+  Bytes macced(name.bytes.begin(), name.bytes.end());
+  macced.insert(macced.end(), iv.begin(), iv.end());
+  macced.insert(macced.end(), ct.begin(), ct.end());
+  CK_MECHANISM mac{CKM_SHA256_HMAC, nullptr, 0};
+  Status st = P11_CALL(*s, C_VerifyInit, s->handle(), &mac, keys.hmac);
+  if (!st.ok()) return st;
+  st = P11_CALL(*s, C_Verify, s->handle(), macced.data(), macced.size(),
+                const_cast<uint8_t *>(tag.data()), tag.size());
+  if (!st.ok()) return st;
+  CK_MECHANISM cbc{CKM_AES_CBC_PAD, const_cast<uint8_t *>(iv.data()),
+                   static_cast<CK_ULONG>(iv.size())};
+  Bytes pt(ct.size());
+  CK_ULONG pt_len = pt.size();
+  st = P11_CALL(*s, C_DecryptInit, s->handle(), &cbc, keys.aes);
+  if (!st.ok()) return st;
+  st = P11_CALL(*s, C_Decrypt, s->handle(), const_cast<uint8_t *>(ct.data()),
+                ct.size(), pt.data(), &pt_len);
+  if (!st.ok()) return st;
+  return std::string(pt.begin(), pt.begin() + pt_len);
+}
+
+// Installs the same AES transport key (a TEST value) in `token` as the SO:
+// public, trusted, wrap and unwrap. Test set-up only; must run before any
+// user login of this process on `token`.
+void InstallTransportKey(const std::string &token) {
+  CK_FUNCTION_LIST *f = SoftHsm::Get().module()->functions();
+  CK_ULONG count = 0;
+  ASSERT_EQ(f->C_GetSlotList(CK_TRUE, nullptr, &count), CKR_OK);
+  std::vector<CK_SLOT_ID> slots(count);
+  ASSERT_EQ(f->C_GetSlotList(CK_TRUE, slots.data(), &count), CKR_OK);
+  for (CK_SLOT_ID slot : slots) {
+    CK_TOKEN_INFO info;
+    if (f->C_GetTokenInfo(slot, &info) != CKR_OK) continue;
+    if (p11::TrimPadded(info.label, sizeof(info.label)) != token) continue;
+    CK_SESSION_HANDLE s;
+    ASSERT_EQ(f->C_OpenSession(slot, CKF_SERIAL_SESSION | CKF_RW_SESSION,
+                               nullptr, nullptr, &s),
+              CKR_OK);
+    ASSERT_EQ(f->C_Login(
+                  s, CKU_SO,
+                  reinterpret_cast<CK_UTF8CHAR_PTR>(const_cast<char *>(kSoPin)),
+                  std::strlen(kSoPin)),
+              CKR_OK);
+    Bytes value(32);
+    for (size_t i = 0; i < value.size(); ++i) {
+      value[i] = static_cast<uint8_t>(0x3c ^ (i * 29));
+    }
+    p11::Template t;
+    t.Ulong(CKA_CLASS, CKO_SECRET_KEY)
+        .Ulong(CKA_KEY_TYPE, CKK_AES)
+        .Bool(CKA_TOKEN, true)
+        .Bool(CKA_PRIVATE, false)  // the SO can only create public objects
+        .Bool(CKA_SENSITIVE, true)
+        .Bool(CKA_EXTRACTABLE, false)
+        .Bool(CKA_TRUSTED, true)
+        .Bool(CKA_WRAP, true)
+        .Bool(CKA_UNWRAP, true)
+        .Bool(CKA_ENCRYPT, false)
+        .Bool(CKA_DECRYPT, false)
+        .String(CKA_LABEL, kTransportLabel)
+        .String(CKA_ID, kTransportId)
+        .Data(CKA_VALUE, value);
+    CK_OBJECT_HANDLE h;
+    EXPECT_EQ(f->C_CreateObject(s, t.data(), t.size(), &h), CKR_OK);
+    f->C_Logout(s);
+    f->C_CloseSession(s);
+    return;
+  }
+  FAIL() << "token " << token << " not found";
+}
+
+class CliTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    for (const char *t : {kMain, kSend, kRecv, kAesA, kAesB}) {
+      SoftHsm::Get().CreateToken(t);
+    }
+    InstallTransportKey(kAesA);
+    InstallTransportKey(kAesB);
+  }
+
+  // Receiving side generates an unwrap key pair, the SO of the sending side
+  // trusts its public key; returns the PEM path.
+  static std::string SetUpRsaTransport(const std::string &key_label) {
+    const std::string pem = Scratch() + "/" + key_label + ".pem";
+    RunResult gen =
+        Cli({"wrap-key", "generate", Uri(kRecv, key_label), "--out", pem});
+    EXPECT_EQ(gen.code, 0) << Describe(gen);
+    RunResult trust =
+        Cli({"wrap-key", "trust", UriWithoutPin(kSend, key_label), "--in", pem,
+             "--so-pin-source", "file:" + SoPinFile()});
+    EXPECT_EQ(trust.code, 0) << Describe(trust);
+    return pem;
+  }
+};
+
+// ---------------------------------------------------------------------------
+// provision
+
+TEST_F(CliTest, ProvisionCreatesTheSpecMasterAndPolicy) {
+  const int64_t before = Now();
+  RunResult r = Cli({"provision", Uri(kMain, "prov"), "--period", "15m",
+                     "--decrypt-window", "2h"});
+  const int64_t after = Now();
+  ASSERT_EQ(r.code, 0) << Describe(r);
+  const std::string id = PrintedId(r);
+  ASSERT_EQ(id.size(), 16u) << r.out;
+
+  p11::Session s = UserSession(kMain);
+  p11::Template find;
+  find.Ulong(CKA_CLASS, CKO_SECRET_KEY).String(CKA_LABEL, "prov");
+  Result<std::vector<CK_OBJECT_HANDLE>> keys = p11::FindObjects(s, find);
+  ASSERT_TRUE(keys.ok());
+  ASSERT_EQ(keys->size(), 1u);
+  const CK_OBJECT_HANDLE key = (*keys)[0];
+  static constexpr CK_ATTRIBUTE_TYPE kTypes[] = {CKA_TOKEN,
+                                                 CKA_PRIVATE,
+                                                 CKA_SENSITIVE,
+                                                 CKA_EXTRACTABLE,
+                                                 CKA_DERIVE,
+                                                 CKA_ENCRYPT,
+                                                 CKA_DECRYPT,
+                                                 CKA_SIGN,
+                                                 CKA_VERIFY,
+                                                 CKA_WRAP,
+                                                 CKA_UNWRAP,
+                                                 CKA_ALWAYS_SENSITIVE,
+                                                 CKA_NEVER_EXTRACTABLE,
+                                                 CKA_MODIFIABLE};
+  Result<std::vector<std::optional<bool>>> bools =
+      p11::ReadBools(s, key, kTypes);
+  ASSERT_TRUE(bools.ok());
+  const std::vector<std::optional<bool>> expected = {
+      true,  true,  true,  false, true, false, false,
+      false, false, false, false, true, true,  false};
+  EXPECT_EQ(*bools, expected);
+  EXPECT_EQ(*p11::ReadUlong(s, key, CKA_KEY_TYPE), CKK_AES);
+  EXPECT_EQ(*p11::ReadUlong(s, key, CKA_VALUE_LEN), 32u);
+  Bytes label = *p11::ReadAttribute(s, key, CKA_LABEL);
+  EXPECT_EQ(std::string(label.begin(), label.end()), "prov");
+  EXPECT_EQ(HexEncode(*p11::ReadAttribute(s, key, CKA_ID)), id);
+
+  p11::Template pol;
+  pol.Ulong(CKA_CLASS, CKO_DATA)
+      .String(CKA_APPLICATION, "hsmstek")
+      .String(CKA_LABEL, "prov")
+      .Data(kDataIdAttribute, ToStoreId(id));
+  Result<std::vector<CK_OBJECT_HANDLE>> policies = p11::FindObjects(s, pol);
+  ASSERT_TRUE(policies.ok());
+  ASSERT_EQ(policies->size(), 1u);
+  Result<std::vector<std::optional<bool>>> pol_bools =
+      p11::ReadBools(s, (*policies)[0], std::array{CKA_TOKEN, CKA_PRIVATE});
+  ASSERT_TRUE(pol_bools.ok());
+  EXPECT_EQ((*pol_bools)[0], true);
+  EXPECT_EQ((*pol_bools)[1], true);
+  Bytes text = *p11::ReadDataValue(s, (*policies)[0]);
+  Result<Policy> policy = ParsePolicy(std::string(text.begin(), text.end()));
+  ASSERT_TRUE(policy.ok()) << policy.status().message();
+  EXPECT_EQ(policy->period_s, 15 * 60);
+  EXPECT_EQ(policy->decrypt_window_s, 2 * 3600);
+  EXPECT_GE(policy->not_before, before);
+  EXPECT_LE(policy->not_before, after);
+  EXPECT_GE(policy->created_at, before);
+  EXPECT_LE(policy->created_at, after);
+  EXPECT_FALSE(policy->retire_at.has_value());
+  EXPECT_FALSE(policy->replicable);
+  EXPECT_EQ(policy->kdf, kKdfAesEcbV1);
+
+  // The printed check value is the master's.
+  auto store = OpenStore(kMain, "prov");
+  EXPECT_NE(r.out.find("check value:     " + Check(*store, id)),
+            std::string::npos)
+      << r.out;
+}
+
+TEST_F(CliTest, ProvisionReplicableIsExtractableOnlyUnderTrustedWrap) {
+  RunResult r = Cli({"provision", Uri(kMain, "prov-repl"), "--replicable"});
+  ASSERT_EQ(r.code, 0) << Describe(r);
+  std::vector<Master> m = Masters(kMain, "prov-repl");
+  ASSERT_EQ(m.size(), 1u);
+  EXPECT_TRUE(m[0].policy.replicable);
+  EXPECT_TRUE(m[0].extractable);
+  p11::Session s = UserSession(kMain);
+  Result<std::vector<std::optional<bool>>> v = p11::ReadBools(
+      s, m[0].key, std::array{CKA_WRAP_WITH_TRUSTED, CKA_SENSITIVE});
+  ASSERT_TRUE(v.ok());
+  EXPECT_EQ((*v)[0], true);
+  EXPECT_EQ((*v)[1], true);
+  EXPECT_EQ(m[0].policy.period_s, 3600);  // defaults: 1h / 24h
+  EXPECT_EQ(m[0].policy.decrypt_window_s, 24 * 3600);
+}
+
+TEST_F(CliTest, ProvisionTwiceIsRefused) {
+  ASSERT_EQ(Cli({"provision", Uri(kMain, "twice")}).code, 0);
+  const size_t objects = CountTokenObjects(kMain);
+  RunResult r = Cli({"provision", Uri(kMain, "twice")});
+  EXPECT_EQ(r.code, 1) << Describe(r);
+  EXPECT_NE(r.err.find("hsmstek: store \"twice\" already has a master"),
+            std::string::npos)
+      << r.err;
+  EXPECT_NE(r.err.find("use `hsmstek rotate`"), std::string::npos);
+  EXPECT_EQ(CountTokenObjects(kMain), objects);
+  EXPECT_EQ(Masters(kMain, "twice").size(), 1u);
+}
+
+struct BadInput {
+  std::vector<std::string> flags;
+  std::string message;  // the whole stderr line after "hsmstek: "
+};
+
+TEST_F(CliTest, BadPolicyInputsExitOneAndCreateNothing) {
+  const std::vector<BadInput> cases = {
+      {{"--period", "5x"},
+       "--period: duration \"5x\" has unknown unit \"x\" (use s, m, h or d)"},
+      {{"--period=-1h"}, "--period: duration \"-1h\" is negative"},
+      {{"--period", "1h", "--decrypt-window", "90m"},
+       "decrypt-window 1h30m is not a multiple of period 1h"},
+      {{"--decrypt-window", "8d"},
+       "decrypt-window 8d is longer than the maximum 7d"},
+      {{"--period", "30s", "--decrypt-window", "1h"},
+       "period 30s is shorter than the minimum 1m"},
+      {{"--decrypt-window", "0s"},
+       "--decrypt-window: duration \"0s\" must be positive"},
+      {{"--activate-in", "soon"},
+       "--activate-in: duration \"soon\" has no number before \"s\""},
+  };
+  const size_t objects = CountTokenObjects(kMain);
+  for (const BadInput &c : cases) {
+    std::vector<std::string> args = {"provision", Uri(kMain, "bad")};
+    args.insert(args.end(), c.flags.begin(), c.flags.end());
+    RunResult r = Cli(args);
+    EXPECT_EQ(r.code, 1) << Describe(r);
+    EXPECT_EQ(r.err, "hsmstek: " + c.message + "\n") << c.flags[0];
+    EXPECT_EQ(r.out, "");
+  }
+  RunResult at = Cli({"provision", Uri(kMain, "bad"), "--activate-at",
+                      "2026-13-01T00:00:00Z"});
+  EXPECT_EQ(at.code, 1);
+  EXPECT_EQ(at.err.rfind("hsmstek: --activate-at: ", 0), 0u) << at.err;
+  EXPECT_EQ(CountTokenObjects(kMain), objects);
+  EXPECT_TRUE(Masters(kMain, "bad").empty());
+}
+
+TEST_F(CliTest, UsageErrorsExitTwo) {
+  EXPECT_EQ(Cli({}).code, 2);
+  EXPECT_EQ(Cli({"provision"}).code, 2);
+  EXPECT_EQ(Cli({"frobnicate"}).code, 2);
+  RunResult both = Cli({"provision", Uri(kMain, "usage"), "--activate-in", "1h",
+                        "--activate-at", "2030-01-01T00:00:00Z"});
+  EXPECT_EQ(both.code, 2) << Describe(both);
+  EXPECT_EQ(both.err.rfind("hsmstek: ", 0), 0u);
+  // CLI11 quotes unexpected arguments: a pin-value never reaches stderr.
+  RunResult extra = Cli(
+      {"status", UriWithoutPin(kMain, "usage", "&pin-value=s3cr3t-pin"), "x"});
+  EXPECT_EQ(extra.code, 2);
+  EXPECT_EQ(extra.err.find("s3cr3t-pin"), std::string::npos) << extra.err;
+  RunResult help = Cli({"provision", "--help"});
+  EXPECT_EQ(help.code, 0);
+  EXPECT_NE(help.out.find("--decrypt-window"), std::string::npos);
+  EXPECT_TRUE(Masters(kMain, "usage").empty());
+}
+
+// ---------------------------------------------------------------------------
+// status
+
+TEST_F(CliTest, StatusJsonDescribesMastersAndLegacyKeys) {
+  ASSERT_EQ(Cli({"provision", Uri(kMain, "stat"), "--period", "1h",
+                 "--decrypt-window", "1d", "--replicable"})
+                .code,
+            0);
+  const std::string nginx = Scratch() + "/stat-nginx.key";
+  Bytes file(80);
+  for (size_t i = 0; i < file.size(); ++i) {
+    file[i] = static_cast<uint8_t>(i * 11 + 1);
+  }
+  WriteAll(nginx, std::string(file.begin(), file.end()));
+  ASSERT_EQ(
+      Cli({"import-legacy", Uri(kMain, "stat"), "--format", "nginx", nginx})
+          .code,
+      0);
+
+  const int64_t before = Now();
+  RunResult r = Cli({"status", "--json", Uri(kMain, "stat")});
+  const int64_t after = Now();
+  ASSERT_EQ(r.code, 0) << Describe(r);
+  // Exactly one JSON object (one line).
+  EXPECT_EQ(std::count(r.out.begin(), r.out.end(), '\n'), 1);
+  Json j = Json::parse(r.out, nullptr, false);
+  ASSERT_TRUE(j.is_object()) << r.out;
+  ASSERT_EQ(j["stores"].size(), 1u);
+  const Json &s = j["stores"][0];
+  std::vector<Master> masters = Masters(kMain, "stat");
+  ASSERT_EQ(masters.size(), 1u);
+  const std::string id = HexEncode(masters[0].id);
+  EXPECT_EQ(s["label"], "stat");
+  EXPECT_EQ(s["id"], id);
+  EXPECT_EQ(s["state"], "active");
+  auto store = OpenStore(kMain, "stat");
+  EXPECT_EQ(s["check"], Check(*store, id));
+  EXPECT_EQ(s["period_s"], 3600);
+  EXPECT_EQ(s["decrypt_window_s"], 86400);
+  EXPECT_EQ(s["activation"], FormatRfc3339(masters[0].policy.not_before));
+  EXPECT_EQ(s["replicable"], true);
+  EXPECT_TRUE(s["retire_at"].is_null());
+  const std::string name = s["current_key_name"];
+  EXPECT_TRUE(
+      name ==
+          HexEncode(MakeKeyName(masters[0].id, EpochAt(before, 3600)).bytes) ||
+      name == HexEncode(MakeKeyName(masters[0].id, EpochAt(after, 3600)).bytes))
+      << name;
+  EXPECT_EQ(s["next_rotation"],
+            FormatRfc3339(EpochStart(s["epoch"].get<uint64_t>() + 1, 3600)));
+  ASSERT_EQ(j["legacy"].size(), 1u);
+  EXPECT_EQ(j["legacy"][0]["name"], HexEncode(ByteSpan(file.data(), 16)));
+  Result<int64_t> expires =
+      ParseRfc3339(j["legacy"][0]["expires"].get<std::string>());
+  ASSERT_TRUE(expires.ok());
+  EXPECT_GE(*expires, before - 5 + 24 * 3600);
+  EXPECT_LE(*expires, after + 24 * 3600);
+
+  // The table names the same things.
+  RunResult table = Cli({"status", Uri(kMain, "stat")});
+  ASSERT_EQ(table.code, 0) << Describe(table);
+  for (const std::string &needle :
+       {id, std::string("active"), s["check"].get<std::string>(),
+        std::string("1h"), std::string("1d"),
+        HexEncode(ByteSpan(file.data(), 16)), std::string("expires")}) {
+    EXPECT_NE(table.out.find(needle), std::string::npos) << needle;
+  }
+}
+
+// ---------------------------------------------------------------------------
+// rotate, retire, destroy
+
+TEST_F(CliTest, RotateStagesThenActivatesNewGenerations) {
+  const std::string uri = Uri(kMain, "rot");
+  RunResult p = Cli({"provision", uri, "--replicable", "--activate-at",
+                     FormatRfc3339(Now() - 7200)});
+  ASSERT_EQ(p.code, 0) << Describe(p);
+  const std::string first = PrintedId(p);
+
+  RunResult staged = Cli({"rotate", uri, "--activate-in", "1h"});
+  ASSERT_EQ(staged.code, 0) << Describe(staged);
+  const std::string second = PrintedId(staged);
+  Json j = StatusJson(kMain, "rot");
+  EXPECT_EQ(StoreEntry(j, first)["state"], "active");
+  EXPECT_EQ(StoreEntry(j, second)["state"], "pending");
+  EXPECT_EQ(StoreEntry(j, second)["replicable"], true);  // copied
+
+  RunResult now =
+      Cli({"rotate", uri, "--activate-in", "0s", "--period", "30m"});
+  ASSERT_EQ(now.code, 0) << Describe(now);
+  const std::string third = PrintedId(now);
+  j = StatusJson(kMain, "rot");
+  EXPECT_EQ(j["stores"].size(), 3u);
+  EXPECT_EQ(StoreEntry(j, third)["state"], "active");
+  EXPECT_EQ(StoreEntry(j, third)["period_s"], 1800);           // overridden
+  EXPECT_EQ(StoreEntry(j, third)["decrypt_window_s"], 86400);  // copied
+  EXPECT_EQ(StoreEntry(j, first)["state"], "decrypt-only");
+  EXPECT_EQ(StoreEntry(j, second)["state"], "pending");
+
+  // The library agrees, and encrypts under the third master.
+  auto store = OpenStore(kMain, "rot");
+  Result<TicketKeys> keys = store->KeysForEncrypt();
+  ASSERT_TRUE(keys.ok()) << keys.status().message();
+  EXPECT_EQ(HexEncode(KeyNameStoreId(keys->name)), third);
+
+  // A generation that would be superseded at once is refused.
+  const size_t objects = CountTokenObjects(kMain);
+  RunResult stale =
+      Cli({"rotate", uri, "--activate-at", FormatRfc3339(Now() - 3600)});
+  EXPECT_EQ(stale.code, 1);
+  EXPECT_NE(stale.err.find("so it would never encrypt"), std::string::npos)
+      << stale.err;
+  EXPECT_EQ(CountTokenObjects(kMain), objects);
+
+  RunResult none = Cli({"rotate", Uri(kMain, "rot-none")});
+  EXPECT_EQ(none.code, 1);
+  EXPECT_NE(none.err.find("has no master to rotate; use `hsmstek provision`"),
+            std::string::npos)
+      << none.err;
+}
+
+TEST_F(CliTest, RetireStopsDecryptingAtOnce) {
+  RunResult p = Cli({"provision", Uri(kMain, "ret")});
+  ASSERT_EQ(p.code, 0) << Describe(p);
+  const std::string id = PrintedId(p);
+  auto store = OpenStore(kMain, "ret");
+  Result<TicketKeys> keys = store->KeysForEncrypt();
+  ASSERT_TRUE(keys.ok()) << keys.status().message();
+  const DecryptVerdict live = store->KeysForDecrypt(keys->name).verdict;
+  EXPECT_TRUE(live == DecryptVerdict::kCurrent || live == DecryptVerdict::kOld);
+
+  RunResult r = Cli({"retire", Uri(kMain, "ret"), "--id", id});
+  ASSERT_EQ(r.code, 0) << Describe(r);
+  EXPECT_NE(r.out.find("within 30 s by default"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("now has no active master"), std::string::npos);
+  Json j = StatusJson(kMain, "ret");
+  EXPECT_EQ(StoreEntry(j, id)["state"], "retired");
+  EXPECT_TRUE(StoreEntry(j, id)["retire_at"].is_string());
+
+  ASSERT_TRUE(store->Load().ok());
+  EXPECT_EQ(store->KeysForDecrypt(keys->name).verdict,
+            DecryptVerdict::kExpired);
+  Result<TicketKeys> none = store->KeysForEncrypt();
+  EXPECT_EQ(none.status().code(), ErrorCode::kFailedPrecondition);
+
+  RunResult again = Cli({"retire", Uri(kMain, "ret"), "--id", id});
+  EXPECT_EQ(again.code, 0);
+  EXPECT_NE(again.out.find("already retired"), std::string::npos);
+  RunResult unknown =
+      Cli({"retire", Uri(kMain, "ret"), "--id", "0000000000000001"});
+  EXPECT_EQ(unknown.code, 1);
+  EXPECT_NE(unknown.err.find("no master 0000000000000001 in store \"ret\""),
+            std::string::npos)
+      << unknown.err;
+}
+
+TEST_F(CliTest, DestroyNeedsYesAndForceForTheActiveMaster) {
+  const std::string uri = Uri(kMain, "dest");
+  RunResult p =
+      Cli({"provision", uri, "--activate-at", FormatRfc3339(Now() - 3600)});
+  ASSERT_EQ(p.code, 0);
+  const std::string old_id = PrintedId(p);
+  RunResult rot = Cli({"rotate", uri, "--activate-in", "0s"});
+  ASSERT_EQ(rot.code, 0);
+  const std::string new_id = PrintedId(rot);
+  const size_t objects = CountTokenObjects(kMain);
+
+  RunResult no_yes = Cli({"destroy", uri, "--id", old_id});
+  EXPECT_EQ(no_yes.code, 1);
+  EXPECT_EQ(no_yes.err.rfind("hsmstek: refusing to destroy without --yes", 0),
+            0u)
+      << no_yes.err;
+  RunResult active = Cli({"destroy", uri, "--id", new_id, "--yes"});
+  EXPECT_EQ(active.code, 1);
+  EXPECT_NE(active.err.find("is the active master of store \"dest\""),
+            std::string::npos)
+      << active.err;
+  EXPECT_EQ(CountTokenObjects(kMain), objects);
+
+  RunResult old = Cli({"destroy", uri, "--id", old_id, "--yes"});
+  ASSERT_EQ(old.code, 0) << Describe(old);
+  EXPECT_NE(old.out.find("was decrypt-only"), std::string::npos) << old.out;
+  EXPECT_EQ(CountTokenObjects(kMain), objects - 2);  // master + policy
+  RunResult forced = Cli({"destroy", uri, "--id", new_id, "--yes", "--force"});
+  ASSERT_EQ(forced.code, 0) << Describe(forced);
+  EXPECT_EQ(CountTokenObjects(kMain), objects - 4);
+  EXPECT_TRUE(Masters(kMain, "dest").empty());
+
+  RunResult bad_id = Cli({"destroy", uri, "--id", "xyz", "--yes"});
+  EXPECT_EQ(bad_id.code, 1);
+  EXPECT_NE(bad_id.err.find("is neither a store id"), std::string::npos);
+}
+
+// ---------------------------------------------------------------------------
+// import-legacy
+
+// A legacy key made of TEST values only.
+struct TestLegacyKey {
+  Bytes name, aes, hmac;
+};
+
+TestLegacyKey MakeLegacyKey(uint8_t seed, size_t secret_size) {
+  TestLegacyKey k;
+  for (size_t i = 0; i < 16; ++i) k.name.push_back(seed + i);
+  for (size_t i = 0; i < secret_size; ++i) {
+    k.aes.push_back(static_cast<uint8_t>(seed * 3 + i * 7 + 1));
+    k.hmac.push_back(static_cast<uint8_t>(seed * 5 + i * 13 + 2));
+  }
+  return k;
+}
+
+Bytes Concat(std::initializer_list<const Bytes *> parts) {
+  Bytes out;
+  for (const Bytes *p : parts) out.insert(out.end(), p->begin(), p->end());
+  return out;
+}
+
+// Checks that `key` decrypts, inside the token, what OpenSSL encrypted with
+// its bytes, and verifies an OpenSSL HMAC with them.
+void ExpectLegacyKeyWorks(const std::string &label, const TestLegacyKey &key) {
+  auto store = OpenStore(kMain, label);
+  KeyName name;
+  std::copy(key.name.begin(), key.name.end(), name.bytes.begin());
+  DecryptLookup lookup = store->KeysForDecrypt(name);
+  ASSERT_EQ(lookup.verdict, DecryptVerdict::kOld) << HexEncode(key.name);
+
+  const std::string plaintext = "legacy session state, 40 bytes long.....";
+  Bytes iv(16, 0xa5);
+  const EVP_CIPHER *cipher =
+      key.aes.size() == 16 ? EVP_aes_128_cbc() : EVP_aes_256_cbc();
+  EVP_CIPHER_CTX *ctx = EVP_CIPHER_CTX_new();
+  Bytes ct(plaintext.size() + 16);
+  int len1 = 0, len2 = 0;
+  ASSERT_EQ(EVP_EncryptInit_ex(ctx, cipher, nullptr, key.aes.data(), iv.data()),
+            1);
+  ASSERT_EQ(
+      EVP_EncryptUpdate(ctx, ct.data(), &len1,
+                        reinterpret_cast<const uint8_t *>(plaintext.data()),
+                        static_cast<int>(plaintext.size())),
+      1);
+  ASSERT_EQ(EVP_EncryptFinal_ex(ctx, ct.data() + len1, &len2), 1);
+  EVP_CIPHER_CTX_free(ctx);
+  ct.resize(static_cast<size_t>(len1 + len2));
+  Bytes macced = Concat({&key.name, &iv, &ct});
+  uint8_t tag[32];
+  unsigned int tag_len = 0;
+  ASSERT_NE(
+      HMAC(EVP_sha256(), key.hmac.data(), static_cast<int>(key.hmac.size()),
+           macced.data(), macced.size(), tag, &tag_len),
+      nullptr);
+  Result<std::string> opened =
+      Open(*store, lookup.keys, name, iv, ct, ByteSpan(tag, tag_len));
+  ASSERT_TRUE(opened.ok()) << opened.status().message();
+  EXPECT_EQ(*opened, plaintext);
+}
+
+TEST_F(CliTest, ImportsEveryLegacyFormatAsDecryptOnlyKeys) {
+  // nginx 80: name || HMAC-32 || AES-32; nginx 48: name || AES-16 || HMAC-16.
+  TestLegacyKey n80 = MakeLegacyKey(0x10, 32);
+  TestLegacyKey n48 = MakeLegacyKey(0x30, 16);
+  // haproxy: base64 lines of name || AES || HMAC, 80 and 48 bytes.
+  TestLegacyKey h80 = MakeLegacyKey(0x50, 32);
+  TestLegacyKey h48 = MakeLegacyKey(0x70, 16);
+  const std::string f80 = Scratch() + "/nginx80.key";
+  const std::string f48 = Scratch() + "/nginx48.key";
+  const std::string fha = Scratch() + "/haproxy.keys";
+  Bytes b80 = Concat({&n80.name, &n80.hmac, &n80.aes});
+  Bytes b48 = Concat({&n48.name, &n48.aes, &n48.hmac});
+  WriteAll(f80, std::string(b80.begin(), b80.end()));
+  WriteAll(f48, std::string(b48.begin(), b48.end()));
+  WriteAll(fha, "# tls-ticket-keys for the edge\n\n" +
+                    Base64Encode(Concat({&h80.name, &h80.aes, &h80.hmac})) +
+                    "\r\n   \n# older key\n" +
+                    Base64Encode(Concat({&h48.name, &h48.aes, &h48.hmac})) +
+                    "  \n");
+
+  const int64_t before = Now();
+  for (const auto &[format, file] :
+       std::vector<std::pair<std::string, std::string>>{
+           {"nginx", f80}, {"nginx", f48}, {"haproxy", fha}}) {
+    RunResult r = Cli({"import-legacy", Uri(kMain, "legacy"), "--format",
+                       format, "--expires-in", "2d", file});
+    ASSERT_EQ(r.code, 0) << Describe(r);
+    EXPECT_NE(r.out.find("shred -u " + file), std::string::npos) << r.out;
+  }
+  for (const TestLegacyKey *k : {&n80, &n48, &h80, &h48}) {
+    ExpectLegacyKeyWorks("legacy", *k);
+  }
+  Json j = StatusJson(kMain, "legacy");
+  ASSERT_EQ(j["legacy"].size(), 4u);
+  for (const Json &l : j["legacy"]) {
+    Result<int64_t> expires = ParseRfc3339(l["expires"].get<std::string>());
+    ASSERT_TRUE(expires.ok());
+    EXPECT_GE(*expires, before + 2 * 86400);
+    EXPECT_LE(*expires, Now() + 2 * 86400);
+  }
+  // The imported AES key only decrypts.
+  auto store = OpenStore(kMain, "legacy");
+  KeyName name;
+  std::copy(n80.name.begin(), n80.name.end(), name.bytes.begin());
+  DecryptLookup lookup = store->KeysForDecrypt(name);
+  p11::Session s = UserSession(kMain);
+  Result<std::vector<std::optional<bool>>> v = p11::ReadBools(
+      s, lookup.keys.aes,
+      std::array{CKA_ENCRYPT, CKA_DECRYPT, CKA_SENSITIVE, CKA_EXTRACTABLE});
+  ASSERT_TRUE(v.ok());
+  EXPECT_EQ(*v, (std::vector<std::optional<bool>>{false, true, true, false}));
+
+  // Importing the same name again is refused and changes nothing.
+  const size_t objects = CountTokenObjects(kMain);
+  RunResult dup =
+      Cli({"import-legacy", Uri(kMain, "legacy"), "--format", "nginx", f80});
+  EXPECT_EQ(dup.code, 1);
+  EXPECT_NE(dup.err.find("is already in the token"), std::string::npos);
+  EXPECT_EQ(CountTokenObjects(kMain), objects);
+
+  // A legacy key is destroyed by its 32-hex name.
+  RunResult d = Cli(
+      {"destroy", Uri(kMain, "legacy"), "--id", HexEncode(n48.name), "--yes"});
+  ASSERT_EQ(d.code, 0) << Describe(d);
+  EXPECT_EQ(CountTokenObjects(kMain), objects - 3);
+}
+
+TEST_F(CliTest, BadLegacyFilesAreRefusedAndLeaveNothing) {
+  TestLegacyKey k = MakeLegacyKey(0x21, 32);
+  TestLegacyKey k2 = MakeLegacyKey(0x61, 32);
+  Bytes good = Concat({&k.name, &k.hmac, &k.aes});
+  // nginx 80: name (0..15) || HMAC (16..47) || AES (48..79).
+  Bytes zero_aes = good;
+  Bytes repeated_hmac = good;
+  for (size_t i = 0; i < 32; ++i) {
+    zero_aes[48 + i] = 0;
+    repeated_hmac[16 + i] = 0x41;
+  }
+  Bytes short_file(good.begin(), good.begin() + 47);
+  Bytes haproxy_k = Concat({&k.name, &k.aes, &k.hmac});
+  Bytes haproxy_k2 = Concat({&k.name, &k2.aes, &k2.hmac});  // same name
+  struct Case {
+    std::string format;
+    std::string contents;
+    std::string message;
+  };
+  const std::vector<Case> cases = {
+      {"nginx", std::string(short_file.begin(), short_file.end()),
+       "nginx key file is 47 bytes; expected 48"},
+      {"nginx", std::string(zero_aes.begin(), zero_aes.end()),
+       "nginx key file: AES key is all zeros"},
+      {"nginx", std::string(repeated_hmac.begin(), repeated_hmac.end()),
+       "nginx key file: HMAC key is a single repeated byte"},
+      {"haproxy",
+       Base64Encode(haproxy_k) + "\n" + Base64Encode(haproxy_k2) + "\n",
+       "haproxy key file line 2: duplicate key name (also on line 1)"},
+      {"haproxy", "# a comment\n!!!notbase64!!!\n",
+       "haproxy key file line 2: invalid base64"},
+      {"haproxy", "# only comments\n\n", "haproxy key file has no keys"},
+  };
+  const size_t objects = CountTokenObjects(kMain);
+  int n = 0;
+  for (const Case &c : cases) {
+    const std::string path = Scratch() + "/bad" + std::to_string(++n) + ".key";
+    WriteAll(path, c.contents);
+    RunResult r = Cli(
+        {"import-legacy", Uri(kMain, "badlegacy"), "--format", c.format, path});
+    EXPECT_EQ(r.code, 1) << Describe(r);
+    EXPECT_EQ(r.err.rfind("hsmstek: " + path + ": " + c.message, 0), 0u)
+        << r.err;
+    EXPECT_EQ(r.out, "");
+  }
+  RunResult fmt = Cli({"import-legacy", Uri(kMain, "badlegacy"), "--format",
+                       "apache", Scratch() + "/bad1.key"});
+  EXPECT_EQ(fmt.code, 1);
+  EXPECT_NE(fmt.err.find("--format: unknown legacy key file format"),
+            std::string::npos);
+  const std::string ok = Scratch() + "/good.key";
+  WriteAll(ok, std::string(good.begin(), good.end()));
+  RunResult long_expiry = Cli({"import-legacy", Uri(kMain, "badlegacy"),
+                               "--format", "nginx", "--expires-in", "8d", ok});
+  EXPECT_EQ(long_expiry.code, 1);
+  EXPECT_EQ(long_expiry.err,
+            "hsmstek: --expires-in 8d is longer than the maximum 7d\n");
+  EXPECT_EQ(CountTokenObjects(kMain), objects);
+}
+
+// ---------------------------------------------------------------------------
+// PINs and names
+
+TEST_F(CliTest, WrongPinAndWrongLabelGiveClearErrors) {
+  ASSERT_EQ(Cli({"provision", Uri(kMain, "pins")}).code, 0);
+  const std::string wrong = "wr0ng-p1n-77";
+  RunResult by_uri =
+      Cli({"status", UriWithoutPin(kMain, "pins", "&pin-value=" + wrong)});
+  EXPECT_EQ(by_uri.code, 1);
+  EXPECT_NE(by_uri.err.find("C_Login: CKR_PIN_INCORRECT (token \"cli-main\")"),
+            std::string::npos)
+      << by_uri.err;
+  RunResult by_env =
+      Cli({"status", UriWithoutPin(kMain, "pins")}, {"HSMSTEK_PIN=" + wrong});
+  EXPECT_EQ(by_env.code, 1);
+  EXPECT_NE(by_env.err.find("CKR_PIN_INCORRECT"), std::string::npos);
+  for (const RunResult *r : {&by_uri, &by_env}) {
+    EXPECT_EQ(r->err.find(wrong), std::string::npos) << r->err;
+    EXPECT_EQ(r->out.find(wrong), std::string::npos);
+  }
+  // The right PIN from the environment works.
+  RunResult env_ok = Cli({"status", UriWithoutPin(kMain, "pins")},
+                         {std::string("HSMSTEK_PIN=") + kUserPin});
+  EXPECT_EQ(env_ok.code, 0) << Describe(env_ok);
+  // No PIN anywhere and no terminal: a clear refusal, no prompt.
+  RunResult none =
+      Cli({"status", UriWithoutPin(kMain, "pins")}, {"HSMSTEK_PIN="});
+  EXPECT_EQ(none.code, 1);
+  RunResult none2 =
+      RunProgram("/usr/bin/env", {"-u", "HSMSTEK_PIN", HSMSTEK_CLI_PATH,
+                                  "status", UriWithoutPin(kMain, "pins")});
+  EXPECT_EQ(none2.code, 1);
+  EXPECT_NE(none2.err.find("no PIN: add pin-source=file:/path to the URI or "
+                           "set HSMSTEK_PIN"),
+            std::string::npos)
+      << none2.err;
+
+  RunResult token = Cli({"status", Uri("no-such-token", "pins")});
+  EXPECT_EQ(token.code, 1);
+  EXPECT_NE(token.err.find("no token matches pkcs11:token=no-such-token"),
+            std::string::npos)
+      << token.err;
+  EXPECT_NE(token.err.find("tokens present: "), std::string::npos);
+  EXPECT_NE(token.err.find("\"cli-main\""), std::string::npos);
+
+  RunResult label = Cli({"status", Uri(kMain, "no-such-store")});
+  EXPECT_EQ(label.code, 1);
+  EXPECT_NE(label.err.find("no store \"no-such-store\" in token \"cli-main\""),
+            std::string::npos)
+      << label.err;
+  EXPECT_NE(label.err.find("\"pins\""), std::string::npos);  // stores present
+}
+
+// ---------------------------------------------------------------------------
+// Replication
+
+// Seals a ticket body with `a`'s current keys and opens it with `b`.
+void ExpectTicketsCrossTokens(KeyStore &a, KeyStore &b) {
+  Result<TicketKeys> ka = a.KeysForEncrypt();
+  ASSERT_TRUE(ka.ok()) << ka.status().message();
+  Bytes iv(16);
+  for (size_t i = 0; i < iv.size(); ++i) iv[i] = static_cast<uint8_t>(i * 9);
+  const std::string pt = "session state issued by server A";
+  Sealed sealed = Seal(a, *ka, iv, pt);
+  DecryptLookup kb = b.KeysForDecrypt(ka->name);
+  // kOld only if an epoch boundary passed between the two calls.
+  ASSERT_TRUE(kb.verdict == DecryptVerdict::kCurrent ||
+              kb.verdict == DecryptVerdict::kOld)
+      << static_cast<int>(kb.verdict);
+  Result<std::string> opened =
+      Open(b, kb.keys, ka->name, iv, sealed.ct, sealed.tag);
+  ASSERT_TRUE(opened.ok()) << opened.status().message();
+  EXPECT_EQ(*opened, pt);
+}
+
+TEST_F(CliTest, ExportImportWithRsaOaepBetweenTwoTokens) {
+  SetUpRsaTransport("wrap-rsa");
+  // The keys the ceremony made: unwrap-only on the receiver, trusted on the
+  // sender.
+  {
+    p11::Session s = UserSession(kRecv);
+    p11::Template t;
+    t.Ulong(CKA_CLASS, CKO_PRIVATE_KEY).String(CKA_LABEL, "wrap-rsa");
+    Result<std::vector<CK_OBJECT_HANDLE>> found = p11::FindObjects(s, t);
+    ASSERT_TRUE(found.ok());
+    ASSERT_EQ(found->size(), 1u);
+    Result<std::vector<std::optional<bool>>> v = p11::ReadBools(
+        s, (*found)[0],
+        std::array{CKA_UNWRAP, CKA_DECRYPT, CKA_SIGN, CKA_SENSITIVE,
+                   CKA_EXTRACTABLE, CKA_MODIFIABLE, CKA_COPYABLE, CKA_TOKEN});
+    ASSERT_TRUE(v.ok());
+    EXPECT_EQ(*v, (std::vector<std::optional<bool>>{
+                      true, false, false, true, false, false, false, true}));
+    p11::Template pubs;
+    pubs.Ulong(CKA_CLASS, CKO_PUBLIC_KEY).String(CKA_LABEL, "wrap-rsa");
+    EXPECT_TRUE(p11::FindObjects(s, pubs)->empty());  // only the PEM left
+    p11::Session a = UserSession(kSend);
+    Result<std::vector<CK_OBJECT_HANDLE>> trusted = p11::FindObjects(a, pubs);
+    ASSERT_TRUE(trusted.ok());
+    ASSERT_EQ(trusted->size(), 1u);
+    Result<std::vector<std::optional<bool>>> tv = p11::ReadBools(
+        a, (*trusted)[0],
+        std::array{CKA_TRUSTED, CKA_WRAP, CKA_ENCRYPT, CKA_MODIFIABLE});
+    ASSERT_TRUE(tv.ok());
+    EXPECT_EQ(*tv,
+              (std::vector<std::optional<bool>>{true, true, false, false}));
+  }
+
+  RunResult p = Cli({"provision", Uri(kSend, "fleet"), "--replicable"});
+  ASSERT_EQ(p.code, 0) << Describe(p);
+  const std::string id = PrintedId(p);
+  const std::string bundle = Scratch() + "/fleet-rsa.bundle";
+  RunResult e = Cli({"export", Uri(kSend, "fleet"), "--id", id, "--wrap-key",
+                     "pkcs11:object=wrap-rsa", "--out", bundle});
+  ASSERT_EQ(e.code, 0) << Describe(e);
+  const std::string text = ReadAll(bundle);
+  // SoftHSM 2.6 refuses SHA-256 OAEP for wrapping: the SHA-1 fallback.
+  EXPECT_NE(text.find("\nmechanism rsa-oaep-sha1\n"), std::string::npos);
+  EXPECT_EQ(text.find("\nlabel fleet\nstore-id " + id + "\n"),
+            std::string("hsmstek-bundle 1").size());
+  // The user PIN of the receiving token is not enough to unwrap the bundle
+  // into a readable key: the unwrap key's CKA_UNWRAP_TEMPLATE forbids it.
+  {
+    Result<Bundle> parsed = ParseBundle(text);
+    ASSERT_TRUE(parsed.ok());
+    p11::Session s = UserSession(kRecv);
+    p11::Template t;
+    t.Ulong(CKA_CLASS, CKO_PRIVATE_KEY).String(CKA_LABEL, "wrap-rsa");
+    Result<std::vector<CK_OBJECT_HANDLE>> found = p11::FindObjects(s, t);
+    ASSERT_TRUE(found.ok());
+    ASSERT_EQ(found->size(), 1u);
+    p11::Template readable;
+    readable.Ulong(CKA_CLASS, CKO_SECRET_KEY)
+        .Ulong(CKA_KEY_TYPE, CKK_AES)
+        .Bool(CKA_TOKEN, false)
+        .Bool(CKA_SENSITIVE, false)
+        .Bool(CKA_EXTRACTABLE, true);
+    CK_RSA_PKCS_OAEP_PARAMS oaep{CKM_SHA_1, CKG_MGF1_SHA1, CKZ_DATA_SPECIFIED,
+                                 nullptr, 0};
+    CK_MECHANISM mech{CKM_RSA_PKCS_OAEP, &oaep, sizeof(oaep)};
+    CK_OBJECT_HANDLE h = CK_INVALID_HANDLE;
+    Status unwrap = P11_CALL(s, C_UnwrapKey, s.handle(), &mech, (*found)[0],
+                             parsed->wrapped.data(), parsed->wrapped.size(),
+                             readable.data(), readable.size(), &h);
+    EXPECT_EQ(unwrap.ckr(), CKR_TEMPLATE_INCONSISTENT) << unwrap.message();
+  }
+  RunResult i = Cli({"import", Uri(kRecv, "fleet"), "--unwrap-key",
+                     "pkcs11:object=wrap-rsa", "--in", bundle});
+  ASSERT_EQ(i.code, 0) << Describe(i);
+  EXPECT_EQ(i.out.find("WARNING"), std::string::npos);
+
+  Json ja = StatusJson(kSend, "fleet");
+  Json jb = StatusJson(kRecv, "fleet");
+  EXPECT_EQ(StoreEntry(jb, id)["check"], StoreEntry(ja, id)["check"]);
+  EXPECT_EQ(StoreEntry(jb, id)["state"], "active");
+  EXPECT_EQ(StoreEntry(jb, id)["activation"], StoreEntry(ja, id)["activation"]);
+  auto a = OpenStore(kSend, "fleet");
+  auto b = OpenStore(kRecv, "fleet");
+  EXPECT_EQ(StoreEntry(jb, id)["check"], Check(*b, id));
+  ExpectTicketsCrossTokens(*a, *b);
+
+  // The imported master has the SPEC §4 attributes (still replicable).
+  std::vector<Master> m = Masters(kRecv, "fleet");
+  ASSERT_EQ(m.size(), 1u);
+  p11::Session s = UserSession(kRecv);
+  Result<std::vector<std::optional<bool>>> v = p11::ReadBools(
+      s, m[0].key,
+      std::array{CKA_TOKEN, CKA_PRIVATE, CKA_SENSITIVE, CKA_EXTRACTABLE,
+                 CKA_WRAP_WITH_TRUSTED, CKA_DERIVE, CKA_ENCRYPT, CKA_DECRYPT,
+                 CKA_SIGN, CKA_VERIFY, CKA_WRAP, CKA_UNWRAP, CKA_MODIFIABLE});
+  ASSERT_TRUE(v.ok());
+  EXPECT_EQ(*v, (std::vector<std::optional<bool>>{true, true, true, true, true,
+                                                  true, false, false, false,
+                                                  false, false, false, false}));
+
+  // The same bundle twice: refused, nothing added.
+  const size_t objects = CountTokenObjects(kRecv);
+  RunResult again = Cli({"import", Uri(kRecv, "fleet"), "--unwrap-key",
+                         "pkcs11:object=wrap-rsa", "--in", bundle});
+  EXPECT_EQ(again.code, 1);
+  EXPECT_NE(again.err.find("master " + id + " is already in store \"fleet\""),
+            std::string::npos)
+      << again.err;
+  EXPECT_EQ(CountTokenObjects(kRecv), objects);
+}
+
+TEST_F(CliTest, ExportImportWithAesKeyWrapPadBetweenTwoTokens) {
+  RunResult p = Cli({"provision", Uri(kAesA, "edge"), "--replicable"});
+  ASSERT_EQ(p.code, 0) << Describe(p);
+  const std::string id = PrintedId(p);
+  const std::string bundle = Scratch() + "/edge-aes.bundle";
+  RunResult e = Cli({"export", Uri(kAesA, "edge"), "--id", id, "--wrap-key",
+                     "pkcs11:object=transport", "--out", bundle});
+  ASSERT_EQ(e.code, 0) << Describe(e);
+  const std::string text = ReadAll(bundle);
+  EXPECT_NE(text.find("\nmechanism aes-key-wrap-pad\n"), std::string::npos);
+  EXPECT_NE(text.find("\nwrapping-key-id " +
+                      HexEncode(ByteSpan(
+                          reinterpret_cast<const uint8_t *>(kTransportId),
+                          std::strlen(kTransportId))) +
+                      "\n"),
+            std::string::npos);
+  RunResult i = Cli({"import", Uri(kAesB, "edge"), "--unwrap-key",
+                     "pkcs11:object=transport", "--in", bundle});
+  ASSERT_EQ(i.code, 0) << Describe(i);
+  Json ja = StatusJson(kAesA, "edge");
+  Json jb = StatusJson(kAesB, "edge");
+  EXPECT_EQ(StoreEntry(jb, id)["check"], StoreEntry(ja, id)["check"]);
+  auto a = OpenStore(kAesA, "edge");
+  auto b = OpenStore(kAesB, "edge");
+  ExpectTicketsCrossTokens(*a, *b);
+  // And back again: B's copy is replicable under B's trusted key too.
+  const std::string back = Scratch() + "/edge-back.bundle";
+  RunResult e2 = Cli({"export", Uri(kAesB, "edge"), "--id", id, "--wrap-key",
+                      "pkcs11:object=transport", "--out", back});
+  EXPECT_EQ(e2.code, 0) << Describe(e2);
+}
+
+TEST_F(CliTest, TamperedOrMisdirectedBundlesAreRefusedAndLeaveNothing) {
+  SetUpRsaTransport("wrap-tamper");
+  RunResult p = Cli({"provision", Uri(kSend, "tamper"), "--replicable"});
+  ASSERT_EQ(p.code, 0) << Describe(p);
+  const std::string id = PrintedId(p);
+  const std::string good = Scratch() + "/tamper.bundle";
+  ASSERT_EQ(Cli({"export", Uri(kSend, "tamper"), "--id", id, "--wrap-key",
+                 "pkcs11:object=wrap-tamper", "--out", good})
+                .code,
+            0);
+  const std::string text = ReadAll(good);
+  const size_t objects = CountTokenObjects(kRecv);
+  int n = 0;
+  auto import = [&](const std::string &contents,
+                    const std::string &label = "tamper") {
+    const std::string path = Scratch() + "/t" + std::to_string(++n) + ".bundle";
+    WriteAll(path, contents);
+    return Cli({"import", Uri(kRecv, label), "--unwrap-key",
+                "pkcs11:object=wrap-tamper", "--in", path});
+  };
+
+  // A flipped byte in each line: the digest catches it.
+  size_t line_start = 0;
+  int line_no = 0;
+  while (line_start < text.size()) {
+    ++line_no;
+    size_t nl = text.find('\n', line_start);
+    std::string bad = text;
+    char &c = bad[nl - 1];
+    c = c == 'a' ? 'b' : 'a';
+    RunResult r = import(bad);
+    EXPECT_EQ(r.code, 1) << "line " << line_no << ": " << Describe(r);
+    if (line_no > 1) {
+      EXPECT_NE(r.err.find("bundle digest mismatch"), std::string::npos)
+          << "line " << line_no << ": " << r.err;
+    }
+    line_start = nl + 1;
+  }
+  EXPECT_EQ(line_no, 9);
+  // Cut short anywhere.
+  for (size_t cut : {size_t{0}, size_t{10}, text.size() / 2, text.size() - 1}) {
+    RunResult r = import(text.substr(0, cut));
+    EXPECT_EQ(r.code, 1) << cut;
+    EXPECT_TRUE(r.err.find("truncated") != std::string::npos ||
+                r.err.find("empty bundle") != std::string::npos ||
+                r.err.find("not an hsmstek bundle") != std::string::npos ||
+                r.err.find("digest mismatch") != std::string::npos)
+        << cut << ": " << r.err;
+  }
+
+  // Edits with a recomputed digest: the token refuses what the digest cannot.
+  Result<Bundle> parsed = ParseBundle(text);
+  ASSERT_TRUE(parsed.ok());
+  Bundle wrong_check = *parsed;
+  wrong_check.check[0] ^= 1;
+  RunResult r1 = import(SerializeBundle(wrong_check));
+  EXPECT_EQ(r1.code, 1);
+  EXPECT_NE(r1.err.find("check value mismatch: the bundle says " +
+                        HexEncode(wrong_check.check)),
+            std::string::npos)
+      << r1.err;
+  Bundle wrong_wrapped = *parsed;
+  wrong_wrapped.wrapped[7] ^= 0x80;
+  RunResult r2 = import(SerializeBundle(wrong_wrapped));
+  EXPECT_EQ(r2.code, 1);
+  EXPECT_NE(r2.err.find("unwrapping master " + id), std::string::npos)
+      << r2.err;
+  Bundle wrong_key = *parsed;
+  wrong_key.wrapping_key_id[0] ^= 1;
+  RunResult r3 = import(SerializeBundle(wrong_key));
+  EXPECT_EQ(r3.code, 1);
+  EXPECT_NE(r3.err.find("the bundle was wrapped for key " +
+                        HexEncode(wrong_key.wrapping_key_id)),
+            std::string::npos)
+      << r3.err;
+  Bundle sha256 = *parsed;
+  sha256.mechanism = WrapMechanism::kRsaOaepSha256;
+  RunResult r4 = import(SerializeBundle(sha256));
+  EXPECT_EQ(r4.code, 1);
+  EXPECT_NE(r4.err.find("CKR_ARGUMENTS_BAD"), std::string::npos) << r4.err;
+  Bundle aes = *parsed;
+  aes.mechanism = WrapMechanism::kAesKeyWrapPad;
+  RunResult r5 = import(SerializeBundle(aes));
+  EXPECT_EQ(r5.code, 1);
+  EXPECT_NE(r5.err.find("no secret key matches --unwrap-key"),
+            std::string::npos)
+      << r5.err;
+
+  // A bundle for another label, as is and relabelled.
+  RunResult other = import(text, "another");
+  EXPECT_EQ(other.code, 1);
+  EXPECT_EQ(other.err,
+            "hsmstek: bundle is for label \"tamper\", not \"another\"\n");
+  EXPECT_EQ(CountTokenObjects(kRecv), objects);
+
+  // The untouched bundle still imports.
+  RunResult ok = import(text);
+  EXPECT_EQ(ok.code, 0) << Describe(ok);
+  EXPECT_EQ(CountTokenObjects(kRecv), objects + 2);
+}
+
+TEST_F(CliTest, ExportRefusesNonReplicableMastersAndUntrustedKeys) {
+  const std::string pem = SetUpRsaTransport("wrap-refuse");
+  RunResult p = Cli({"provision", Uri(kSend, "local-only")});
+  ASSERT_EQ(p.code, 0);
+  const std::string out = Scratch() + "/local-only.bundle";
+  RunResult e = Cli({"export", Uri(kSend, "local-only"), "--id", PrintedId(p),
+                     "--wrap-key", "pkcs11:object=wrap-refuse", "--out", out});
+  EXPECT_EQ(e.code, 1);
+  EXPECT_NE(e.err.find("master " + PrintedId(p) +
+                       " of \"local-only\" is not replicable"),
+            std::string::npos)
+      << e.err;
+  EXPECT_FALSE(std::filesystem::exists(out));
+
+  // An RSA public key the user installed (not trusted) cannot carry a
+  // replicable master: the tool says so, and SoftHSM itself refuses.
+  Result<RsaPublicKey> key = RsaPublicKeyFromPem(ReadAll(pem));
+  ASSERT_TRUE(key.ok());
+  p11::Session s = UserSession(kSend);
+  p11::Template t;
+  t.Ulong(CKA_CLASS, CKO_PUBLIC_KEY)
+      .Ulong(CKA_KEY_TYPE, CKK_RSA)
+      .Bool(CKA_TOKEN, true)
+      .Bool(CKA_PRIVATE, false)
+      .Bool(CKA_WRAP, true)
+      .String(CKA_LABEL, "untrusted")
+      .Data(CKA_MODULUS, key->modulus)
+      .Data(CKA_PUBLIC_EXPONENT, key->exponent);
+  CK_OBJECT_HANDLE untrusted;
+  ASSERT_TRUE(
+      P11_CALL(s, C_CreateObject, s.handle(), t.data(), t.size(), &untrusted)
+          .ok());
+  // Only the SO may set CKA_TRUSTED.
+  p11::Template trusted;
+  trusted.Ulong(CKA_CLASS, CKO_PUBLIC_KEY)
+      .Ulong(CKA_KEY_TYPE, CKK_RSA)
+      .Bool(CKA_TOKEN, true)
+      .Bool(CKA_PRIVATE, false)
+      .Bool(CKA_WRAP, true)
+      .Bool(CKA_TRUSTED, true)
+      .String(CKA_LABEL, "would-be-trusted")
+      .Data(CKA_MODULUS, key->modulus)
+      .Data(CKA_PUBLIC_EXPONENT, key->exponent);
+  CK_OBJECT_HANDLE h;
+  Status refused = P11_CALL(s, C_CreateObject, s.handle(), trusted.data(),
+                            trusted.size(), &h);
+  EXPECT_EQ(refused.ckr(), CKR_ATTRIBUTE_READ_ONLY);
+
+  RunResult r = Cli({"provision", Uri(kSend, "repl2"), "--replicable"});
+  ASSERT_EQ(r.code, 0);
+  RunResult e2 = Cli({"export", Uri(kSend, "repl2"), "--id", PrintedId(r),
+                      "--wrap-key", "pkcs11:object=untrusted", "--out", out});
+  EXPECT_EQ(e2.code, 1);
+  EXPECT_NE(e2.err.find("has CKA_TRUSTED=FALSE"), std::string::npos) << e2.err;
+  EXPECT_FALSE(std::filesystem::exists(out));
+  std::vector<Master> m = Masters(kSend, "repl2");
+  ASSERT_EQ(m.size(), 1u);
+  CK_RSA_PKCS_OAEP_PARAMS oaep{CKM_SHA_1, CKG_MGF1_SHA1, CKZ_DATA_SPECIFIED,
+                               nullptr, 0};
+  CK_MECHANISM mech{CKM_RSA_PKCS_OAEP, &oaep, sizeof(oaep)};
+  CK_ULONG len = 0;
+  Status wrap = P11_CALL(s, C_WrapKey, s.handle(), &mech, untrusted, m[0].key,
+                         nullptr, &len);
+  EXPECT_EQ(wrap.ckr(), CKR_KEY_NOT_WRAPPABLE) << wrap.message();
+
+  // The SO ceremony with a wrong SO PIN fails cleanly.
+  const std::string bad_so = Scratch() + "/bad-so.pin";
+  WriteAll(bad_so, "00000000\n");
+  RunResult so = Cli({"wrap-key", "trust", UriWithoutPin(kSend, "wrap-x"),
+                      "--in", pem, "--so-pin-source", "file:" + bad_so});
+  EXPECT_EQ(so.code, 1);
+  EXPECT_NE(so.err.find("CKR_PIN_INCORRECT"), std::string::npos) << so.err;
+  // Nor can the same public key be trusted twice.
+  RunResult twice =
+      Cli({"wrap-key", "trust", UriWithoutPin(kSend, "wrap-y"), "--in", pem,
+           "--so-pin-source", "file:" + SoPinFile()});
+  EXPECT_EQ(twice.code, 1);
+  EXPECT_NE(twice.err.find("is already installed"), std::string::npos)
+      << twice.err;
+  // And an existing PEM is never overwritten.
+  RunResult clobber =
+      Cli({"wrap-key", "generate", Uri(kRecv, "wrap-z"), "--out", pem});
+  EXPECT_EQ(clobber.code, 1);
+  EXPECT_NE(clobber.err.find("refusing to overwrite " + pem),
+            std::string::npos);
+}
+
+// ---------------------------------------------------------------------------
+// hsm/make-token.sh
+
+TEST_F(CliTest, MakeTokenScriptGivesAWorkingUri) {
+  const std::string dir = Scratch() + "/made";
+  RunResult made = RunProgram(
+      "/bin/sh", {HSMSTEK_SOURCE_DIR "/hsm/make-token.sh", dir, "scripted"});
+  ASSERT_EQ(made.code, 0) << Describe(made);
+  std::string conf, uri;
+  std::istringstream lines(made.out);
+  for (std::string line; std::getline(lines, line);) {
+    const std::string conf_prefix = "export SOFTHSM2_CONF='";
+    const std::string uri_prefix = "export HSMSTEK_URI='";
+    if (line.rfind(conf_prefix, 0) == 0) {
+      conf =
+          line.substr(conf_prefix.size(), line.size() - conf_prefix.size() - 1);
+    } else if (line.rfind(uri_prefix, 0) == 0) {
+      uri = line.substr(uri_prefix.size(), line.size() - uri_prefix.size() - 1);
+    }
+  }
+  ASSERT_EQ(conf, dir + "/softhsm2.conf") << made.out;
+  ASSERT_EQ(uri.rfind("pkcs11:token=scripted;object=tickets?", 0), 0u) << uri;
+  EXPECT_NE(ReadAll(conf).find("directories.tokendir = " + dir + "/tokens"),
+            std::string::npos);
+  struct stat st;
+  ASSERT_EQ(stat((dir + "/scripted.pin").c_str(), &st), 0);
+  EXPECT_EQ(st.st_mode & 0777, 0600u);
+
+  const std::vector<std::string> env = {"SOFTHSM2_CONF=" + conf};
+  RunResult p = Cli({"provision", uri}, env);
+  ASSERT_EQ(p.code, 0) << Describe(p);
+  RunResult s = Cli({"status", "--json", uri}, env);
+  ASSERT_EQ(s.code, 0) << Describe(s);
+  Json j = Json::parse(s.out, nullptr, false);
+  ASSERT_TRUE(j.is_object());
+  EXPECT_EQ(j["token"], "scripted");
+  EXPECT_EQ(j["stores"][0]["id"], PrintedId(p));
+  // The script refuses a second token of the same name.
+  RunResult again = RunProgram(
+      "/bin/sh", {HSMSTEK_SOURCE_DIR "/hsm/make-token.sh", dir, "scripted"});
+  EXPECT_EQ(again.code, 1);
+}
+
+}  // namespace
+}  // namespace hsmstek::keystore
