@@ -1,0 +1,407 @@
+/* ngx_http_hsmstek_module: TLS session tickets of nginx http servers sealed
+ * and opened in a PKCS#11 token through libhsmstek.
+ *
+ *   http {
+ *     hsmstek_store web "pkcs11:token=tickets;object=web?module-path=...";
+ *     server {
+ *       listen 443 ssl;
+ *       hsmstek_tickets web;           # or "off"; also valid in http{}
+ *       location = /hsmstek { hsmstek_status; }
+ *     }
+ *   }
+ *
+ * Configuration makes no PKCS#11 call (nginx -t, the -s signaller and the
+ * master never touch the token); workers open the stores in init_process and
+ * install the ticket callback on the SSL_CTX of every server that uses one.
+ * See docs/NGINX.md. */
+#include <ngx_config.h>
+#include <ngx_core.h>
+#include <ngx_http.h>
+
+#include "ngx_hsmstek_common.h"
+
+static ngx_int_t ngx_http_hsmstek_postconfiguration(ngx_conf_t *cf);
+static void *ngx_http_hsmstek_create_main_conf(ngx_conf_t *cf);
+static void *ngx_http_hsmstek_create_srv_conf(ngx_conf_t *cf);
+static char *ngx_http_hsmstek_merge_srv_conf(ngx_conf_t *cf, void *parent,
+                                             void *child);
+static char *ngx_http_hsmstek_status(ngx_conf_t *cf, ngx_command_t *cmd,
+                                     void *conf);
+static ngx_int_t ngx_http_hsmstek_init_process(ngx_cycle_t *cycle);
+static void ngx_http_hsmstek_exit_process(ngx_cycle_t *cycle);
+
+static ngx_command_t ngx_http_hsmstek_commands[] = {
+    {ngx_string("hsmstek_store"), NGX_HTTP_MAIN_CONF | NGX_CONF_2MORE,
+     ngx_hsmstek_store_directive, NGX_HTTP_MAIN_CONF_OFFSET, 0, NULL},
+
+    {ngx_string("hsmstek_tickets"),
+     NGX_HTTP_MAIN_CONF | NGX_HTTP_SRV_CONF | NGX_CONF_TAKE1,
+     ngx_hsmstek_tickets_directive, NGX_HTTP_SRV_CONF_OFFSET, 0, NULL},
+
+    {ngx_string("hsmstek_status"), NGX_HTTP_LOC_CONF | NGX_CONF_NOARGS,
+     ngx_http_hsmstek_status, 0, 0, NULL},
+
+    ngx_null_command};
+
+static ngx_http_module_t ngx_http_hsmstek_module_ctx = {
+    NULL,                               /* preconfiguration */
+    ngx_http_hsmstek_postconfiguration, /* postconfiguration */
+    ngx_http_hsmstek_create_main_conf,  /* create main configuration */
+    NULL,                               /* init main configuration */
+    ngx_http_hsmstek_create_srv_conf,   /* create server configuration */
+    ngx_http_hsmstek_merge_srv_conf,    /* merge server configuration */
+    NULL,                               /* create location configuration */
+    NULL                                /* merge location configuration */
+};
+
+ngx_module_t ngx_http_hsmstek_module = {
+    NGX_MODULE_V1,
+    &ngx_http_hsmstek_module_ctx,  /* module context */
+    ngx_http_hsmstek_commands,     /* module directives */
+    NGX_HTTP_MODULE,               /* module type */
+    NULL,                          /* init master */
+    NULL,                          /* init module */
+    ngx_http_hsmstek_init_process, /* init process */
+    NULL,                          /* init thread */
+    NULL,                          /* exit thread */
+    ngx_http_hsmstek_exit_process, /* exit process */
+    NULL,                          /* exit master */
+    NGX_MODULE_V1_PADDING};
+
+static void *ngx_http_hsmstek_create_main_conf(ngx_conf_t *cf) {
+  ngx_hsmstek_main_conf_t *mcf = ngx_pcalloc(cf->pool, sizeof(*mcf));
+  if (mcf == NULL || ngx_hsmstek_init_main_conf(cf, mcf, "http") != NGX_OK) {
+    return NULL;
+  }
+  return mcf;
+}
+
+static void *ngx_http_hsmstek_create_srv_conf(ngx_conf_t *cf) {
+  return ngx_hsmstek_create_srv_conf(cf);
+}
+
+static char *ngx_http_hsmstek_merge_srv_conf(ngx_conf_t *cf, void *parent,
+                                             void *child) {
+  ngx_hsmstek_main_conf_t *mcf =
+      ngx_http_conf_get_module_main_conf(cf, ngx_http_hsmstek_module);
+  return ngx_hsmstek_merge_srv_conf(cf, mcf, parent, child);
+}
+
+/* ngx_http_hsmstek_effective returns the index of the store whose callback
+ * goes on |cscf|'s SSL_CTX, or -1 if none does. */
+static ngx_int_t ngx_http_hsmstek_effective(ngx_http_core_srv_conf_t *cscf) {
+  ngx_hsmstek_srv_conf_t *scf =
+      cscf->ctx->srv_conf[ngx_http_hsmstek_module.ctx_index];
+  ngx_http_ssl_srv_conf_t *sscf =
+      cscf->ctx->srv_conf[ngx_http_ssl_module.ctx_index];
+  if (scf->enabled != 1 || sscf->ssl.ctx == NULL || !sscf->session_tickets) {
+    return -1;
+  }
+  return (ngx_int_t)scf->store;
+}
+
+/* ngx_http_hsmstek_sni reconciles name-based virtual servers with the
+ * default server of each TLS address. OpenSSL calls the ticket callback of
+ * the context a connection started with (the default server's) even after
+ * SNI switched to a virtual server's context, while libhsmstek looks the
+ * store up on the current context. So:
+ *  - a virtual server without hsmstek_tickets gets the default server's
+ *    store installed too: "the default server decides";
+ *  - any other difference is warned about: with no store on the default
+ *    server, nginx's own ticket keys would serve the virtual server; with
+ *    "off" on the virtual server it gets no tickets at all; with two stores
+ *    the result depends on the library, so the same store is required. */
+static ngx_int_t ngx_http_hsmstek_sni(ngx_conf_t *cf,
+                                      ngx_http_core_main_conf_t *cmcf,
+                                      ngx_hsmstek_main_conf_t *mcf) {
+  if (cmcf->ports == NULL) {
+    return NGX_OK;
+  }
+  ngx_hsmstek_store_conf_t *stores = mcf->stores.elts;
+  ngx_http_conf_port_t *ports = cmcf->ports->elts;
+  for (ngx_uint_t p = 0; p < cmcf->ports->nelts; p++) {
+    ngx_http_conf_addr_t *addrs = ports[p].addrs.elts;
+    for (ngx_uint_t a = 0; a < ports[p].addrs.nelts; a++) {
+      if (!addrs[a].opt.ssl) {
+        continue;
+      }
+      ngx_http_core_srv_conf_t *dflt = addrs[a].default_server;
+      ngx_int_t dflt_store = ngx_http_hsmstek_effective(dflt);
+      ngx_http_core_srv_conf_t **servers = addrs[a].servers.elts;
+      for (ngx_uint_t s = 0; s < addrs[a].servers.nelts; s++) {
+        ngx_http_core_srv_conf_t *v = servers[s];
+        ngx_hsmstek_srv_conf_t *scf =
+            v->ctx->srv_conf[ngx_http_hsmstek_module.ctx_index];
+        ngx_http_ssl_srv_conf_t *sscf =
+            v->ctx->srv_conf[ngx_http_ssl_module.ctx_index];
+        /* Without tickets (nginx copies SSL_OP_NO_TICKET on the switch)
+         * nothing is at stake. */
+        if (v == dflt || sscf->ssl.ctx == NULL || !sscf->session_tickets) {
+          continue;
+        }
+        ngx_int_t store = ngx_http_hsmstek_effective(v);
+        if (store == dflt_store) {
+          continue;
+        }
+        if (dflt_store >= 0 && scf->enabled == NGX_CONF_UNSET) {
+          ngx_int_t rc = ngx_hsmstek_add_install_store(cf, mcf, sscf->ssl.ctx,
+                                                       (ngx_uint_t)dflt_store,
+                                                       v->file_name, v->line);
+          if (rc == NGX_ERROR) {
+            return NGX_ERROR;
+          }
+          if (rc == NGX_OK) {
+            ngx_log_error(NGX_LOG_INFO, cf->log, 0,
+                          "hsmstek: the server in %s:%ui has no "
+                          "\"hsmstek_tickets\"; on %V it uses store \"%V\" "
+                          "of the default server in %s:%ui",
+                          v->file_name, v->line, &addrs[a].opt.addr_text,
+                          &stores[dflt_store].name, dflt->file_name,
+                          dflt->line);
+            continue;
+          }
+          ngx_log_error(NGX_LOG_WARN, cf->log, 0,
+                        "hsmstek: the server in %s:%ui is a name-based "
+                        "virtual server of default servers with different "
+                        "hsmstek stores; it keeps the first: set its "
+                        "\"hsmstek_tickets\" explicitly",
+                        v->file_name, v->line);
+          continue;
+        }
+        if (dflt_store < 0) {
+          ngx_log_error(NGX_LOG_WARN, cf->log, 0,
+                        "hsmstek: the server in %s:%ui uses store \"%V\", "
+                        "but on %V its default server in %s:%ui has none: "
+                        "connections that reach it by SNI get session "
+                        "tickets under nginx's own keys; set "
+                        "\"hsmstek_tickets\" on the default server",
+                        v->file_name, v->line, &stores[store].name,
+                        &addrs[a].opt.addr_text, dflt->file_name, dflt->line);
+        } else if (store < 0) {
+          ngx_log_error(NGX_LOG_WARN, cf->log, 0,
+                        "hsmstek: the server in %s:%ui has "
+                        "\"hsmstek_tickets off\", but on %V its default "
+                        "server in %s:%ui uses store \"%V\": connections "
+                        "that reach it by SNI get no session tickets",
+                        v->file_name, v->line, &addrs[a].opt.addr_text,
+                        dflt->file_name, dflt->line, &stores[dflt_store].name);
+        } else {
+          ngx_log_error(NGX_LOG_WARN, cf->log, 0,
+                        "hsmstek: the server in %s:%ui uses store \"%V\", "
+                        "but on %V its default server in %s:%ui uses store "
+                        "\"%V\": name-based virtual servers must use the "
+                        "store of their default server",
+                        v->file_name, v->line, &stores[store].name,
+                        &addrs[a].opt.addr_text, dflt->file_name, dflt->line,
+                        &stores[dflt_store].name);
+        }
+      }
+    }
+  }
+  return NGX_OK;
+}
+
+static ngx_int_t ngx_http_hsmstek_postconfiguration(ngx_conf_t *cf) {
+  ngx_hsmstek_main_conf_t *mcf =
+      ngx_http_conf_get_module_main_conf(cf, ngx_http_hsmstek_module);
+  ngx_http_core_main_conf_t *cmcf =
+      ngx_http_conf_get_module_main_conf(cf, ngx_http_core_module);
+
+  ngx_http_core_srv_conf_t **servers = cmcf->servers.elts;
+  for (ngx_uint_t i = 0; i < cmcf->servers.nelts; i++) {
+    ngx_hsmstek_srv_conf_t *scf =
+        servers[i]->ctx->srv_conf[ngx_http_hsmstek_module.ctx_index];
+    ngx_http_ssl_srv_conf_t *sscf =
+        servers[i]->ctx->srv_conf[ngx_http_ssl_module.ctx_index];
+    if (ngx_hsmstek_add_install(cf, mcf, scf, sscf->ssl.ctx,
+                                sscf->session_tickets, servers[i]->file_name,
+                                servers[i]->line) != NGX_OK) {
+      return NGX_ERROR;
+    }
+  }
+  if (ngx_http_hsmstek_sni(cf, cmcf, mcf) != NGX_OK) {
+    return NGX_ERROR;
+  }
+  return ngx_hsmstek_postconfiguration(cf, mcf);
+}
+
+static ngx_int_t ngx_http_hsmstek_init_process(ngx_cycle_t *cycle) {
+  return ngx_hsmstek_open_stores(cycle, ngx_http_cycle_get_module_main_conf(
+                                            cycle, ngx_http_hsmstek_module));
+}
+
+static void ngx_http_hsmstek_exit_process(ngx_cycle_t *cycle) {
+  ngx_hsmstek_close_stores(
+      ngx_http_cycle_get_module_main_conf(cycle, ngx_http_hsmstek_module));
+}
+
+/* Prometheus metrics of hsmstek_status, one family per row (rows of one
+ * family are adjacent and share name/help/type). */
+typedef struct {
+  const char *name;
+  const char *help;
+  const char *type;
+  const char *labels; /* appended after store="..." */
+  size_t offset;      /* of a uint64_t in hsmstek_stats */
+  ngx_uint_t seconds; /* value is in ns, print as seconds */
+} ngx_http_hsmstek_metric_t;
+
+#define NGX_HSMSTEK_FIELD(f) offsetof(hsmstek_stats, f)
+
+static const ngx_http_hsmstek_metric_t ngx_http_hsmstek_metrics[] = {
+    {"hsmstek_tickets_issued_total", "Session tickets sealed in the token.",
+     "counter", "", NGX_HSMSTEK_FIELD(tickets_issued), 0},
+    {"hsmstek_tickets_resumed_total",
+     "Tickets accepted without asking for a new one.", "counter", "",
+     NGX_HSMSTEK_FIELD(tickets_resumed), 0},
+    {"hsmstek_tickets_renewed_total",
+     "Tickets accepted with a fresh ticket asked for.", "counter", "",
+     NGX_HSMSTEK_FIELD(tickets_renewed), 0},
+    {"hsmstek_tickets_rejected_total",
+     "Tickets refused (full handshake instead), by reason.", "counter",
+     ",reason=\"unknown_key\"", NGX_HSMSTEK_FIELD(rejected_unknown_key), 0},
+    {"hsmstek_tickets_rejected_total", NULL, NULL, ",reason=\"expired\"",
+     NGX_HSMSTEK_FIELD(rejected_expired), 0},
+    {"hsmstek_tickets_rejected_total", NULL, NULL, ",reason=\"future\"",
+     NGX_HSMSTEK_FIELD(rejected_future), 0},
+    {"hsmstek_tickets_rejected_total", NULL, NULL, ",reason=\"not_routed\"",
+     NGX_HSMSTEK_FIELD(rejected_not_routed), 0},
+    {"hsmstek_token_errors_total", "Token failures seen by the callback.",
+     "counter", "", NGX_HSMSTEK_FIELD(token_errors), 0},
+    {"hsmstek_derivations_total", "Per-epoch keys derived in the token.",
+     "counter", "", NGX_HSMSTEK_FIELD(derivations), 0},
+    {"hsmstek_reconnects_total", "Successful token (re)connects.", "counter",
+     "", NGX_HSMSTEK_FIELD(reconnects), 0},
+    {"hsmstek_seal_operations_total", "Tickets sealed (timed operations).",
+     "counter", "", NGX_HSMSTEK_FIELD(seal.count), 0},
+    {"hsmstek_seal_latency_seconds",
+     "Latency of sealing one ticket (estimated quantiles).", "gauge",
+     ",quantile=\"0.5\"", NGX_HSMSTEK_FIELD(seal.p50_ns), 1},
+    {"hsmstek_seal_latency_seconds", NULL, NULL, ",quantile=\"0.99\"",
+     NGX_HSMSTEK_FIELD(seal.p99_ns), 1},
+    {"hsmstek_seal_latency_max_seconds", "Slowest seal of one ticket.", "gauge",
+     "", NGX_HSMSTEK_FIELD(seal.max_ns), 1},
+    {"hsmstek_open_operations_total", "Tickets opened (timed operations).",
+     "counter", "", NGX_HSMSTEK_FIELD(open.count), 0},
+    {"hsmstek_open_latency_seconds",
+     "Latency of opening one ticket (estimated quantiles).", "gauge",
+     ",quantile=\"0.5\"", NGX_HSMSTEK_FIELD(open.p50_ns), 1},
+    {"hsmstek_open_latency_seconds", NULL, NULL, ",quantile=\"0.99\"",
+     NGX_HSMSTEK_FIELD(open.p99_ns), 1},
+    {"hsmstek_open_latency_max_seconds", "Slowest open of one ticket.", "gauge",
+     "", NGX_HSMSTEK_FIELD(open.max_ns), 1},
+};
+
+/* Upper bound of one sample line besides the metric's name and labels:
+ * '{store="' name '"' '}' ' ' value '\n'. */
+#define NGX_HSMSTEK_SAMPLE_EXTRA \
+  (NGX_HSMSTEK_MAX_NAME + 16 + NGX_INT64_LEN + 12)
+
+static ngx_int_t ngx_http_hsmstek_status_handler(ngx_http_request_t *r) {
+  if (!(r->method & (NGX_HTTP_GET | NGX_HTTP_HEAD))) {
+    return NGX_HTTP_NOT_ALLOWED;
+  }
+  ngx_int_t rc = ngx_http_discard_request_body(r);
+  if (rc != NGX_OK) {
+    return rc;
+  }
+
+  ngx_hsmstek_main_conf_t *mcf =
+      ngx_http_get_module_main_conf(r, ngx_http_hsmstek_module);
+  ngx_hsmstek_store_conf_t *stores = mcf->stores.elts;
+  ngx_uint_t n = mcf->stores.nelts;
+
+  /* Snapshot first so every family shows the same moment. */
+  hsmstek_stats *stats = ngx_pcalloc(r->pool, (n + 1) * sizeof(*stats));
+  ngx_uint_t *have = ngx_pcalloc(r->pool, (n + 1) * sizeof(*have));
+  if (stats == NULL || have == NULL) {
+    return NGX_HTTP_INTERNAL_SERVER_ERROR;
+  }
+  for (ngx_uint_t i = 0; i < n; i++) {
+    have[i] = stores[i].store != NULL &&
+              hsmstek_store_stats(stores[i].store, &stats[i]) == HSMSTEK_OK;
+  }
+
+  size_t size = 256 + n * NGX_HSMSTEK_SAMPLE_EXTRA * 2;
+  for (size_t m = 0; m < sizeof(ngx_http_hsmstek_metrics) /
+                             sizeof(ngx_http_hsmstek_metrics[0]);
+       m++) {
+    const ngx_http_hsmstek_metric_t *metric = &ngx_http_hsmstek_metrics[m];
+    size_t name_len = ngx_strlen(metric->name);
+    if (metric->help != NULL) {
+      size += 2 * name_len + ngx_strlen(metric->help) +
+              ngx_strlen(metric->type) + 32;
+    }
+    size +=
+        n * (name_len + ngx_strlen(metric->labels) + NGX_HSMSTEK_SAMPLE_EXTRA);
+  }
+
+  ngx_buf_t *b = ngx_create_temp_buf(r->pool, size);
+  if (b == NULL) {
+    return NGX_HTTP_INTERNAL_SERVER_ERROR;
+  }
+  u_char *p = b->last;
+  u_char *end = b->end;
+  p = ngx_slprintf(p, end,
+                   "# hsmstek counters of nginx worker %P (each worker "
+                   "counts its own handshakes)\n",
+                   ngx_pid);
+  p = ngx_slprintf(p, end,
+                   "# HELP hsmstek_store_open 1 if this worker opened the "
+                   "store, 0 if opening failed.\n"
+                   "# TYPE hsmstek_store_open gauge\n");
+  for (ngx_uint_t i = 0; i < n; i++) {
+    p = ngx_slprintf(p, end, "hsmstek_store_open{store=\"%V\"} %ui\n",
+                     &stores[i].name, (ngx_uint_t)(stores[i].store != NULL));
+  }
+  for (size_t m = 0; m < sizeof(ngx_http_hsmstek_metrics) /
+                             sizeof(ngx_http_hsmstek_metrics[0]);
+       m++) {
+    const ngx_http_hsmstek_metric_t *metric = &ngx_http_hsmstek_metrics[m];
+    if (metric->help != NULL) {
+      p = ngx_slprintf(p, end, "# HELP %s %s\n# TYPE %s %s\n", metric->name,
+                       metric->help, metric->name, metric->type);
+    }
+    for (ngx_uint_t i = 0; i < n; i++) {
+      if (!have[i]) {
+        continue;
+      }
+      uint64_t v =
+          *(const uint64_t *)((const u_char *)&stats[i] + metric->offset);
+      p = ngx_slprintf(p, end, "%s{store=\"%V\"%s} ", metric->name,
+                       &stores[i].name, metric->labels);
+      if (metric->seconds) {
+        p = ngx_slprintf(p, end, "%uL.%09uL\n", v / 1000000000, v % 1000000000);
+      } else {
+        p = ngx_slprintf(p, end, "%uL\n", v);
+      }
+    }
+  }
+  b->last = p;
+  b->last_buf = (r == r->main) ? 1 : 0;
+  b->last_in_chain = 1;
+
+  ngx_str_set(&r->headers_out.content_type,
+              "text/plain; version=0.0.4; charset=utf-8");
+  r->headers_out.content_type_len = r->headers_out.content_type.len;
+  r->headers_out.content_type_lowcase = NULL;
+  r->headers_out.status = NGX_HTTP_OK;
+  r->headers_out.content_length_n = b->last - b->pos;
+
+  rc = ngx_http_send_header(r);
+  if (rc == NGX_ERROR || rc > NGX_OK || r->header_only) {
+    return rc;
+  }
+  ngx_chain_t out = {b, NULL};
+  return ngx_http_output_filter(r, &out);
+}
+
+static char *ngx_http_hsmstek_status(ngx_conf_t *cf, ngx_command_t *cmd,
+                                     void *conf) {
+  (void)cmd;
+  (void)conf;
+  ngx_http_core_loc_conf_t *clcf =
+      ngx_http_conf_get_module_loc_conf(cf, ngx_http_core_module);
+  clcf->handler = ngx_http_hsmstek_status_handler;
+  return NGX_CONF_OK;
+}
