@@ -32,11 +32,13 @@ struct Command {
 };
 
 // Register* add one command group to `app` and append what they added to
-// `out`. Defined in provision.cc, status.cc, legacy.cc, replicate.cc.
+// `out`. Defined in provision.cc, status.cc, legacy.cc, replicate.cc,
+// selftest.cc.
 void RegisterProvision(CLI::App &app, std::vector<Command> &out);
 void RegisterStatus(CLI::App &app, std::vector<Command> &out);
 void RegisterLegacy(CLI::App &app, std::vector<Command> &out);
 void RegisterReplicate(CLI::App &app, std::vector<Command> &out);
+void RegisterSelfTest(CLI::App &app, std::vector<Command> &out);
 
 // OpenStore opens the store `uri` names (object= is the label) with
 // background maintenance off and, when `read_write`, read/write sessions.

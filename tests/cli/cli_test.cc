@@ -1395,3 +1395,36 @@ TEST_F(CliTest, MakeTokenScriptGivesAWorkingUri) {
 
 }  // namespace
 }  // namespace hsmstek::keystore
+
+// ---------------------------------------------------------------------------
+// selftest
+
+namespace hsmstek::keystore {
+namespace {
+
+TEST_F(CliTest, SelftestResumesBothProtocolVersionsThroughTheToken) {
+  ASSERT_EQ(Cli({"provision", Uri(kMain, "selftest")}).code, 0);
+  const size_t objects = CountTokenObjects(kMain);
+  RunResult r = Cli({"selftest", Uri(kMain, "selftest"), "--rounds", "3"});
+  ASSERT_EQ(r.code, 0) << Describe(r);
+  EXPECT_NE(r.out.find("TLS 1.2: 3/3 resumptions ok"), std::string::npos)
+      << r.out;
+  EXPECT_NE(r.out.find("TLS 1.3: 3/3 resumptions ok"), std::string::npos)
+      << r.out;
+  EXPECT_NE(r.out.find("token errors 0"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("seal (encrypt + HMAC in the token): p50"),
+            std::string::npos);
+  EXPECT_NE(r.out.find("self-test passed"), std::string::npos);
+  // Provisions nothing.
+  EXPECT_EQ(CountTokenObjects(kMain), objects);
+}
+
+TEST_F(CliTest, SelftestFailsClearlyWithoutAnActiveMaster) {
+  RunResult r = Cli({"selftest", Uri(kMain, "nothing-here")});
+  EXPECT_EQ(r.code, 1) << Describe(r);
+  EXPECT_NE(r.err.find("store not usable"), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("no active master"), std::string::npos) << r.err;
+}
+
+}  // namespace
+}  // namespace hsmstek::keystore
