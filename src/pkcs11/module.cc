@@ -112,6 +112,9 @@ Status Module::EnsureInitialized() {
   CK_C_INITIALIZE_ARGS args = {};
   args.flags = CKF_OS_LOCKING_OK;
   CK_RV rv = fn_->C_Initialize(&args);
+  // A child starts with none of its parent's tokens connected.
+  connected_tokens_ = 0;
+  initialized_by_us_ = rv == CKR_OK;
   if (rv == CKR_CRYPTOKI_ALREADY_INITIALIZED) {
     // Another component of this process (an engine, p11-kit) initialised the
     // module, or the module survived a fork with its own state: both usable.
@@ -122,6 +125,33 @@ Status Module::EnsureInitialized() {
   initialized_ = true;
   initialized_fork_count_ = forks;
   return Status::Ok();
+}
+
+bool Module::TryReinitialize() {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (!initialized_ || !initialized_by_us_ || connected_tokens_ > 0 ||
+      initialized_fork_count_ != ForkCount()) {
+    return false;
+  }
+  fn_->C_Finalize(nullptr);
+  CK_C_INITIALIZE_ARGS args = {};
+  args.flags = CKF_OS_LOCKING_OK;
+  CK_RV rv = fn_->C_Initialize(&args);
+  initialized_ = rv == CKR_OK || rv == CKR_CRYPTOKI_ALREADY_INITIALIZED;
+  initialized_by_us_ = rv == CKR_OK;
+  log::Info("re-initialised PKCS#11 module " + name_ + ": " +
+            std::string(CkrName(rv)));
+  return initialized_;
+}
+
+void Module::TokenConnected() {
+  std::lock_guard<std::mutex> lock(mu_);
+  ++connected_tokens_;
+}
+
+void Module::TokenDisconnected() {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (connected_tokens_ > 0) --connected_tokens_;
 }
 
 Module::~Module() = default;

@@ -32,6 +32,19 @@ class Module {
   // initialised again before use. Thread-safe.
   [[nodiscard]] Status EnsureInitialized();
 
+  // TryReinitialize calls C_Finalize and C_Initialize again, to make a
+  // module that reads its token list only at initialisation (SoftHSM) see
+  // tokens that changed since. Does nothing and returns false unless this
+  // process initialised the module itself and none of our tokens is
+  // connected through it (finalising would pull sessions from under them,
+  // or from another component sharing the module). Thread-safe.
+  bool TryReinitialize();
+
+  // Tokens report connects and disconnects, so TryReinitialize knows
+  // whether sessions of ours are open. Thread-safe.
+  void TokenConnected();
+  void TokenDisconnected();
+
   // Counts how often this process has forked a child in which we run: each
   // fork bumps it in the child (pthread_atfork). Cheap; lock-free.
   static uint64_t ForkCount();
@@ -52,7 +65,9 @@ class Module {
   CK_FUNCTION_LIST *fn_;
   std::mutex mu_;
   bool initialized_ = false;
+  bool initialized_by_us_ = false;  // C_Initialize returned CKR_OK
   uint64_t initialized_fork_count_ = 0;
+  int connected_tokens_ = 0;  // of this process (reset after fork)
 };
 
 }  // namespace hsmstek::p11

@@ -84,10 +84,7 @@ Result<std::shared_ptr<Token>> Token::Create(const TokenUri &uri,
       new Token(uri, std::move(options), std::move(candidates)));
 }
 
-TokenState Token::state() const {
-  std::lock_guard<std::mutex> lock(mu_);
-  return state_;
-}
+TokenState Token::state() const { return state_.load(); }
 
 std::string Token::label() const {
   std::lock_guard<std::mutex> lock(mu_);
@@ -160,26 +157,46 @@ Status Token::ConnectLocked() {
 
   std::vector<SlotMatch> matches;
   std::vector<std::string> seen;
-  for (const std::shared_ptr<Module> &module : candidates_) {
-    Status init = module->EnsureInitialized();
-    if (!init.ok()) return fail(init);
-    CK_FUNCTION_LIST *f = module->functions();
-    CK_ULONG count = 0;
-    CK_RV rv = f->C_GetSlotList(CK_TRUE, nullptr, &count);
-    if (rv != CKR_OK) return fail(CkError("C_GetSlotList", rv, module->name()));
-    std::vector<CK_SLOT_ID> slots(count);
-    rv = f->C_GetSlotList(CK_TRUE, slots.data(), &count);
-    if (rv != CKR_OK) return fail(CkError("C_GetSlotList", rv, module->name()));
-    slots.resize(count);
-    for (CK_SLOT_ID slot : slots) {
-      CK_TOKEN_INFO info;
-      rv = f->C_GetTokenInfo(slot, &info);
-      if (rv != CKR_OK) continue;  // token went away between the two calls
-      if (!(info.flags & CKF_TOKEN_INITIALIZED)) continue;
-      seen.push_back(Describe(info, slot));
-      if (uri_.MatchesToken(info, slot)) {
-        matches.push_back({module, slot, info});
+  auto scan = [&]() -> Status {
+    matches.clear();
+    seen.clear();
+    for (const std::shared_ptr<Module> &module : candidates_) {
+      Status init = module->EnsureInitialized();
+      if (!init.ok()) return init;
+      CK_FUNCTION_LIST *f = module->functions();
+      CK_ULONG count = 0;
+      CK_RV rv = f->C_GetSlotList(CK_TRUE, nullptr, &count);
+      if (rv != CKR_OK) return CkError("C_GetSlotList", rv, module->name());
+      std::vector<CK_SLOT_ID> slots(count);
+      rv = f->C_GetSlotList(CK_TRUE, slots.data(), &count);
+      if (rv != CKR_OK) return CkError("C_GetSlotList", rv, module->name());
+      slots.resize(count);
+      for (CK_SLOT_ID slot : slots) {
+        CK_TOKEN_INFO info;
+        rv = f->C_GetTokenInfo(slot, &info);
+        if (rv != CKR_OK) continue;  // token went away between the two calls
+        if (!(info.flags & CKF_TOKEN_INITIALIZED)) continue;
+        seen.push_back(Describe(info, slot));
+        if (uri_.MatchesToken(info, slot)) {
+          matches.push_back({module, slot, info});
+        }
       }
+    }
+    return Status::Ok();
+  };
+  Status scanned = scan();
+  if (!scanned.ok()) return fail(scanned);
+  if (matches.empty()) {
+    // SoftHSM reads its token files only in C_Initialize: a token created
+    // (or being rewritten by another process, e.g. a sibling nginx worker)
+    // at that moment stays invisible until the module is initialised again.
+    bool reinitialised = false;
+    for (const std::shared_ptr<Module> &module : candidates_) {
+      reinitialised = module->TryReinitialize() || reinitialised;
+    }
+    if (reinitialised) {
+      scanned = scan();
+      if (!scanned.ok()) return fail(scanned);
     }
   }
   auto list_seen = [&seen] {
@@ -252,12 +269,16 @@ Status Token::ConnectLocked() {
         rv == CKR_PIN_EXPIRED) {
       rejected_pin_source_ = pin_source;
     }
+    // SoftHSM answers CKR_GENERAL_ERROR when its token files changed under
+    // it (see above): the next attempt starts from a fresh C_Initialize.
+    if (rv == CKR_GENERAL_ERROR) module_->TryReinitialize();
     return fail(CkError("C_Login", rv, "token \"" + label_ + "\""));
   }
   rejected_pin_source_.reset();
 
   object_session_ = object_session;
   state_ = TokenState::kConnected;
+  module_->TokenConnected();
   backoff_ = std::chrono::milliseconds(0);
   connected_fork_count_ = Module::ForkCount();
   last_connect_error_ = Status::Ok();
@@ -341,7 +362,10 @@ void Token::DisconnectLocked(bool close_handles) {
   }
   idle_.clear();
   object_session_ = CK_INVALID_HANDLE;
-  if (state_ == TokenState::kConnected) state_ = TokenState::kDisconnected;
+  if (state_ == TokenState::kConnected) {
+    state_ = TokenState::kDisconnected;
+    if (module_ && !ForkedSinceConnect()) module_->TokenDisconnected();
+  }
   if (ForkedSinceConnect()) {
     // The child needs its own C_Initialize before any call; a new
     // generation makes every handle of the parent stale.

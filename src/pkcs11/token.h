@@ -155,7 +155,9 @@ class Token : public std::enable_shared_from_this<Token> {
 
   mutable std::mutex mu_;  // guards everything below
   std::shared_ptr<Module> module_;
-  TokenState state_ = TokenState::kDisconnected;
+  // Written under mu_; atomic so that state() needs no lock (the key store
+  // asks on every ticket).
+  std::atomic<TokenState> state_{TokenState::kDisconnected};
   CK_SLOT_ID slot_ = 0;
   std::string label_;
   std::string serial_;

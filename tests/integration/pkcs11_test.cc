@@ -211,6 +211,29 @@ TEST_F(Pkcs11Test, BackoffRefusesWithoutTouchingTheToken) {
   EXPECT_EQ(again.status().code(), ErrorCode::kPermissionDenied);
 }
 
+TEST_F(Pkcs11Test, ATokenCreatedByAnotherProcessIsFoundAfterReinitialising) {
+  // SoftHSM reads its token files only in C_Initialize. A token that another
+  // process creates afterwards (or rewrites at that moment, as a sibling
+  // nginx worker logging in does) is invisible until the module is
+  // initialised again, which the token layer does when nothing matches.
+  pid_t pid = fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    execlp("softhsm2-util", "softhsm2-util", "--init-token", "--free",
+           "--label", "p11-late", "--so-pin", testing::kSoPin, "--pin",
+           testing::kUserPin, static_cast<char *>(nullptr));
+    _exit(127);
+  }
+  int status = 0;
+  ASSERT_EQ(waitpid(pid, &status, 0), pid);
+  ASSERT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+
+  auto token = Open(SoftHsm::Get().Uri("p11-late"));
+  Status s = token->Connect();
+  EXPECT_TRUE(s.ok()) << s.message();
+  EXPECT_EQ(token->label(), "p11-late");
+}
+
 TEST_F(Pkcs11Test, MissingMechanismIsNamed) {
   TokenOptions options;
   options.required_mechanisms = {CKM_AES_CBC_PAD, CKM_SHA256_HMAC,
