@@ -1,0 +1,108 @@
+#!/bin/bash
+# nginx_fleet_test.sh: a fleet of two nginx servers whose separate SoftHSM
+# tokens hold the same master, replicated the way docs/CLI.md describes
+# (hsmstek wrap-key generate on B, wrap-key trust on A as the SO,
+# provision --replicable + export on A, import on B). A session ticket
+# issued by A resumes on B and one issued by B resumes on A, over TLS 1.2 and
+# TLS 1.3. Control: a third server C whose token has its own master under
+# the same label accepts neither (full handshake), so the resumptions on B
+# come from the replicated master and nothing else.
+#
+# Each token lives in its own directory with its own softhsm2.conf; each
+# nginx names its own with `env SOFTHSM2_CONF=...;`.
+#
+# Usage: nginx_fleet_test.sh [BUILD_DIR]   (default /work/build-nginx)
+# Prints "N passed, N failed"; exits non-zero on any failure.
+set -u
+build_dir=${1:-/work/build-nginx}
+# shellcheck source=nginx_lib.sh
+. "$(dirname "$0")/nginx_lib.sh"
+lib_init nginx_fleet
+
+# status_field CONF URI ID FIELD: a field of store ID in `status --json`.
+status_field() {
+  SOFTHSM2_CONF=$1 "$cli" status --json "$2" 2>/dev/null |
+    python3 -c 'import json, sys
+for s in json.load(sys.stdin)["stores"]:
+    if s["id"] == sys.argv[1]:
+        print(s[sys.argv[2]])' "$3" "$4"
+}
+
+# --- the replication ceremony -------------------------------------------------
+
+new_token "$tmp/a" fleet-a || exit 2
+a_conf=$TOKEN_CONF a_uri=$TOKEN_URI
+new_token "$tmp/b" fleet-b || exit 2
+b_conf=$TOKEN_CONF b_uri=$TOKEN_URI
+new_token "$tmp/c" fleet-c || exit 2
+c_conf=$TOKEN_CONF c_uri=$TOKEN_URI
+
+# ceremony: one step of it; its output goes to $tmp/ceremony.log.
+ceremony() {
+  if ! "$@" >>"$tmp/ceremony.log" 2>&1; then
+    cat "$tmp/ceremony.log" >&2
+    echo "nginx_fleet: replication step failed: ${*:2}" >&2
+    exit 2
+  fi
+}
+ceremony env SOFTHSM2_CONF="$b_conf" "$cli" wrap-key generate \
+  "pkcs11:token=fleet-b;object=fleet-wrap?module-path=$softhsm_so&pin-source=file:$tmp/b/fleet-b.pin" \
+  --out "$tmp/b-wrap.pem"
+ceremony env SOFTHSM2_CONF="$a_conf" "$cli" wrap-key trust \
+  "pkcs11:token=fleet-a;object=fleet-wrap?module-path=$softhsm_so" \
+  --in "$tmp/b-wrap.pem" --so-pin-source "file:$tmp/a/fleet-a.so-pin"
+id=$(provision "$a_conf" "$a_uri" --replicable) && [ -n "$id" ] || exit 2
+ceremony env SOFTHSM2_CONF="$a_conf" "$cli" export "$a_uri" --id "$id" \
+  --wrap-key 'pkcs11:object=fleet-wrap' --out "$tmp/tickets.bundle"
+ceremony env SOFTHSM2_CONF="$b_conf" "$cli" import "$b_uri" \
+  --unwrap-key 'pkcs11:object=fleet-wrap' --in "$tmp/tickets.bundle"
+c_id=$(provision "$c_conf" "$c_uri") && [ -n "$c_id" ] || exit 2
+
+a_check=$(status_field "$a_conf" "$a_uri" "$id" check)
+b_check=$(status_field "$b_conf" "$b_uri" "$id" check)
+check "replicated_master_same_check_value ($a_check)" - \
+  test -n "$a_check" -a "$a_check" = "$b_check"
+check "token_b_master_is_active" - \
+  test "$(status_field "$b_conf" "$b_uri" "$id" state)" = active
+
+# --- three nginx servers --------------------------------------------------------
+
+declare -A port=()
+for n in a b c; do
+  port[$n]=$(free_port)
+  conf_var=${n}_conf uri_var=${n}_uri
+  write_conf "$n" "env SOFTHSM2_CONF=${!conf_var};" "
+    hsmstek_store fleet \"${!uri_var}\";
+    server {
+        listen 127.0.0.1:${port[$n]} ssl;
+        hsmstek_tickets fleet;
+        $page_location
+    }"
+  if ! start_nginx "$n" 'hsmstek: store "fleet" is ready'; then
+    fail "nginx $n did not start" "$n"
+    finish
+    exit
+  fi
+done
+
+for v in 1.2 1.3; do
+  tls "${port[a]}" "$v" "$tmp/a$v"
+  check "tls${v}_a_issues_ticket_under_replicated_master" a \
+    fresh_ticket "$tmp/a$v" "$id"
+  tls "${port[b]}" "$v" "$tmp/ab$v" "$tmp/a$v.pem"
+  check "tls${v}_ticket_from_a_resumes_on_b" b resumed "$tmp/ab$v"
+
+  tls "${port[b]}" "$v" "$tmp/b$v"
+  check "tls${v}_b_issues_ticket_under_replicated_master" b \
+    fresh_ticket "$tmp/b$v" "$id"
+  tls "${port[a]}" "$v" "$tmp/ba$v" "$tmp/b$v.pem"
+  check "tls${v}_ticket_from_b_resumes_on_a" a resumed "$tmp/ba$v"
+
+  # Control: C's own master (same label, other key) cannot open A's ticket.
+  tls "${port[c]}" "$v" "$tmp/ac$v" "$tmp/a$v.pem"
+  check "tls${v}_ticket_from_a_not_resumed_by_other_master" c \
+    fresh_ticket "$tmp/ac$v" "$c_id"
+done
+
+for n in a b c; do stop_nginx "$n"; done
+finish
