@@ -15,7 +15,7 @@ packages=(
   # fuzzing and sanitizers (clang's libFuzzer and runtimes)
   clang libclang-rt-14-dev
   # real TLS clients and the server for e2e tests and the demo
-  gnutls-bin curl nginx-light nginx-dev libnginx-mod-stream
+  gnutls-bin curl nginx nginx-dev libnginx-mod-stream
   # process helpers used by scripts
   procps psmisc python3
 )
