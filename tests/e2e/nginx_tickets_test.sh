@@ -59,6 +59,13 @@ skip() { skipped=$((skipped + 1)); echo "SKIP: $1"; }
 # --- token, PINs, certificate ----------------------------------------------
 
 export SOFTHSM2_CONF="$tmp/softhsm2.conf"
+# Five distinct free loopback ports (held open together while picked), so
+# parallel tests and other local servers never collide with ours.
+read -r port_main port_alt1 port_alt2 port_stream port_status < <(python3 -c '
+import socket
+socks = [socket.socket() for _ in range(5)]
+for s in socks: s.bind(("127.0.0.1", 0))
+print(" ".join(str(s.getsockname()[1]) for s in socks))')
 mkdir -p "$tmp/tokens"
 cat >"$SOFTHSM2_CONF" <<EOF
 directories.tokendir = $tmp/tokens
@@ -198,11 +205,11 @@ status_page() {
 conf="$tmp/control.conf"
 write_conf "$conf" "
     server {
-        listen 127.0.0.1:18443 ssl;
+        listen 127.0.0.1:${port_main} ssl;
         ssl_session_ticket_key $tmp/ticket.key;
     }" ""
 if start_nginx "$conf" "start worker process"; then
-  handshake 18443 tls1_2 "$tmp/s0"
+  handshake ${port_main} tls1_2 "$tmp/s0"
   if [ "$(ticket_name "$tmp/s0")" = "$legacy_name" ]; then
     pass control_key_file_ticket
   else
@@ -224,17 +231,17 @@ conf="$tmp/open_fails.conf"
 write_conf "$conf" "
     hsmstek_store web \"$(uri web "$tmp/pin" "$tmp/mark.so")\";
     server {
-        listen 127.0.0.1:18443 ssl;
+        listen 127.0.0.1:${port_main} ssl;
         ssl_session_ticket_key $tmp/ticket.key;
         hsmstek_tickets web;
     }
     server {
-        listen 127.0.0.1:18081;
+        listen 127.0.0.1:${port_status};
         location = /hsmstek { hsmstek_status; }
     }" ""
 if start_nginx "$conf"; then
   worker=$(pgrep -P "$ngx_pid" | head -n 1)
-  handshake 18443 tls1_2 "$tmp/s1"
+  handshake ${port_main} tls1_2 "$tmp/s1"
   if connected && ! has_ticket "$tmp/s1"; then
     pass open_fails_no_ticket_tls12
   else
@@ -251,7 +258,7 @@ if start_nginx "$conf"; then
   else
     fail "pkcs11_module_loaded_only_by_worker (master $ngx_pid, worker $worker, marker: $(tr '\n' ' ' <"$tmp/marker" 2>/dev/null))"
   fi
-  page=$(status_page 18081)
+  page=$(status_page ${port_status})
   if grep -qx 'hsmstek_store_open{store="web"} 0' <<<"$page" &&
      ! grep -q 'hsmstek_tickets_issued_total{store="web"}' <<<"$page"; then
     pass status_shows_unopened_store
@@ -283,16 +290,16 @@ for case in no_master wrong_pin wrong_pin_value; do
   write_conf "$conf" "
     hsmstek_store web \"$store_uri\";
     server {
-        listen 127.0.0.1:18443 ssl;
+        listen 127.0.0.1:${port_main} ssl;
         hsmstek_tickets web;
     }
     server {
-        listen 127.0.0.1:18081;
+        listen 127.0.0.1:${port_status};
         location = /hsmstek { hsmstek_status; }
     }" "
     hsmstek_store tcp \"$store_uri\";
     server {
-        listen 127.0.0.1:18543 ssl;
+        listen 127.0.0.1:${port_stream} ssl;
         ssl_certificate $tmp/cert.pem;
         ssl_certificate_key $tmp/key.pem;
         hsmstek_tickets tcp;
@@ -307,19 +314,19 @@ for case in no_master wrong_pin wrong_pin_value; do
   else
     fail "${case}_warned"
   fi
-  handshake 18443 tls1_2 "$tmp/s1"
+  handshake ${port_main} tls1_2 "$tmp/s1"
   if connected && ! has_ticket "$tmp/s1"; then
     pass "${case}_http_no_ticket"
   else
     fail "${case}_http_no_ticket (ticket: $(ticket_name "$tmp/s1"))"
   fi
-  handshake 18543 tls1_2 "$tmp/s2"
+  handshake ${port_stream} tls1_2 "$tmp/s2"
   if connected && ! has_ticket "$tmp/s2"; then
     pass "${case}_stream_no_ticket"
   else
     fail "${case}_stream_no_ticket (ticket: $(ticket_name "$tmp/s2"))"
   fi
-  if grep -qx 'hsmstek_store_open{store="web"} 1' <<<"$(status_page 18081)"; then
+  if grep -qx 'hsmstek_store_open{store="web"} 1' <<<"$(status_page ${port_status})"; then
     pass "${case}_status_store_open"
   else
     fail "${case}_status_store_open"
@@ -358,32 +365,32 @@ else
   write_conf "$conf" "
     hsmstek_store web \"$(uri web "$tmp/pin")\";
     server {
-        listen 127.0.0.1:18443 ssl;
+        listen 127.0.0.1:${port_main} ssl;
         ssl_session_ticket_key $tmp/ticket.key;
         hsmstek_tickets web;
     }
     server {
-        listen 127.0.0.1:18444 ssl;
+        listen 127.0.0.1:${port_alt1} ssl;
         ssl_session_tickets off;
         hsmstek_tickets web;
     }
     server {
-        listen 127.0.0.1:18445 ssl default_server;
+        listen 127.0.0.1:${port_alt2} ssl default_server;
         server_name a.test;
         hsmstek_tickets web;
     }
     server {
-        listen 127.0.0.1:18445 ssl;
+        listen 127.0.0.1:${port_alt2} ssl;
         server_name b.test;
         ssl_session_ticket_key $tmp/ticket.key;
     }
     server {
-        listen 127.0.0.1:18081;
+        listen 127.0.0.1:${port_status};
         location = /hsmstek { hsmstek_status; }
     }" "
     hsmstek_store tcp \"$(uri tcp "$tmp/pin")\";
     server {
-        listen 127.0.0.1:18543 ssl;
+        listen 127.0.0.1:${port_stream} ssl;
         ssl_certificate $tmp/cert.pem;
         ssl_certificate_key $tmp/key.pem;
         hsmstek_tickets tcp;
@@ -393,7 +400,7 @@ else
     for c in $positive_cases; do fail "$c (nginx did not start)"; done
   else
     # TLS 1.2: the key name is store id || epoch, not the key file's name.
-    handshake 18443 tls1_2 "$tmp/t12"
+    handshake ${port_main} tls1_2 "$tmp/t12"
     name=$(ticket_name "$tmp/t12")
     if [ "${name:0:16}" = "$web_id" ]; then
       pass tls12_ticket_from_token
@@ -405,20 +412,20 @@ else
     else
       fail "ticket_key_file_ignored (name '$name')"
     fi
-    handshake 18443 tls1_2 "$tmp/t12b" "$tmp/t12"
+    handshake ${port_main} tls1_2 "$tmp/t12b" "$tmp/t12"
     if reused; then pass tls12_resume; else fail tls12_resume; fi
 
-    handshake 18443 tls1_3 "$tmp/t13"
+    handshake ${port_main} tls1_3 "$tmp/t13"
     name=$(ticket_name "$tmp/t13")
     if [ "${name:0:16}" = "$web_id" ]; then
       pass tls13_ticket_from_token
     else
       fail "tls13_ticket_from_token (name '$name', store id $web_id)"
     fi
-    handshake 18443 tls1_3 "$tmp/t13b" "$tmp/t13"
+    handshake ${port_main} tls1_3 "$tmp/t13b" "$tmp/t13"
     if reused; then pass tls13_resume; else fail tls13_resume; fi
 
-    handshake 18444 tls1_2 "$tmp/off"
+    handshake ${port_alt1} tls1_2 "$tmp/off"
     if connected && ! has_ticket "$tmp/off"; then
       pass session_tickets_off
     else
@@ -427,7 +434,7 @@ else
 
     # b.test has no hsmstek_tickets (and a key file), but OpenSSL keeps the
     # default server's ticket callback after the SNI switch.
-    sni=b.test handshake 18445 tls1_2 "$tmp/sni"
+    sni=b.test handshake ${port_alt2} tls1_2 "$tmp/sni"
     name=$(ticket_name "$tmp/sni")
     if [ "${name:0:16}" = "$web_id" ]; then
       pass sni_default_decides
@@ -435,17 +442,17 @@ else
       fail "sni_default_decides (name '$name', store id $web_id)"
     fi
 
-    handshake 18543 tls1_2 "$tmp/st"
+    handshake ${port_stream} tls1_2 "$tmp/st"
     name=$(ticket_name "$tmp/st")
     if [ "${name:0:16}" = "$tcp_id" ]; then
       pass stream_ticket_from_token
     else
       fail "stream_ticket_from_token (name '$name', store id $tcp_id)"
     fi
-    handshake 18543 tls1_2 "$tmp/stb" "$tmp/st"
+    handshake ${port_stream} tls1_2 "$tmp/stb" "$tmp/st"
     if reused; then pass stream_resume; else fail stream_resume; fi
 
-    page=$(status_page 18081)
+    page=$(status_page ${port_status})
     metric() {
       awk -v m="$1" '$1 == m { print $2 }' <<<"$page"
     }
@@ -463,7 +470,7 @@ else
 
     # A reload starts new workers, which open the stores again and derive
     # the same keys: an old session resumes.
-    handshake 18443 tls1_2 "$tmp/pre"
+    handshake ${port_main} tls1_2 "$tmp/pre"
     old_worker=$(pgrep -P "$ngx_pid" | head -n 1)
     kill -HUP "$ngx_pid"
     new_worker=
@@ -476,7 +483,7 @@ else
       fi
       sleep 0.1
     done
-    handshake 18443 tls1_2 "$tmp/post" "$tmp/pre"
+    handshake ${port_main} tls1_2 "$tmp/post" "$tmp/pre"
     if [ -n "$new_worker" ] && reused; then
       pass resume_after_reload
     else
