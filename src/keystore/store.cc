@@ -66,6 +66,9 @@ KeyStore::~KeyStore() {
 }
 
 Status KeyStore::Load() {
+  // Even when this first load fails (token not there yet), retries must
+  // happen in the background, not only when a handshake comes by.
+  EnsureMaintenanceThread();
   Result<std::shared_ptr<const View>> view = CurrentView(/*force_reload=*/true);
   return view.status();
 }
@@ -73,8 +76,12 @@ Status KeyStore::Load() {
 Result<std::shared_ptr<const KeyStore::View>> KeyStore::CurrentView(
     bool force_reload) {
   auto fresh = [this](const std::shared_ptr<const View> &v) {
-    if (!v || v->generation != token_->generation()) return false;
-    if (token_->state() != p11::TokenState::kConnected) return false;
+    // State before generation: a reconnect completing between the two
+    // reads then shows as a newer generation. In the other order the old
+    // generation could pair with the new connection, and a view (and cached
+    // keys) of the dead generation would be handed out as fresh.
+    if (!v || token_->state() != p11::TokenState::kConnected) return false;
+    if (v->generation != token_->generation()) return false;
     int64_t age = options_.clock->NowUnix() - v->loaded_at;
     return age >= 0 && age < options_.refresh_interval_s;
   };
@@ -271,8 +278,37 @@ void KeyStore::EvictLocked(const View &view, int64_t now) {
         keep = e.epoch + window_epochs >= n && e.epoch <= n + 1;
       }
     }
+    if (!keep && e.generation == view.generation) {
+      evicted_.push_back({e.keys, e.generation, maintenance_passes_});
+    }
     it = keep ? std::next(it) : cache_.erase(it);
   }
+}
+
+void KeyStore::DestroyEvicted(uint64_t pass) {
+  std::vector<Evicted> due;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto waiting =
+        std::partition(evicted_.begin(), evicted_.end(),
+                       [pass](const Evicted &e) { return e.pass + 2 > pass; });
+    due.assign(waiting, evicted_.end());
+    evicted_.erase(waiting, evicted_.end());
+  }
+  if (due.empty()) return;
+  // Failures are ignored: a key that cannot be destroyed now dies with its
+  // session at the next reconnect or close.
+  (void)token_->WithObjectSession([&](p11::Session &session) {
+    for (const Evicted &e : due) {
+      // Keys of an older generation died with their session.
+      if (e.generation != session.generation()) continue;
+      for (CK_OBJECT_HANDLE h : {e.keys.aes, e.keys.hmac}) {
+        if (h == CK_INVALID_HANDLE) continue;
+        (void)P11_CALL(session, C_DestroyObject, session.handle(), h);
+      }
+    }
+    return Status::Ok();
+  });
 }
 
 void KeyStore::Maintain() {
@@ -294,11 +330,18 @@ void KeyStore::Maintain() {
       (void)KeysFor(v, m, EpochAt(m.policy.not_before, m.policy.period_s));
     }
   }
-  // Evicted handles are dropped, not destroyed: a ticket operation on
-  // another thread may still hold one, and session objects die with the
-  // long-lived session at the next reconnect or close.
-  std::lock_guard<std::mutex> lock(mu_);
-  EvictLocked(v, now);
+  // Evicted handles are destroyed one pass later, not at once: a ticket
+  // operation on another thread may have just taken one (it has a whole
+  // maintenance interval to finish). One later still fails on the destroyed
+  // handle: fail-soft makes that a full handshake, and the keys never leave
+  // the token either way.
+  uint64_t pass;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    EvictLocked(v, now);
+    pass = ++maintenance_passes_;
+  }
+  DestroyEvicted(pass);
 }
 
 size_t KeyStore::cached_keys() const {
@@ -358,6 +401,8 @@ Result<std::array<uint8_t, kCheckValueSize>> KeyStore::CheckValue(
 void KeyStore::EnsureMaintenanceThread() {
   if (!options_.background_maintenance) return;
   const uint64_t forks = p11::Module::ForkCount();
+  // Called for every ticket: no lock once this process's thread runs.
+  if (thread_running_for_.load(std::memory_order_acquire) == forks + 1) return;
   std::lock_guard<std::mutex> lock(thread_mu_);
   if (stop_) return;
   if (thread_ != nullptr && thread_fork_count_ == forks) return;
@@ -365,6 +410,7 @@ void KeyStore::EnsureMaintenanceThread() {
   // (joining would hang) and start our own.
   thread_fork_count_ = forks;
   thread_ = new std::thread([this] { MaintenanceLoop(); });
+  thread_running_for_.store(forks + 1, std::memory_order_release);
 }
 
 void KeyStore::MaintenanceLoop() {

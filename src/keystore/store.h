@@ -169,6 +169,8 @@ class KeyStore {
   Result<TicketKeys> KeysFor(const View &view, const Master &master,
                              uint64_t epoch);
   void EvictLocked(const View &view, int64_t now);
+  // Destroys evicted key pairs that have waited a full maintenance pass.
+  void DestroyEvicted(uint64_t pass);
   void EnsureMaintenanceThread();
   void MaintenanceLoop();
 
@@ -181,6 +183,16 @@ class KeyStore {
   mutable std::mutex mu_;  // guards view_ and cache_
   std::shared_ptr<const View> view_;
   std::map<NameBytes, CacheEntry> cache_;
+  // Pairs evicted from cache_ (guarded by mu_), destroyed in the token a
+  // maintenance pass later: session objects would otherwise pile up, two
+  // per epoch, until the session closes.
+  struct Evicted {
+    DerivedKeys keys;
+    uint64_t generation = 0;
+    uint64_t pass = 0;
+  };
+  std::vector<Evicted> evicted_;
+  uint64_t maintenance_passes_ = 0;  // guarded by mu_
 
   std::atomic<uint64_t> derivations_{0};
   std::atomic<uint64_t> reloads_{0};
@@ -190,6 +202,9 @@ class KeyStore {
   bool stop_ = false;
   std::thread *thread_ = nullptr;  // leaked in a forked child, see .cc
   uint64_t thread_fork_count_ = 0;
+  // ForkCount()+1 of the process that runs the maintenance thread (0: none
+  // yet): lets EnsureMaintenanceThread skip thread_mu_ on every ticket.
+  std::atomic<uint64_t> thread_running_for_{0};
 };
 
 }  // namespace hsmstek::keystore

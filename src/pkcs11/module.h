@@ -57,11 +57,12 @@ class Module {
   ~Module();
 
  private:
-  Module(std::string name, void *dl_handle, CK_FUNCTION_LIST *fn)
-      : name_(std::move(name)), dl_handle_(dl_handle), fn_(fn) {}
+  // The dlopen handle (if any) is deliberately not kept: modules are never
+  // dlclosed (see FromPath).
+  Module(std::string name, void * /*dl_handle*/, CK_FUNCTION_LIST *fn)
+      : name_(std::move(name)), fn_(fn) {}
 
   std::string name_;
-  void *dl_handle_;  // never dlclosed while cached; see FromPath
   CK_FUNCTION_LIST *fn_;
   std::mutex mu_;
   bool initialized_ = false;

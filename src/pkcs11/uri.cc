@@ -20,18 +20,6 @@ std::optional<std::string> PaddedField(const CK_UTF8CHAR *field, size_t size) {
   return TrimPadded(field, size);
 }
 
-// Returns the URI text with any pin-value replaced, for messages.
-std::string Redact(std::string_view uri) {
-  std::string out(uri);
-  size_t pos = out.find("pin-value=");
-  if (pos == std::string::npos) return out;
-  size_t start = pos + std::strlen("pin-value=");
-  size_t end = out.find_first_of("&;", start);
-  out.replace(start, end == std::string::npos ? std::string::npos : end - start,
-              "***");
-  return out;
-}
-
 bool ContainsUnknownQuery(std::string_view uri, std::string *name) {
   size_t q = uri.find('?');
   if (q == std::string_view::npos) return false;
@@ -55,6 +43,27 @@ bool ContainsUnknownQuery(std::string_view uri, std::string *name) {
 }
 
 }  // namespace
+
+std::string RedactUri(std::string_view uri) {
+  static constexpr std::string_view kKey = "pin-value=";
+  const size_t query = uri.find('?');
+  std::string out;
+  size_t copied = 0;
+  size_t pos = uri.find(kKey);
+  while (pos != std::string_view::npos) {
+    const size_t start = pos + kKey.size();
+    // p11-kit ends a query value only at '&'; a path value at ';' or '?'.
+    const bool in_query = query != std::string_view::npos && pos > query;
+    size_t end = uri.find_first_of(in_query ? "&" : ";?&", start);
+    if (end == std::string_view::npos) end = uri.size();
+    out.append(uri.substr(copied, start - copied));
+    out.append("***");
+    copied = end;
+    pos = uri.find(kKey, end);
+  }
+  out.append(uri.substr(copied));
+  return out;
+}
 
 std::string TrimPadded(const CK_UTF8CHAR *field, size_t size) {
   std::string s(reinterpret_cast<const char *>(field), size);
@@ -80,10 +89,15 @@ bool TokenUri::MatchesToken(const CK_TOKEN_INFO &info, CK_SLOT_ID slot) const {
 
 Result<TokenUri> ParseTokenUri(std::string_view text) {
   TokenUri out;
-  out.text = Redact(text);
+  out.text = RedactUri(text);
   if (text.substr(0, 7) != "pkcs11:") {
     return InvalidArgument("not a PKCS#11 URI (must start with \"pkcs11:\"): " +
                            out.text);
+  }
+  // p11-kit reads a C string: it would silently ignore everything after a
+  // NUL (attributes that should restrict the match, or be refused).
+  if (text.find('\0') != std::string_view::npos) {
+    return InvalidArgument("PKCS#11 URI contains a NUL byte: " + out.text);
   }
   UniqueUri uri(p11_kit_uri_new());
   if (!uri) return Internal("p11_kit_uri_new failed");

@@ -43,6 +43,13 @@ struct TokenUri {
 // the message never contains the PIN.
 Result<TokenUri> ParseTokenUri(std::string_view uri);
 
+// RedactUri returns `uri` for messages and logs, with the value of every
+// pin-value attribute replaced by "***": in the query (after the first
+// '?') up to the next '&', elsewhere up to the next ';', '?' or '&'. Any
+// "pin-value=" counts, even inside another value (over-redaction is
+// harmless; a leaked PIN is not). TokenUri::text holds this form.
+std::string RedactUri(std::string_view uri);
+
 // Returns a CK_TOKEN_INFO/CK_SLOT_INFO blank-padded field as a trimmed string.
 std::string TrimPadded(const CK_UTF8CHAR *field, size_t size);
 

@@ -36,12 +36,19 @@ if ! start_nginx w 'hsmstek: store "web" is ready'; then
   exit
 fi
 mapfile -t wpids < <(worker_pids w)
-if [ "${#wpids[@]}" -ne 2 ] ||
-  [ "$(grep -c 'hsmstek: store "web" is ready' "$tmp/w/error.log")" -ne 2 ]; then
-  # Everything below needs both workers. (SoftHSM 2.6 can fail to open a
-  # token in a process whose C_Initialize reads token.object while another
-  # process's C_Login rewrites it: "no token matches ... no initialised
-  # tokens are present".)
+# Both workers must reach the token. SoftHSM 2.6 can fail to open a token in
+# a process whose C_Initialize reads token.object while another process's
+# C_Login rewrites it; the library then re-initialises the module on its
+# next attempt (background retries with back-off), so allow a bounded wait.
+ready_workers() {
+  grep -E 'hsmstek: (store "web" is ready|connected to token)' "$tmp/w/error.log" |
+    sed -E 's/.* ([0-9]+)#[0-9]+: .*/\1/' | sort -u | wc -l
+}
+for _ in $(seq 150); do
+  [ "$(ready_workers)" -ge 2 ] && break
+  sleep 0.2
+done
+if [ "${#wpids[@]}" -ne 2 ] || [ "$(ready_workers)" -lt 2 ]; then
   fail "two_workers_ready: $(grep 'is not ready' "$tmp/w/error.log" | head -n 2)"
   finish
   exit

@@ -19,6 +19,11 @@ int FuzzBundle(const uint8_t *data, size_t size);
 int FuzzDurationTime(const uint8_t *data, size_t size);
 int FuzzLegacyFile(const uint8_t *data, size_t size);
 int FuzzPolicy(const uint8_t *data, size_t size);
+#ifdef HSMSTEK_FUZZ_TOKEN_TARGETS
+int FuzzTicketTls12(const uint8_t *data, size_t size);
+int FuzzTicketTls13(const uint8_t *data, size_t size);
+int FuzzUri(const uint8_t *data, size_t size);
+#endif
 }  // namespace hsmstek::fuzz
 
 namespace {
@@ -33,6 +38,11 @@ constexpr Target kTargets[] = {
     {"duration_time", hsmstek::fuzz::FuzzDurationTime},
     {"legacy_file", hsmstek::fuzz::FuzzLegacyFile},
     {"policy", hsmstek::fuzz::FuzzPolicy},
+#ifdef HSMSTEK_FUZZ_TOKEN_TARGETS
+    {"ticket_tls12", hsmstek::fuzz::FuzzTicketTls12},
+    {"ticket_tls13", hsmstek::fuzz::FuzzTicketTls13},
+    {"uri", hsmstek::fuzz::FuzzUri},
+#endif
 };
 
 // Returns the number of inputs replayed, or -1 if the corpus is unusable.

@@ -381,6 +381,41 @@ TEST_F(KeyStoreTest, EpochKeyCacheIsBoundedAndPrederivesTheNextEpoch) {
   }
 }
 
+// The cache bound must hold in the token too: a key pair evicted from the
+// cache is destroyed (a maintenance pass later), so a long-running server
+// does not leave two session objects per epoch in the HSM for ever (found
+// by the soak, tests/soak).
+TEST_F(KeyStoreTest, EvictedEpochKeysAreDestroyedInTheToken) {
+  auto store = OpenStore("ks-d", "evict");
+  Policy p = HourlyPolicy(clock_.NowUnix());
+  p.decrypt_window_s = 2 * kHour;
+  Provision(*store, p);
+  ASSERT_TRUE(store->Load().ok());
+  auto session_keys = [&]() -> size_t {
+    Result<p11::Session> s = store->token()->Acquire();
+    EXPECT_TRUE(s.ok());
+    if (!s.ok()) return 0;
+    p11::Template t;
+    t.Ulong(CKA_CLASS, CKO_SECRET_KEY).Bool(CKA_TOKEN, false);
+    Result<std::vector<CK_OBJECT_HANDLE>> found = p11::FindObjects(*s, t);
+    EXPECT_TRUE(found.ok()) << found.status().message();
+    return found.ok() ? found->size() : 0;
+  };
+  const size_t before = session_keys();
+  for (int i = 0; i < 24; ++i) {
+    store->Maintain();
+    clock_.Advance(kHour);
+  }
+  store->Maintain();
+  EXPECT_GE(store->derivations(), 24u);
+  EXPECT_LE(store->cached_keys(), 2u + 2u);
+  // Two objects per cached pair, plus at most two evicted pairs waiting
+  // for their pass.
+  EXPECT_LE(session_keys(), before + 2 * store->cached_keys() + 2 * 2);
+  // Still working: the current epoch's keys are there and usable.
+  EXPECT_TRUE(store->KeysForEncrypt().ok());
+}
+
 TEST_F(KeyStoreTest, RebuildsEverythingAfterTheTokenDropsItsSessions) {
   auto store = OpenStore("ks-c", "recover");
   Provision(*store, HourlyPolicy(clock_.NowUnix()));

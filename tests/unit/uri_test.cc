@@ -76,6 +76,51 @@ TEST(TokenUri, RedactsPinValueInMessagesAndText) {
   EXPECT_EQ(bad.status().message().find("s3cret"), std::string::npos);
 }
 
+// p11-kit keeps the last of repeated pin-values, and a query value runs to
+// the next '&' (a ';' is part of it): every pin-value must go, whole.
+TEST(TokenUri, RedactsEveryPinValueWhole) {
+  struct Case {
+    const char *uri;
+    const char *pin;
+    const char *text;
+  };
+  const Case cases[] = {
+      {"pkcs11:token=t?pin-value=1111&pin-value=s3cret", "s3cret",
+       "pkcs11:token=t?pin-value=***&pin-value=***"},
+      {"pkcs11:token=t?pin-value=ab;s3cret", "ab;s3cret",
+       "pkcs11:token=t?pin-value=***"},
+      {"pkcs11:object=pin-value=x;token=t?pin-value=s3cret", "s3cret",
+       "pkcs11:object=pin-value=***;token=t?pin-value=***"},
+  };
+  for (const Case &c : cases) {
+    Result<TokenUri> uri = ParseTokenUri(c.uri);
+    ASSERT_TRUE(uri.ok()) << c.uri << ": " << uri.status().message();
+    EXPECT_EQ(uri->pin_value, c.pin) << c.uri;
+    EXPECT_EQ(uri->text, c.text) << c.uri;
+    EXPECT_EQ(RedactUri(c.uri), c.text) << c.uri;
+  }
+  Result<TokenUri> bad =
+      ParseTokenUri("pkcs11:token=t?pin-value=1&pin-value=s3cret&colour=b");
+  ASSERT_FALSE(bad.ok());
+  EXPECT_EQ(bad.status().code(), ErrorCode::kInvalidArgument);
+  EXPECT_EQ(bad.status().message(),
+            "PKCS#11 URI has an unknown query attribute \"colour\": "
+            "pkcs11:token=t?pin-value=***&pin-value=***&colour=b");
+  // A pin-value misplaced in the path is an error, and still redacted.
+  EXPECT_EQ(RedactUri("pkcs11:token=t;pin-value=s3cret;object=o"),
+            "pkcs11:token=t;pin-value=***;object=o");
+}
+
+TEST(TokenUri, RejectsAnEmbeddedNul) {
+  // p11-kit would stop at the NUL and never see colour= or module-path=.
+  const std::string text("pkcs11:token=a\0;colour=blue?module-path=/x.so", 46);
+  Result<TokenUri> uri = ParseTokenUri(text);
+  ASSERT_FALSE(uri.ok());
+  EXPECT_EQ(uri.status().code(), ErrorCode::kInvalidArgument);
+  EXPECT_NE(uri.status().message().find("contains a NUL byte"),
+            std::string::npos);
+}
+
 TEST(TokenUri, MatchesTokenInfo) {
   Result<TokenUri> uri = ParseTokenUri("pkcs11:token=tickets;serial=42");
   ASSERT_TRUE(uri.ok());
