@@ -7,6 +7,7 @@
 #include <openssl/params.h>
 #include <openssl/provider.h>
 
+#include <atomic>
 #include <cstring>
 #include <mutex>
 #include <new>
@@ -133,7 +134,17 @@ int ProviderInit(const OSSL_CORE_HANDLE *handle, const OSSL_DISPATCH *in,
 struct Registration {
   bool registered = false;
   const EVP_CIPHER *cipher = nullptr;  // fetched once, never freed
+  // The references OSSL_PROVIDER_load gave us, held (never unloaded) for
+  // the life of the process. Kept here so they stay owned: dropped, the
+  // providers leak at OpenSSL's exit-time cleanup (LeakSanitizer reports
+  // them when no fetched algorithm still points at them).
+  OSSL_PROVIDER *hsmstek_provider = nullptr;
+  OSSL_PROVIDER *default_provider = nullptr;
 };
+
+// The fetched cipher, published once for the lock-free fast path of
+// TicketCipher() (called for every ticket: no mutex on the hot path).
+std::atomic<const EVP_CIPHER *> g_ticket_cipher{nullptr};
 
 std::mutex &RegistrationMutex() {
   static std::mutex mu;
@@ -180,16 +191,21 @@ Status RegisterLocked(Registration &reg) {
     return Internal("OSSL_PROVIDER_add_builtin(hsmstek) failed: " +
                     DrainOpenSslErrors());
   }
-  if (OSSL_PROVIDER_load(nullptr, kProviderName) == nullptr) {
+  if (reg.hsmstek_provider == nullptr) {
+    reg.hsmstek_provider = OSSL_PROVIDER_load(nullptr, kProviderName);
+  }
+  if (reg.hsmstek_provider == nullptr) {
     return Internal("OSSL_PROVIDER_load(hsmstek) failed: " +
                     DrainOpenSslErrors());
   }
   // Raw-key HMAC needs another provider's HMAC; keep "default" loaded when
   // nothing else offers one.
-  if (!OtherHmacAvailable() &&
-      OSSL_PROVIDER_load(nullptr, "default") == nullptr) {
-    return Internal("OSSL_PROVIDER_load(default) failed: " +
-                    DrainOpenSslErrors());
+  if (reg.default_provider == nullptr && !OtherHmacAvailable()) {
+    reg.default_provider = OSSL_PROVIDER_load(nullptr, "default");
+    if (reg.default_provider == nullptr) {
+      return Internal("OSSL_PROVIDER_load(default) failed: " +
+                      DrainOpenSslErrors());
+    }
   }
   reg.registered = true;
   return Status::Ok();
@@ -240,6 +256,10 @@ bool IsProviderCipher(const EVP_CIPHER *cipher) {
 }
 
 Result<const EVP_CIPHER *> TicketCipher() {
+  if (const EVP_CIPHER *cipher =
+          internal::g_ticket_cipher.load(std::memory_order_acquire)) {
+    return cipher;
+  }
   Status registered = RegisterProvider();
   if (!registered.ok()) return registered;
   std::lock_guard<std::mutex> lock(internal::RegistrationMutex());
@@ -257,6 +277,7 @@ Result<const EVP_CIPHER *> TicketCipher() {
       return Internal(std::string("EVP_CIPHER_fetch(") + kCipherName +
                       ") failed: " + why);
     }
+    internal::g_ticket_cipher.store(reg.cipher, std::memory_order_release);
   }
   return reg.cipher;
 }

@@ -32,8 +32,9 @@
 //     unchanged to another provider's HMAC, fetched once per provider
 //     instance with "provider!=hsmstek" (never ourselves, so no recursion
 //     under the process-wide preference; also keeps a FIPS provider's HMAC
-//     when that is what the configuration loads). dupctx is supported in both
-//     modes.
+//     when that is what the configuration loads). The delegate context is
+//     created on first raw-key use, so token-mode contexts (one per ticket)
+//     never allocate one. dupctx is supported in both modes.
 //
 // Fail-soft (opt-in, kFailSoftParam = 1 on the cipher and MAC contexts):
 // libssl treats a failing ticket cipher or MAC as fatal for the handshake,

@@ -5,6 +5,12 @@
 //   delegate EVP_MAC_CTX of another provider's HMAC. Under the process-wide
 //   preference every HMAC of the process takes this path, so it only adds a
 //   few param lookups per call.
+// The delegate is created lazily, on the first call that needs it: libssl
+// creates a fresh HMAC context for every ticket and only ever uses it in
+// token mode, so a ticket costs no delegate allocation (issue 6). The
+// delegate still sees every parameter it could act on: set_params calls
+// made only of our own parameters (key-ref, fail-soft), which it would
+// ignore anyway, are the only ones it may miss.
 #include "provider/ticket_mac.h"
 
 #include <openssl/core_dispatch.h>
@@ -39,10 +45,10 @@ struct MacCtxDeleter {
 using MacCtxPtr = std::unique_ptr<EVP_MAC_CTX, MacCtxDeleter>;
 
 struct MacCtx {
-  MacCtx(ProviderContext *p, MacCtxPtr d) : prov(p), delegate(std::move(d)) {}
+  explicit MacCtx(ProviderContext *p) : prov(p) {}
 
   ProviderContext *prov;
-  MacCtxPtr delegate;  // never null; always sees every param we are given
+  MacCtxPtr delegate;  // null until first needed (EnsureDelegate)
   bool token_mode = false;
   TokenKeyRef ref;            // valid in token mode
   std::vector<uint8_t> data;  // token mode: input buffered until final
@@ -65,12 +71,29 @@ OSSL_FUNC_mac_set_ctx_params_fn MacSetCtxParams;
 OSSL_FUNC_mac_settable_ctx_params_fn MacSettableCtxParams;
 
 void *MacNewCtx(void *provctx) {
-  auto *prov = static_cast<ProviderContext *>(provctx);
-  EVP_MAC *mac = prov->DelegateHmac();
-  if (mac == nullptr) return nullptr;
-  MacCtxPtr delegate(EVP_MAC_CTX_new(mac));
-  if (delegate == nullptr) return nullptr;
-  return new (std::nothrow) MacCtx(prov, std::move(delegate));
+  return new (std::nothrow) MacCtx(static_cast<ProviderContext *>(provctx));
+}
+
+// Creates the delegate context on first need. False if no other provider
+// offers HMAC (DelegateHmac raised kNoDelegate) or allocation failed.
+bool EnsureDelegate(MacCtx *ctx) {
+  if (ctx->delegate != nullptr) return true;
+  EVP_MAC *mac = ctx->prov->DelegateHmac();
+  if (mac == nullptr) return false;
+  ctx->delegate.reset(EVP_MAC_CTX_new(mac));
+  return ctx->delegate != nullptr;
+}
+
+// True if `params` holds anything besides our own key-ref and fail-soft
+// parameters, i.e. something the delegate must see.
+bool HasDelegateParams(const OSSL_PARAM params[]) {
+  for (const OSSL_PARAM *p = params; p->key != nullptr; ++p) {
+    if (std::strcmp(p->key, kKeyRefParam) != 0 &&
+        std::strcmp(p->key, kFailSoftParam) != 0) {
+      return true;
+    }
+  }
+  return false;
 }
 
 void MacFreeCtx(void *vctx) { delete static_cast<MacCtx *>(vctx); }
@@ -79,10 +102,14 @@ void MacFreeCtx(void *vctx) { delete static_cast<MacCtx *>(vctx); }
 // record MAC and PRF).
 void *MacDupCtx(void *vsrc) {
   const auto *src = static_cast<const MacCtx *>(vsrc);
-  MacCtxPtr delegate(EVP_MAC_CTX_dup(src->delegate.get()));
-  if (delegate == nullptr) return nullptr;
-  auto *dst = new (std::nothrow) MacCtx(src->prov, std::move(delegate));
+  MacCtxPtr delegate;
+  if (src->delegate != nullptr) {
+    delegate.reset(EVP_MAC_CTX_dup(src->delegate.get()));
+    if (delegate == nullptr) return nullptr;
+  }
+  auto *dst = new (std::nothrow) MacCtx(src->prov);
   if (dst == nullptr) return nullptr;
+  dst->delegate = std::move(delegate);
   dst->token_mode = src->token_mode;
   dst->ref = src->ref;
   dst->data = src->data;
@@ -121,7 +148,14 @@ int MacSetCtxParams(void *vctx, const OSSL_PARAM params[]) {
   if (ref_param != nullptr && !ParseKeyRef(*ctx->prov, *ref_param, &ref)) {
     return 0;
   }
-  if (!EVP_MAC_CTX_set_params(ctx->delegate.get(), params)) return 0;
+  // A token-mode set-up (key-ref and fail-soft only) needs no delegate; once
+  // one exists it sees every call, as before.
+  if (ctx->delegate != nullptr || HasDelegateParams(params)) {
+    if (!EnsureDelegate(ctx) ||
+        !EVP_MAC_CTX_set_params(ctx->delegate.get(), params)) {
+      return 0;
+    }
+  }
   if (const OSSL_PARAM *p =
           OSSL_PARAM_locate_const(params, OSSL_MAC_PARAM_DIGEST)) {
     if (!RecordDigest(ctx, *p)) return 0;
@@ -149,18 +183,23 @@ int MacInit(void *vctx, const unsigned char *key, size_t keylen,
     ctx->token_mode = false;
     ctx->ref = TokenKeyRef();
     ctx->data.clear();
+    if (!EnsureDelegate(ctx)) return 0;
     return EVP_MAC_init(ctx->delegate.get(), key, keylen, nullptr);
   }
   if (ctx->token_mode) {
     ctx->data.clear();
     return 1;
   }
+  if (!EnsureDelegate(ctx)) return 0;
   return EVP_MAC_init(ctx->delegate.get(), nullptr, 0, nullptr);
 }
 
 int MacUpdate(void *vctx, const unsigned char *in, size_t inl) {
   auto *ctx = static_cast<MacCtx *>(vctx);
-  if (!ctx->token_mode) return EVP_MAC_update(ctx->delegate.get(), in, inl);
+  if (!ctx->token_mode) {
+    if (!EnsureDelegate(ctx)) return 0;
+    return EVP_MAC_update(ctx->delegate.get(), in, inl);
+  }
   if (inl > kMaxTokenMacInput - ctx->data.size()) {
     ctx->prov->RaiseError(ProviderReason::kInvalidLength,
                           "token HMAC input exceeds " +
@@ -217,6 +256,7 @@ Status TokenSign(p11::Session &session, const TokenKeyRef &ref,
 int MacFinal(void *vctx, unsigned char *out, size_t *outl, size_t outsize) {
   auto *ctx = static_cast<MacCtx *>(vctx);
   if (!ctx->token_mode) {
+    if (!EnsureDelegate(ctx)) return 0;
     return EVP_MAC_final(ctx->delegate.get(), out, outl, outsize);
   }
   if (outsize < kSha256Size) {
@@ -247,6 +287,7 @@ int MacGetCtxParams(void *vctx, OSSL_PARAM params[]) {
   auto *ctx = static_cast<MacCtx *>(vctx);
   if (params == nullptr) return 1;
   if (!ctx->token_mode) {
+    if (!EnsureDelegate(ctx)) return 0;
     return EVP_MAC_CTX_get_params(ctx->delegate.get(), params);
   }
   // Read before final (EVP_MAC_final sizes the output with it).

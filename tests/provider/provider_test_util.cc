@@ -84,7 +84,12 @@ Status Derive(p11::Session &session, CK_OBJECT_HANDLE master, const Bytes &data,
       .Bool(CKA_ENCRYPT, aes)
       .Bool(CKA_DECRYPT, aes)
       .Bool(CKA_SIGN, !aes)
-      .Bool(CKA_VERIFY, !aes);
+      .Bool(CKA_VERIFY, !aes)
+      // Every usage flag explicit: SoftHSM defaults WRAP/UNWRAP to TRUE
+      // (the key-custody audit, tests/audit, flags that).
+      .Bool(CKA_WRAP, false)
+      .Bool(CKA_UNWRAP, false)
+      .Bool(CKA_DERIVE, false);
   return P11_CALL(session, C_DeriveKey, session.handle(), &mechanism, master,
                   t.data(), t.size(), out);
 }
@@ -105,7 +110,10 @@ Result<TokenKeys> CreateKnownAnswerKeys(p11::Token &token) {
         .Bool(CKA_DERIVE, true)
         .Bool(CKA_ENCRYPT, false)
         .Bool(CKA_DECRYPT, false)
-        .Bool(CKA_SIGN, false);
+        .Bool(CKA_SIGN, false)
+        .Bool(CKA_VERIFY, false)
+        .Bool(CKA_WRAP, false)
+        .Bool(CKA_UNWRAP, false);
     Status s = P11_CALL(session, C_CreateObject, session.handle(), t.data(),
                         t.size(), &keys.master);
     if (!s.ok()) return s;
