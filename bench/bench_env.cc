@@ -8,6 +8,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <mutex>
 
 #include "common/clock.h"
@@ -117,16 +118,19 @@ size_t MeasurePlaintext(const SSL_SESSION *session) {
   SSL_SESSION_get0_ticket(session, &tick, &len);
   if (tick == nullptr || len < 16 + 16 + 16 + 32) Die("no ticket to measure");
   std::vector<unsigned char> out(len);
-  EVP_CIPHER_CTX *ctx = EVP_CIPHER_CTX_new();
+  struct CipherCtxFree {
+    void operator()(EVP_CIPHER_CTX *c) const { EVP_CIPHER_CTX_free(c); }
+  };
+  std::unique_ptr<EVP_CIPHER_CTX, CipherCtxFree> ctx(EVP_CIPHER_CTX_new());
   int n = 0, m = 0;
   const int ct_len = static_cast<int>(len - 16 - 16 - 32);
-  if (EVP_DecryptInit_ex(ctx, EVP_aes_256_cbc(), nullptr, g_raw_key.aes,
+  if (ctx == nullptr ||
+      EVP_DecryptInit_ex(ctx.get(), EVP_aes_256_cbc(), nullptr, g_raw_key.aes,
                          tick + 16) != 1 ||
-      EVP_DecryptUpdate(ctx, out.data(), &n, tick + 32, ct_len) != 1 ||
-      EVP_DecryptFinal_ex(ctx, out.data() + n, &m) != 1) {
+      EVP_DecryptUpdate(ctx.get(), out.data(), &n, tick + 32, ct_len) != 1 ||
+      EVP_DecryptFinal_ex(ctx.get(), out.data() + n, &m) != 1) {
     Die("measuring the ticket plaintext: " + DrainErrors());
   }
-  EVP_CIPHER_CTX_free(ctx);
   return static_cast<size_t>(n + m);
 }
 
@@ -262,17 +266,21 @@ UniqueSslCtx NewClientCtx(int version) {
 
 bool Connect(SSL_CTX *client_ctx, SSL_CTX *server_ctx, SSL_SESSION *resume,
              Outcome *out) {
-  SSL *client = SSL_new(client_ctx);
-  SSL *server = SSL_new(server_ctx);
+  struct SslFree {
+    void operator()(SSL *ssl) const { SSL_free(ssl); }
+  };
+  std::unique_ptr<SSL, SslFree> client_owner(SSL_new(client_ctx));
+  std::unique_ptr<SSL, SslFree> server_owner(SSL_new(server_ctx));
+  SSL *client = client_owner.get();
+  SSL *server = server_owner.get();
   BIO *client_bio = nullptr;
   BIO *server_bio = nullptr;
   if (client == nullptr || server == nullptr ||
       BIO_new_bio_pair(&client_bio, 0, &server_bio, 0) != 1) {
     out->error = "SSL_new/BIO_new_bio_pair: " + DrainErrors();
-    SSL_free(client);
-    SSL_free(server);
     return false;
   }
+  // Each SSL owns one end of the pair from here on.
   SSL_set_bio(client, client_bio, client_bio);
   SSL_set_bio(server, server_bio, server_bio);
   SSL_set_connect_state(client);
@@ -330,8 +338,6 @@ bool Connect(SSL_CTX *client_ctx, SSL_CTX *server_ctx, SSL_SESSION *resume,
     SSL_set_shutdown(server, SSL_SENT_SHUTDOWN | SSL_RECEIVED_SHUTDOWN);
   }
   SSL_set_ex_data(client, SlotIndex(), nullptr);
-  SSL_free(client);
-  SSL_free(server);
   return ok;
 }
 

@@ -41,7 +41,7 @@ for tls in tls13 tls12; do
   for v in builtin nginx_style hsmstek; do
     r[resume_${tls}_$v]=$(ir "^resume/$tls/$v/.*threads:1\$" ResumeOnce "$n_handshake" 0)
   done
-  r[resume_${tls}_builtin_scoped]=$(ir "^extra/resume/$tls/builtin_scoped/" \
+  r[resume_${tls}_builtin_scoped]=$(ir "^resume/$tls/builtin_scoped/.*threads:1$" \
     ResumeOnce "$n_handshake" 0)
   r[full_${tls}]=$(ir "^full/$tls/builtin/" FullOnce "$n_handshake" 0)
   r[full_${tls}_pw]=$(ir "^full/$tls/builtin/" FullOnce "$n_handshake" 0 --process-wide)

@@ -27,6 +27,19 @@ namespace {
 struct SessionFree {
   void operator()(SSL_SESSION *s) const { SSL_SESSION_free(s); }
 };
+struct SslFree {
+  void operator()(SSL *ssl) const { SSL_free(ssl); }
+};
+struct SslCtxFree {
+  void operator()(SSL_CTX *ctx) const { SSL_CTX_free(ctx); }
+};
+// Closes a socket.
+struct Fd {
+  int fd = -1;
+  ~Fd() {
+    if (fd >= 0) close(fd);
+  }
+};
 using UniqueSession = std::unique_ptr<SSL_SESSION, SessionFree>;
 
 UniqueSession g_newest;  // the newest session the server gave us
@@ -52,34 +65,34 @@ int Dial(const sockaddr_in &addr) {
 // One connection; returns false on any failure. Sets *reused.
 bool OneConnection(SSL_CTX *ctx, const sockaddr_in &addr,
                    const std::string &request, bool *reused) {
-  int fd = Dial(addr);
-  if (fd < 0) {
+  Fd sock{Dial(addr)};
+  if (sock.fd < 0) {
     std::perror("connect");
     return false;
   }
-  SSL *ssl = SSL_new(ctx);
-  SSL_set_fd(ssl, fd);
-  SSL_set_tlsext_host_name(ssl, "localhost");
-  if (g_newest) SSL_set_session(ssl, g_newest.get());
-  bool ok = SSL_connect(ssl) == 1;
-  ok = ok && SSL_write(ssl, request.data(), static_cast<int>(request.size())) ==
-                 static_cast<int>(request.size());
+  std::unique_ptr<SSL, SslFree> ssl(SSL_new(ctx));
+  if (ssl == nullptr) return false;
+  SSL_set_fd(ssl.get(), sock.fd);
+  SSL_set_tlsext_host_name(ssl.get(), "localhost");
+  if (g_newest) SSL_set_session(ssl.get(), g_newest.get());
+  bool ok = SSL_connect(ssl.get()) == 1;
+  ok = ok &&
+       SSL_write(ssl.get(), request.data(), static_cast<int>(request.size())) ==
+           static_cast<int>(request.size());
   char buf[4096];
-  int n;
-  while (ok && (n = SSL_read(ssl, buf, sizeof(buf))) > 0) {
+  while (ok && SSL_read(ssl.get(), buf, sizeof(buf)) > 0) {
   }
   if (ok) {
-    *reused = SSL_session_reused(ssl) == 1;
+    *reused = SSL_session_reused(ssl.get()) == 1;
     // TLS 1.3 tickets arrived through the callback; TLS 1.2 keeps (or
     // renews) the session of the connection.
-    if (SSL_version(ssl) != TLS1_3_VERSION)
-      g_newest.reset(SSL_get1_session(ssl));
-    SSL_shutdown(ssl);
+    if (SSL_version(ssl.get()) != TLS1_3_VERSION) {
+      g_newest.reset(SSL_get1_session(ssl.get()));
+    }
+    SSL_shutdown(ssl.get());
   } else {
     ERR_print_errors_fp(stderr);
   }
-  SSL_free(ssl);
-  close(fd);
   return ok;
 }
 
@@ -110,7 +123,9 @@ int main(int argc, char **argv) {
   const std::string request =
       "GET " + path + " HTTP/1.0\r\nHost: localhost\r\n\r\n";
 
-  SSL_CTX *ctx = SSL_CTX_new(TLS_client_method());
+  std::unique_ptr<SSL_CTX, SslCtxFree> owner(SSL_CTX_new(TLS_client_method()));
+  SSL_CTX *ctx = owner.get();
+  if (ctx == nullptr) return 1;
   SSL_CTX_set_min_proto_version(ctx, version);
   SSL_CTX_set_max_proto_version(ctx, version);
   SSL_CTX_set_session_cache_mode(
@@ -138,6 +153,6 @@ int main(int argc, char **argv) {
       "{\"handshakes\":%ld,\"resumed\":%ld,\"seconds\":%.4f,"
       "\"per_second\":%.1f}\n",
       handshakes, resumed, elapsed, handshakes / elapsed);
-  SSL_CTX_free(ctx);
+  g_newest.reset();
   return resumed > 0 ? 0 : 1;
 }

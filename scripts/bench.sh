@@ -14,10 +14,12 @@
 # RESULTS_DIR (default $BUILD_DIR/bench-results), NGINX (default
 # /usr/sbin/nginx), SOFTHSM_MODULE (default /usr/lib/softhsm/libsofthsm2.so).
 #
-# Parts: (1)-(4) run in one hsmstek_bench process, all variants randomly
-# interleaved by Google Benchmark; (5) alternates plain and process-wide
-# processes (hsmstek_enable_process_wide is process-global); (6) starts two
-# nginx instances on loopback (OpenSSL's built-in tickets / the hsmstek
+# Parts: (1)-(4) run in one hsmstek_bench process: paired benchmarks in
+# which the compared variants alternate inside one loop (so they see the
+# same machine conditions), repeated and randomly interleaved by Google
+# Benchmark; (5) two processes, one plain and one with process-wide routing
+# (hsmstek_enable_process_wide is process-global), taking turns; (6) starts
+# two nginx instances on loopback (OpenSSL's built-in tickets / the hsmstek
 # module, 1 worker each, on a throwaway SoftHSM token) and alternates the
 # load between them. See docs/BENCHMARKS.md for the method.
 set -euo pipefail
@@ -40,11 +42,11 @@ softhsm_so=${SOFTHSM_MODULE:-/usr/lib/softhsm/libsofthsm2.so}
 # the median of interleaved short runs is the more stable figure.
 if [ "$quick" = 1 ]; then
   reps=5 min_time=0.1            # in-process: per benchmark and repetition
-  full_rounds=2 full_reps=3 full_min_time=0.2
+  pairs=2 pair_rounds=30         # process pairs x turns of each process
   nginx_rounds=2 nginx_secs=2
 else
-  reps=15 min_time=0.5
-  full_rounds=8 full_reps=5 full_min_time=0.5
+  reps=20 min_time=0.5
+  pairs=10 pair_rounds=50
   nginx_rounds=6 nginx_secs=5
 fi
 
@@ -81,7 +83,16 @@ mkdir -p "$results"
 # --- machine facts ---------------------------------------------------------------
 
 loadavg() { cut -d' ' -f1-3 /proc/loadavg; }
-python3 - "$results/meta.json" "$quick" "$(loadavg)" "$nginx_bin" <<'EOF'
+# parallelism: the CPU this shared machine gives us right now, as the
+# throughput of 2 parallel openssl speed processes over 1 (2.00 = two free
+# cores; 1.00 = the equivalent of one).
+parallelism() {
+  local one two
+  one=$(openssl speed -seconds 1 -multi 1 -evp sha256 2>/dev/null | awk '/^sha256/ { v = $NF } END { sub("k", "", v); print v }')
+  two=$(openssl speed -seconds 1 -multi 2 -evp sha256 2>/dev/null | awk '/^sha256/ { v = $NF } END { sub("k", "", v); print v }')
+  awk -v a="$one" -v b="$two" 'BEGIN { if (a > 0) printf "%.2f", b / a; else print "n/a" }'
+}
+python3 - "$results/meta.json" "$quick" "$(loadavg)" "$nginx_bin" "$(parallelism)" <<'EOF'
 import json, os, re, subprocess, sys, time
 def run(*cmd):
     try:
@@ -105,6 +116,7 @@ json.dump({
     "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     "cpu": cpu, "nproc": os.cpu_count(), "memory": mem,
     "load_before": sys.argv[3],
+    "parallelism_before": sys.argv[5],
     "openssl": run("openssl", "version"),
     "softhsm": softhsm.group(1) if softhsm else run("softhsm2-util", "--version"),
     "nginx": nginx.group(1) if nginx else "n/a",
@@ -115,28 +127,21 @@ EOF
 # --- (1)-(4): one process, all variants interleaved -----------------------------
 
 log "in-process benchmarks ($reps repetitions, min_time $min_time s)"
-"$bench" --benchmark_filter='^(pair|floor|evp|resume)/' \
+"$bench" --benchmark_filter='^(pair|scaling)/|^evp/(seal|open)/nginx_style/.*threads:1$' \
   --benchmark_repetitions="$reps" --benchmark_min_time="$min_time" \
   --benchmark_enable_random_interleaving=true \
   --benchmark_out="$results/inproc.json" --benchmark_out_format=json \
   >"$results/inproc.txt" 2>&1 || { cat "$results/inproc.txt" >&2; exit 1; }
 
-# --- (5): full handshakes, plain vs process-wide, separate processes ------------
+# --- (5): full handshakes, plain vs process-wide, two processes in turns -----
 
-log "full handshakes: $full_rounds rounds of plain + process-wide processes"
-for round in $(seq 1 "$full_rounds"); do
-  # ABBA order against drift.
-  if [ $((round % 2)) = 1 ]; then order="plain pw"; else order="pw plain"; fi
-  for kind in $order; do
-    flag=
-    [ "$kind" = pw ] && flag=--process-wide
-    "$bench" $flag --benchmark_filter='^full/' \
-      --benchmark_repetitions="$full_reps" --benchmark_min_time="$full_min_time" \
-      --benchmark_enable_random_interleaving=true \
-      --benchmark_out="$results/full-$round-$kind.json" --benchmark_out_format=json \
-      >"$results/full-$round-$kind.txt" 2>&1 ||
-      { cat "$results/full-$round-$kind.txt" >&2; exit 1; }
-  done
+# Several pairs of fresh processes: a process's memory layout shifts its
+# speed by a percent or two; more pairs average that out.
+log "full handshakes: $pairs pairs of plain and process-wide processes, $pair_rounds turns each"
+: >"$results/full.jsonl"
+for _ in $(seq 1 "$pairs"); do
+  "$bench" --process-pair="$pair_rounds" >>"$results/full.jsonl" 2>"$results/full.err" ||
+    { cat "$results/full.err" >&2; exit 1; }
 done
 
 # --- (6): nginx --------------------------------------------------------------------
@@ -282,15 +287,16 @@ EOF
           r=$(sed -E 's/.*"resumed":([0-9]+).*/\1/' <<<"$out")
           secs=$(sed -E 's/.*"seconds":([0-9.]+).*/\1/' <<<"$out")
         else
-          # s_time prints one character per connection ('r' = resumed),
-          # then "N connections in ..."; wall time measured here.
+          # s_time prints one character per connection on progress lines
+          # ('r' = resumed), then "N connections in ..."; it runs up to a
+          # second longer than -time, so the wall time is measured here.
           t0=$(date +%s.%N)
           out=$(openssl s_time -connect "127.0.0.1:${port[$v]}" -reuse -tls1_2 \
                 -www / -time "$nginx_secs" 2>&1) ||
             { na "openssl s_time failed against $v"; return; }
           t1=$(date +%s.%N)
           n=$(grep -oE '^[0-9]+ connections in [0-9.]+s' <<<"$out" | head -n 1 | cut -d' ' -f1)
-          r=$(grep -v 'connections' <<<"$out" | tr -cd 'r' | wc -c)
+          r=$(grep -E '^[rt3*]+$' <<<"$out" | tr -cd 'r' | wc -c)
           secs=$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.4f", b - a }')
         fi
         after=$(cpu_s "${worker[$v]}")
@@ -326,9 +332,10 @@ else
 fi
 cleanup
 
-python3 - "$results/meta.json" "$(loadavg)" <<'EOF'
+python3 - "$results/meta.json" "$(loadavg)" "$(parallelism)" <<'EOF'
 import json, sys
 m = json.load(open(sys.argv[1])); m["load_after"] = sys.argv[2]
+m["parallelism_after"] = sys.argv[3]
 json.dump(m, open(sys.argv[1], "w"))
 EOF
 
