@@ -11,6 +11,7 @@
 #include <cstring>
 #include <filesystem>
 
+#include "common/bytes.h"
 #include "keystore/duration.h"
 #include "keystore/time_format.h"
 #include "pkcs11/pin.h"
@@ -140,7 +141,9 @@ Result<std::string> ReadFileLimited(const std::string &path, size_t max,
 
 }  // namespace
 
-std::string Quote(std::string_view s) { return "\"" + std::string(s) + "\""; }
+// Labels come from URIs and bundle files: escaped like every other
+// outside value in messages, so a hostile label cannot forge output lines.
+std::string Quote(std::string_view s) { return QuoteForMessage(s); }
 
 std::string Redact(std::string_view text) {
   static constexpr std::string_view kKey = "pin-value=";

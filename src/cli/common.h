@@ -84,7 +84,8 @@ void RegisterSelfTest(CLI::App &app, std::vector<Command> &out);
 // "REDACTED" (CLI11 usage errors may quote arguments).
 std::string Redact(std::string_view text);
 
-// Quote returns `s` in double quotes (labels in messages).
+// Quote returns `s` quoted for a message (common/bytes.h QuoteForMessage:
+// escaped, at most 40 bytes).
 std::string Quote(std::string_view s);
 
 }  // namespace hsmstek::cli

@@ -1428,3 +1428,21 @@ TEST_F(CliTest, SelftestFailsClearlyWithoutAnActiveMaster) {
 
 }  // namespace
 }  // namespace hsmstek::keystore
+
+namespace hsmstek::keystore {
+namespace {
+
+TEST_F(CliTest, HostileLabelsAreEscapedInMessages) {
+  // "%0A" is a newline in the label: printed raw it would start a forged
+  // "hsmstek: ..." line of its own.
+  const std::string uri = Uri(kMain, "evil%0Ahsmstek:%20ok");
+  ASSERT_EQ(Cli({"provision", uri}).code, 0);
+  RunResult again = Cli({"provision", uri});
+  EXPECT_EQ(again.code, 1) << Describe(again);
+  EXPECT_NE(again.err.find("\"evil\\x0ahsmstek: ok\""), std::string::npos)
+      << again.err;
+  EXPECT_EQ(again.err.find("\nhsmstek: ok"), std::string::npos) << again.err;
+}
+
+}  // namespace
+}  // namespace hsmstek::keystore
