@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # Installs what is missing, builds everything, and runs the whole test suite
 # (unit, SoftHSM integration, TLS, fault injection, fuzz-corpus replay, CLI
-# and nginx end-to-end tests) with ctest. Exits with ctest's status.
+# and nginx end-to-end tests) with ctest, then the unit, integration, TLS and
+# fault-matrix tests again under ASan + UBSan (scripts/sanitize.sh ci; sized
+# for CI in docs/TESTING.md). Exits non-zero at the first failure.
 #
 #   scripts/test.sh              # RelWithDebInfo build in ./build
 #   BUILD_DIR=out scripts/test.sh
+#   HSMSTEK_SKIP_SANITIZERS=1 scripts/test.sh   # local runs: plain suite only
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,3 +19,9 @@ cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo
 cmake --build "$build" -j "$jobs"
 # Each test runs in its own process with its own throwaway SoftHSM tokens.
 ctest --test-dir "$build" -j "$jobs" --output-on-failure --timeout 600
+
+# ASan + UBSan of the unit, integration, TLS and fault tests, in a separate
+# build directory (docs/TESTING.md has the timings behind this choice).
+if [ "${HSMSTEK_SKIP_SANITIZERS:-0}" != 1 ]; then
+  ASAN_BUILD_DIR="$build-asan" JOBS="$jobs" bash scripts/sanitize.sh ci
+fi
