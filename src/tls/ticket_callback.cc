@@ -1,14 +1,12 @@
 #include "tls/ticket_callback.h"
 
 #include <openssl/core_names.h>
-#include <openssl/rand.h>
 
 #include <cstring>
-#include <mutex>
 
 #include "common/log.h"
-#include "pkcs11/module.h"
 #include "provider/provider.h"
+#include "tls/iv_pool.h"
 
 namespace hsmstek::tls {
 namespace {
@@ -49,37 +47,6 @@ void ReportNotRouted(TicketContext &context) {
       "hsmstek provider, so no session tickets are issued or accepted; create "
       "the SSL_CTX with hsmstek_ssl_ctx_new() or call "
       "hsmstek_enable_process_wide() before creating it");
-}
-
-// Ticket IVs come from OpenSSL's DRBG in batches: one RAND_bytes call per
-// kIvBatch tickets instead of one per ticket (a call costs about 1 us here,
-// ~5% of a token seal: DRBG lock and a getpid() fork check). IVs are public
-// (they travel in the ticket), so holding a few ready does not weaken them;
-// their source and unpredictability are unchanged. A pool inherited through
-// fork() is discarded, so parent and child never use the same IV.
-constexpr size_t kIvLength = 16;
-constexpr size_t kIvBatch = 32;
-struct IvPool {
-  uint64_t fork_count = 0;
-  size_t next = kIvBatch;  // empty
-  unsigned char bytes[kIvBatch * kIvLength];
-};
-thread_local IvPool t_iv_pool;
-
-bool NextIv(unsigned char iv[kIvLength]) {
-  IvPool &pool = t_iv_pool;
-  const uint64_t forks = p11::Module::ForkCount();
-  if (pool.next == kIvBatch || pool.fork_count != forks) {
-    if (RAND_bytes(pool.bytes, sizeof(pool.bytes)) != 1) {
-      pool.next = kIvBatch;
-      return false;
-    }
-    pool.fork_count = forks;
-    pool.next = 0;
-  }
-  std::memcpy(iv, pool.bytes + pool.next * kIvLength, kIvLength);
-  ++pool.next;  // each IV is handed out once
-  return true;
 }
 
 // Hands the token key handles to the provider's cipher and HMAC.
@@ -149,7 +116,7 @@ int Seal(SSL *ssl, TicketContext &context, unsigned char key_name[16],
     log::Warning("hsmstek: no ticket issued: " + keys.status().message());
     return kNoTicket;
   }
-  if (!NextIv(iv)) return kNoTicket;
+  if (!NextTicketIv(iv)) return kNoTicket;
   std::memcpy(key_name, keys->name.bytes.data(), 16);
   context.stats->BeginSeal();
   if (!SetUpCipherAndMac(context, *keys, iv, cipher_ctx, mac_ctx, true)) {
