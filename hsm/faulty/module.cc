@@ -19,6 +19,7 @@
 #include <map>
 #include <mutex>
 #include <set>
+#include <shared_mutex>
 #include <string>
 #include <thread>
 #include <unordered_map>
@@ -66,6 +67,12 @@ struct ActiveFail {
 };
 
 struct State {
+  // Every forwarded call holds `forwarding` shared; a simulated removal
+  // closes the target's sessions holding it exclusively, so no thread is
+  // inside the target on a session being closed (SoftHSM does not survive
+  // C_CloseAllSessions racing a call on one of those sessions). Taken
+  // before `mu`, never while holding it.
+  std::shared_mutex forwarding;
   std::mutex mu;
   // Target module: loaded once, never unloaded.
   std::atomic<CK_FUNCTION_LIST *> target{nullptr};
@@ -89,6 +96,9 @@ struct State {
   // Token removal.
   bool remove_all = false;
   std::set<CK_SLOT_ID> removed;
+  // Slots that became removed whose target sessions are still to be closed
+  // (by Begin, outside `mu`).
+  std::set<CK_SLOT_ID> pending_closes;
   std::map<CK_SLOT_ID, std::uint64_t> generation;
   // Caller session handle -> target session. Never reused in a process.
   std::unordered_map<CK_SESSION_HANDLE, SessionEntry> sessions;
@@ -238,8 +248,9 @@ void ResolveRemovalLocked(State &s) {
 
 // ApplyRemovesLocked installs new remove rules and performs the transitions:
 // a slot that becomes removed loses all its sessions on the target (ours
-// turn dead); a slot that comes back gets a new generation (new handle
-// salt) and forgets its dead sessions, whose handles are now simply invalid.
+// turn dead at once; the target's are closed by Begin, see ClosePending); a
+// slot that comes back gets a new generation (new handle salt) and forgets its
+// dead sessions, whose handles are now simply invalid.
 void ApplyRemovesLocked(State &s, std::vector<RemoveRule> removes) {
   bool old_all = s.remove_all;
   std::set<CK_SLOT_ID> old_removed = s.removed;
@@ -254,7 +265,7 @@ void ApplyRemovesLocked(State &s, std::vector<RemoveRule> removes) {
     bool was = old_all || old_removed.count(slot) != 0;
     bool now = IsRemovedLocked(s, slot);
     if (!was && now) {
-      T()->C_CloseAllSessions(slot);
+      s.pending_closes.insert(slot);
       for (auto &[handle, e] : s.sessions) {
         if (e.slot == slot) e.dead = true;
       }
@@ -399,7 +410,25 @@ void WriteStatsLocked(const State &s) {
 
 struct Decision {
   CK_RV injected = CKR_OK;
+  // Held until the call returns (see State::forwarding).
+  std::shared_lock<std::shared_mutex> forwarding;
 };
+
+// ClosePending closes the target sessions of newly removed slots, with no
+// forwarded call in flight. A slot re-inserted meanwhile is left alone: its
+// new sessions are live.
+void ClosePending(State &s) {
+  std::unique_lock<std::shared_mutex> exclusive(s.forwarding);
+  std::set<CK_SLOT_ID> slots;
+  {
+    std::lock_guard<std::mutex> lock(s.mu);
+    slots.swap(s.pending_closes);
+    std::erase_if(slots, [&s](CK_SLOT_ID id) {
+      return !s.initialized || !IsRemovedLocked(s, id);
+    });
+  }
+  for (CK_SLOT_ID slot : slots) T()->C_CloseAllSessions(slot);
+}
 
 // Begin counts a call of `fn`, reloads the rules if needed, decides whether
 // the call fails by rule, and sleeps the delay rules' total (unlocked).
@@ -407,6 +436,7 @@ Decision Begin(Fn fn) {
   State &s = St();
   Decision d;
   std::chrono::microseconds delay{0};
+  bool close_pending;
   {
     std::lock_guard<std::mutex> lock(s.mu);
     if (!s.env_read) ReadEnvLocked(s);
@@ -431,8 +461,11 @@ Decision Begin(Fn fn) {
       }
     }
     if (d.injected != CKR_OK) ++s.injected[Index(fn)];
+    close_pending = !s.pending_closes.empty();
   }
+  if (close_pending) ClosePending(s);
   if (delay.count() > 0) std::this_thread::sleep_for(delay);
+  d.forwarding = std::shared_lock<std::shared_mutex>(s.forwarding);
   return d;
 }
 

@@ -278,7 +278,20 @@ Status Token::ConnectLocked() {
 
   object_session_ = object_session;
   state_ = TokenState::kConnected;
-  module_->TokenConnected();
+  if (held_module_ && held_fork_count_ != Module::ForkCount()) {
+    // Held in the parent: the leases belong to threads that do not exist
+    // here, and the child's module counts no token yet.
+    held_module_.reset();
+    leased_ = 0;
+  }
+  if (held_module_ != module_) {
+    // Only after a token moved to another module with calls still in
+    // flight on the old one; rare enough to release the old one now.
+    if (held_module_) held_module_->TokenDisconnected();
+    module_->TokenConnected();
+    held_module_ = module_;
+    held_fork_count_ = Module::ForkCount();
+  }
   backoff_ = std::chrono::milliseconds(0);
   connected_fork_count_ = Module::ForkCount();
   last_connect_error_ = Status::Ok();
@@ -333,6 +346,7 @@ Result<Session> Token::Acquire() {
 void Token::ReturnSession(CK_SESSION_HANDLE h, uint64_t gen, bool dead) {
   std::lock_guard<std::mutex> lock(mu_);
   if (leased_ > 0) --leased_;
+  ReleaseModuleIfIdleLocked();
   bool current = state_ == TokenState::kConnected &&
                  gen == generation_.load() && !ForkedSinceConnect();
   if (current && !dead && idle_.size() < options_.max_idle_sessions) {
@@ -354,24 +368,47 @@ void Token::ReportFault(CK_RV rv, uint64_t gen) {
 }
 
 void Token::DisconnectLocked(bool close_handles) {
-  if (close_handles && module_ && !ForkedSinceConnect()) {
+  if (ForkedSinceConnect()) {
+    // Nothing of the parent's is ours to close, and its leases belong to
+    // threads that do not exist here. The child needs its own C_Initialize
+    // before any call (its module starts with no token counted); a new
+    // generation makes every handle of the parent stale.
+    idle_.clear();
+    object_session_ = CK_INVALID_HANDLE;
+    retired_object_session_ = CK_INVALID_HANDLE;
+    leased_ = 0;
+    held_module_.reset();
+    state_ = TokenState::kDisconnected;
+    generation_.fetch_add(1);
+    return;
+  }
+  if (close_handles && module_) {
     for (CK_SESSION_HANDLE h : idle_) fn()->C_CloseSession(h);
     if (object_session_ != CK_INVALID_HANDLE) {
-      fn()->C_CloseSession(object_session_);
+      // A caller inside WithObjectSession (maybe this thread, reporting a
+      // fault) closes it when it is done.
+      if (object_session_busy_) {
+        retired_object_session_ = object_session_;
+      } else {
+        fn()->C_CloseSession(object_session_);
+      }
     }
   }
   idle_.clear();
   object_session_ = CK_INVALID_HANDLE;
-  if (state_ == TokenState::kConnected) {
-    state_ = TokenState::kDisconnected;
-    if (module_ && !ForkedSinceConnect()) module_->TokenDisconnected();
+  if (state_ == TokenState::kConnected) state_ = TokenState::kDisconnected;
+  ReleaseModuleIfIdleLocked();
+}
+
+void Token::ReleaseModuleIfIdleLocked() {
+  if (held_module_ == nullptr || state_ == TokenState::kConnected ||
+      leased_ > 0) {
+    return;
   }
-  if (ForkedSinceConnect()) {
-    // The child needs its own C_Initialize before any call; a new
-    // generation makes every handle of the parent stale.
-    state_ = TokenState::kDisconnected;
-    generation_.fetch_add(1);
+  if (held_fork_count_ == Module::ForkCount()) {
+    held_module_->TokenDisconnected();
   }
+  held_module_.reset();
 }
 
 void Token::Disconnect() {

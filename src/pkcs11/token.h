@@ -145,6 +145,7 @@ class Token : public std::enable_shared_from_this<Token> {
 
   Status ConnectLocked();
   void DisconnectLocked(bool close_handles);
+  void ReleaseModuleIfIdleLocked();
   bool ForkedSinceConnect() const;
   void ReturnSession(CK_SESSION_HANDLE h, uint64_t gen, bool dead);
   Result<CK_SESSION_HANDLE> OpenSessionLocked();
@@ -162,8 +163,17 @@ class Token : public std::enable_shared_from_this<Token> {
   std::string label_;
   std::string serial_;
   CK_SESSION_HANDLE object_session_ = CK_INVALID_HANDLE;
+  // An object session dropped by a disconnect while a caller was using it:
+  // that caller closes it when done (closing under a call crashes SoftHSM).
+  CK_SESSION_HANDLE retired_object_session_ = CK_INVALID_HANDLE;
+  bool object_session_busy_ = false;  // a caller is in WithObjectSession
   std::vector<CK_SESSION_HANDLE> idle_;
   size_t leased_ = 0;
+  // The module this token counts as in use (Module::TokenConnected): from
+  // connect until disconnected with no session leased, so the module is
+  // never re-initialised under a call still in flight.
+  std::shared_ptr<Module> held_module_;
+  uint64_t held_fork_count_ = 0;
   uint64_t connected_fork_count_ = 0;
   std::chrono::steady_clock::time_point retry_at_{};
   std::chrono::milliseconds backoff_{0};
@@ -191,11 +201,21 @@ Status Token::WithObjectSession(Fn &&fn) {
     if (state_ != TokenState::kConnected || h == CK_INVALID_HANDLE) {
       return Unavailable("token disconnected");
     }
+    object_session_busy_ = true;
   }
   Session object_session(this, h, gen);
   Status status = fn(object_session);
-  // The object session is owned by the token, never pooled or closed here.
+  // The object session is owned by the token, never pooled here; closed
+  // here only if a disconnect retired it while we were using it.
   object_session.token_ = nullptr;
+  std::lock_guard<std::mutex> lock(mu_);
+  object_session_busy_ = false;
+  if (retired_object_session_ == h) {
+    if (!ForkedSinceConnect() && module_) {
+      module_->functions()->C_CloseSession(h);
+    }
+    retired_object_session_ = CK_INVALID_HANDLE;
+  }
   return status;
 }
 

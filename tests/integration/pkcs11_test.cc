@@ -317,6 +317,51 @@ TEST_F(Pkcs11Test, RecoversAfterAllSessionsClosedBehindItsBack) {
   EXPECT_TRUE(EncryptAndSign(*token, aes, hmac).ok());
 }
 
+TEST_F(Pkcs11Test, ModuleIsNotReinitialisedUnderACallInFlight) {
+  // A disconnected token whose sessions are still leased (a thread inside a
+  // call) keeps its module from being finalised: C_Finalize under a call in
+  // flight crashes SoftHSM.
+  auto token = Open(SoftHsm::Get().Uri("p11-a"));
+  std::shared_ptr<Module> module = SoftHsm::Get().module();
+  Result<Session> leased = token->Acquire();
+  ASSERT_TRUE(leased.ok()) << leased.status().message();
+  token->Disconnect();
+  EXPECT_FALSE(module->TryReinitialize());
+  CK_SESSION_INFO info;
+  EXPECT_EQ(token->fn()->C_GetSessionInfo(leased->handle(), &info), CKR_OK);
+  leased = Unavailable("returned");  // the lease ends here
+  EXPECT_TRUE(module->TryReinitialize());
+  // Reconnects from scratch afterwards.
+  CK_OBJECT_HANDLE aes, hmac;
+  MakeSessionKeys(*token, &aes, &hmac);
+  EXPECT_TRUE(EncryptAndSign(*token, aes, hmac).ok());
+}
+
+TEST_F(Pkcs11Test, DisconnectDuringObjectSessionUseClosesItAfterwards) {
+  // A fault reported while the object session is in use (here: by the same
+  // thread) must not close it under its user; it is closed when the user is
+  // done.
+  auto token = Open(SoftHsm::Get().Uri("p11-b"));
+  CK_SESSION_HANDLE used = CK_INVALID_HANDLE;
+  CK_RV during = CKR_GENERAL_ERROR;
+  Status s = token->WithObjectSession([&](Session &session) {
+    used = session.handle();
+    token->Disconnect();
+    CK_SESSION_INFO info;
+    during = token->fn()->C_GetSessionInfo(used, &info);
+    return Status::Ok();
+  });
+  ASSERT_TRUE(s.ok()) << s.message();
+  EXPECT_EQ(during, CKR_OK);
+  CK_SESSION_INFO info;
+  EXPECT_EQ(token->fn()->C_GetSessionInfo(used, &info),
+            CKR_SESSION_HANDLE_INVALID);
+  // The next use gets a new object session.
+  CK_OBJECT_HANDLE aes, hmac;
+  MakeSessionKeys(*token, &aes, &hmac);
+  EXPECT_TRUE(EncryptAndSign(*token, aes, hmac).ok());
+}
+
 TEST_F(Pkcs11Test, ForkedChildReinitialisesAndWorks) {
   auto token = Open(SoftHsm::Get().Uri("p11-b"));
   CK_OBJECT_HANDLE aes, hmac;
