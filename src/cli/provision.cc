@@ -8,6 +8,7 @@
 #include "keystore/duration.h"
 #include "keystore/master.h"
 #include "keystore/provisioning.h"
+#include "keystore/store.h"
 #include "keystore/time_format.h"
 #include "pkcs11/object.h"
 
@@ -175,7 +176,22 @@ Status RunRotate(const MasterArgs &a) {
           "--activate-at");
     }
   }
-  return CreateAndReport("rotated: new", **store, *session, policy, now);
+  Status created =
+      CreateAndReport("rotated: new", **store, *session, policy, now);
+  if (!created.ok()) return created;
+  // Servers pick up a new master at their next refresh; until then they
+  // refuse tickets other servers already seal under it (full handshakes).
+  const int64_t refresh_s = keystore::StoreOptions().refresh_interval_s;
+  if (policy.not_before - now < refresh_s) {
+    std::cerr << "hsmstek: warning: the new master activates in less than "
+                 "the servers' "
+              << refresh_s
+              << " s refresh; servers that have not loaded it yet refuse "
+                 "its tickets (full handshakes) until they do. Stage "
+                 "rotations with --activate-in of at least "
+              << refresh_s << "s (default 1h)\n";
+  }
+  return created;
 }
 
 const Master *FindMaster(const std::vector<Master> &masters,
