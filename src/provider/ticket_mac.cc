@@ -2,9 +2,10 @@
 // - token mode (kKeyRefParam set): HMAC-SHA256 in the token on a key handle;
 //   updates are buffered, final runs C_SignInit + C_Sign;
 // - raw-key mode (anything else): every call is forwarded unchanged to a
-//   delegate EVP_MAC_CTX of another provider's HMAC. Under the process-wide
+//   delegate context of another provider's HMAC, through that provider's
+//   own functions (DelegateMac: no second EVP layer). Under the process-wide
 //   preference every HMAC of the process takes this path, so it only adds a
-//   few param lookups per call.
+//   few param lookups and an indirect call per call.
 // The delegate is created lazily, on the first call that needs it: libssl
 // creates a fresh HMAC context for every ticket and only ever uses it in
 // token mode, so a ticket costs no delegate allocation (issue 6). The
@@ -25,6 +26,7 @@
 #include <memory>
 #include <new>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "pkcs11/token.h"
@@ -39,16 +41,44 @@ namespace {
 constexpr size_t kSha256Size = 32;
 constexpr size_t kSha256BlockSize = 64;
 
-struct MacCtxDeleter {
-  void operator()(EVP_MAC_CTX *ctx) const { EVP_MAC_CTX_free(ctx); }
+// Owns a context of the delegate provider's HMAC.
+class DelegateCtx {
+ public:
+  DelegateCtx() = default;
+  DelegateCtx(const DelegateMac *functions, void *ctx)
+      : functions_(functions), ctx_(ctx) {}
+  DelegateCtx(DelegateCtx &&other) noexcept
+      : functions_(other.functions_), ctx_(other.ctx_) {
+    other.ctx_ = nullptr;
+  }
+  DelegateCtx &operator=(DelegateCtx &&other) noexcept {
+    std::swap(functions_, other.functions_);
+    std::swap(ctx_, other.ctx_);
+    return *this;
+  }
+  ~DelegateCtx() {
+    if (ctx_ != nullptr) functions_->freectx(ctx_);
+  }
+  DelegateCtx(const DelegateCtx &) = delete;
+  DelegateCtx &operator=(const DelegateCtx &) = delete;
+
+  explicit operator bool() const { return ctx_ != nullptr; }
+  const DelegateMac &functions() const { return *functions_; }
+  void *get() const { return ctx_; }
+  DelegateCtx Dup() const {
+    return DelegateCtx(functions_, functions_->dupctx(ctx_));
+  }
+
+ private:
+  const DelegateMac *functions_ = nullptr;
+  void *ctx_ = nullptr;
 };
-using MacCtxPtr = std::unique_ptr<EVP_MAC_CTX, MacCtxDeleter>;
 
 struct MacCtx {
   explicit MacCtx(ProviderContext *p) : prov(p) {}
 
   ProviderContext *prov;
-  MacCtxPtr delegate;  // null until first needed (EnsureDelegate)
+  DelegateCtx delegate;  // empty until first needed (EnsureDelegate)
   bool token_mode = false;
   TokenKeyRef ref;            // valid in token mode
   std::vector<uint8_t> data;  // token mode: input buffered until final
@@ -77,11 +107,11 @@ void *MacNewCtx(void *provctx) {
 // Creates the delegate context on first need. False if no other provider
 // offers HMAC (DelegateHmac raised kNoDelegate) or allocation failed.
 bool EnsureDelegate(MacCtx *ctx) {
-  if (ctx->delegate != nullptr) return true;
-  EVP_MAC *mac = ctx->prov->DelegateHmac();
-  if (mac == nullptr) return false;
-  ctx->delegate.reset(EVP_MAC_CTX_new(mac));
-  return ctx->delegate != nullptr;
+  if (ctx->delegate) return true;
+  const DelegateMac *functions = ctx->prov->DelegateHmac();
+  if (functions == nullptr) return false;
+  ctx->delegate = DelegateCtx(functions, functions->newctx(functions->provctx));
+  return bool(ctx->delegate);
 }
 
 // True if `params` holds anything besides our own key-ref and fail-soft
@@ -102,10 +132,10 @@ void MacFreeCtx(void *vctx) { delete static_cast<MacCtx *>(vctx); }
 // record MAC and PRF).
 void *MacDupCtx(void *vsrc) {
   const auto *src = static_cast<const MacCtx *>(vsrc);
-  MacCtxPtr delegate;
-  if (src->delegate != nullptr) {
-    delegate.reset(EVP_MAC_CTX_dup(src->delegate.get()));
-    if (delegate == nullptr) return nullptr;
+  DelegateCtx delegate;
+  if (src->delegate) {
+    delegate = src->delegate.Dup();
+    if (!delegate) return nullptr;
   }
   auto *dst = new (std::nothrow) MacCtx(src->prov);
   if (dst == nullptr) return nullptr;
@@ -150,9 +180,9 @@ int MacSetCtxParams(void *vctx, const OSSL_PARAM params[]) {
   }
   // A token-mode set-up (key-ref and fail-soft only) needs no delegate; once
   // one exists it sees every call, as before.
-  if (ctx->delegate != nullptr || HasDelegateParams(params)) {
-    if (!EnsureDelegate(ctx) ||
-        !EVP_MAC_CTX_set_params(ctx->delegate.get(), params)) {
+  if (ctx->delegate || HasDelegateParams(params)) {
+    if (!EnsureDelegate(ctx) || !ctx->delegate.functions().set_ctx_params(
+                                    ctx->delegate.get(), params)) {
       return 0;
     }
   }
@@ -184,21 +214,23 @@ int MacInit(void *vctx, const unsigned char *key, size_t keylen,
     ctx->ref = TokenKeyRef();
     ctx->data.clear();
     if (!EnsureDelegate(ctx)) return 0;
-    return EVP_MAC_init(ctx->delegate.get(), key, keylen, nullptr);
+    return ctx->delegate.functions().init(ctx->delegate.get(), key, keylen,
+                                          nullptr);
   }
   if (ctx->token_mode) {
     ctx->data.clear();
     return 1;
   }
   if (!EnsureDelegate(ctx)) return 0;
-  return EVP_MAC_init(ctx->delegate.get(), nullptr, 0, nullptr);
+  return ctx->delegate.functions().init(ctx->delegate.get(), nullptr, 0,
+                                        nullptr);
 }
 
 int MacUpdate(void *vctx, const unsigned char *in, size_t inl) {
   auto *ctx = static_cast<MacCtx *>(vctx);
   if (!ctx->token_mode) {
     if (!EnsureDelegate(ctx)) return 0;
-    return EVP_MAC_update(ctx->delegate.get(), in, inl);
+    return ctx->delegate.functions().update(ctx->delegate.get(), in, inl);
   }
   if (inl > kMaxTokenMacInput - ctx->data.size()) {
     ctx->prov->RaiseError(ProviderReason::kInvalidLength,
@@ -257,7 +289,8 @@ int MacFinal(void *vctx, unsigned char *out, size_t *outl, size_t outsize) {
   auto *ctx = static_cast<MacCtx *>(vctx);
   if (!ctx->token_mode) {
     if (!EnsureDelegate(ctx)) return 0;
-    return EVP_MAC_final(ctx->delegate.get(), out, outl, outsize);
+    return ctx->delegate.functions().final(ctx->delegate.get(), out, outl,
+                                           outsize);
   }
   if (outsize < kSha256Size) {
     ctx->prov->RaiseError(
@@ -288,7 +321,8 @@ int MacGetCtxParams(void *vctx, OSSL_PARAM params[]) {
   if (params == nullptr) return 1;
   if (!ctx->token_mode) {
     if (!EnsureDelegate(ctx)) return 0;
-    return EVP_MAC_CTX_get_params(ctx->delegate.get(), params);
+    return ctx->delegate.functions().get_ctx_params(ctx->delegate.get(),
+                                                    params);
   }
   // Read before final (EVP_MAC_final sizes the output with it).
   OSSL_PARAM *p = OSSL_PARAM_locate(params, OSSL_MAC_PARAM_SIZE);
