@@ -31,6 +31,18 @@ check "shared library installed" test -e "$root/lib/libhsmstek.so"
 check "only the C API is exported" \
   bash -c "! nm -D --defined-only '$root/lib/libhsmstek.so' | awk '\$2 ~ /[TDB]/ {print \$3}' | grep -v '^hsmstek_'"
 
+# nginx modules (when built): installed with the installed libdir as their
+# only library search path, never the build tree.
+for module in ngx_http_hsmstek_module.so ngx_stream_hsmstek_module.so; do
+  [ -e "$build/src/nginx/$module" ] || continue
+  installed="$dest/usr/lib/nginx/modules/$module"
+  check "$module installed" test -f "$installed"
+  check "$module searches only /usr/local/lib for libhsmstek" \
+    bash -c "readelf -d '$installed' | grep -E 'R(UN)?PATH' | grep -qF '[/usr/local/lib]'"
+  check "the built $module still finds the build tree's library" \
+    bash -c "readelf -d '$build/src/nginx/$module' | grep -E 'R(UN)?PATH' | grep -qF '$(cd "$build" && pwd)'"
+done
+
 export PKG_CONFIG_PATH="$root/lib/pkgconfig"
 export PKG_CONFIG_SYSROOT_DIR="$dest"
 check "pkg-config build of the example" \
