@@ -111,7 +111,14 @@ HSMSTEK_EXPORT SSL_CTX *hsmstek_ssl_ctx_new(hsmstek_store *store,
  * from hsmstek_ssl_ctx_new or hsmstek_enable_process_wide() was called;
  * otherwise the callback logs one error and issues no tickets. |ctx| holds
  * its own reference to the key store (|store| may be closed first). Not
- * thread-safe with respect to other uses of |ctx|. */
+ * thread-safe with respect to other uses of |ctx|.
+ *
+ * SNI: when a servername callback switches a connection to another SSL_CTX
+ * (SSL_set_SSL_CTX), OpenSSL keeps calling the callback of the context the
+ * connection started on, while hsmstek uses the store installed on the
+ * current context. Install the same store on every context a connection can
+ * be switched to (a switched context without one issues and accepts no
+ * tickets). */
 HSMSTEK_EXPORT int hsmstek_ssl_ctx_install(hsmstek_store *store, SSL_CTX *ctx);
 
 /* hsmstek_enable_process_wide makes the default library context prefer the
