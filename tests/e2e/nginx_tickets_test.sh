@@ -343,7 +343,7 @@ done
 
 positive_cases="tls12_ticket_from_token tls12_resume ticket_key_file_ignored
   tls13_ticket_from_token tls13_resume session_tickets_off sni_default_decides
-  stream_ticket_from_token stream_resume status_counts resume_after_reload
+  stream_ticket_from_token stream_resume status_counts status_shows_stream_stores resume_after_reload
   no_stale_openssl_errors"
 
 provision() {
@@ -465,6 +465,16 @@ else
       pass status_counts
     else
       fail "status_counts (issued=$issued resumed=$resumed renewed=$renewed)"
+      sed 's/^/    /' <<<"$page" | grep -v '^    #'
+    fi
+    # stream{} stores are on the same page, as "stream:<name>".
+    s_issued=$(metric 'hsmstek_tickets_issued_total{store="stream:tcp"}')
+    s_resumed=$(metric 'hsmstek_tickets_resumed_total{store="stream:tcp"}')
+    if [ "$(metric 'hsmstek_store_open{store="stream:tcp"}')" = 1 ] &&
+       [ "${s_issued:-0}" -ge 1 ] && [ "${s_resumed:-0}" -ge 1 ]; then
+      pass status_shows_stream_stores
+    else
+      fail "status_shows_stream_stores (issued=$s_issued resumed=$s_resumed)"
       sed 's/^/    /' <<<"$page" | grep -v '^    #'
     fi
 

@@ -17,6 +17,9 @@
 #include <ngx_config.h>
 #include <ngx_core.h>
 #include <ngx_http.h>
+#if (NGX_HSMSTEK_STREAM)
+#include <ngx_stream.h>
+#endif
 
 #include "ngx_hsmstek_common.h"
 
@@ -293,9 +296,45 @@ static const ngx_http_hsmstek_metric_t ngx_http_hsmstek_metrics[] = {
 };
 
 /* Upper bound of one sample line besides the metric's name and labels:
- * '{store="' name '"' '}' ' ' value '\n'. */
+ * '{store="' ["stream:"] name '"' '}' ' ' value '\n'. */
 #define NGX_HSMSTEK_SAMPLE_EXTRA \
-  (NGX_HSMSTEK_MAX_NAME + 16 + NGX_INT64_LEN + 12)
+  (sizeof("stream:") + NGX_HSMSTEK_MAX_NAME + 16 + NGX_INT64_LEN + 12)
+
+/* The stream{} stores of this worker, or NULL. ngx_stream_hsmstek_module
+ * lives in another shared object (loaded or not), so it is found by name. */
+static ngx_hsmstek_main_conf_t *ngx_http_hsmstek_stream_conf(
+    ngx_cycle_t *cycle) {
+#if (NGX_HSMSTEK_STREAM)
+  ngx_module_t *stream = NULL, *ours = NULL;
+  for (ngx_uint_t i = 0; cycle->modules[i] != NULL; i++) {
+    const char *name = cycle->modules[i]->name;
+    if (name == NULL) {
+      continue;
+    }
+    if (ngx_strcmp(name, "ngx_stream_module") == 0) {
+      stream = cycle->modules[i];
+    } else if (ngx_strcmp(name, "ngx_stream_hsmstek_module") == 0) {
+      ours = cycle->modules[i];
+    }
+  }
+  if (stream == NULL || ours == NULL ||
+      cycle->conf_ctx[stream->index] == NULL) {
+    return NULL;
+  }
+  return ((ngx_stream_conf_ctx_t *)cycle->conf_ctx[stream->index])
+      ->main_conf[ours->ctx_index];
+#else
+  (void)cycle;
+  return NULL;
+#endif
+}
+
+/* One store on the status page: http stores under their name, stream
+ * stores as "stream:<name>" (store names cannot contain ':'). */
+typedef struct {
+  ngx_str_t label;
+  hsmstek_store *store;
+} ngx_http_hsmstek_row_t;
 
 static ngx_int_t ngx_http_hsmstek_status_handler(ngx_http_request_t *r) {
   if (!(r->method & (NGX_HTTP_GET | NGX_HTTP_HEAD))) {
@@ -308,8 +347,34 @@ static ngx_int_t ngx_http_hsmstek_status_handler(ngx_http_request_t *r) {
 
   ngx_hsmstek_main_conf_t *mcf =
       ngx_http_get_module_main_conf(r, ngx_http_hsmstek_module);
-  ngx_hsmstek_store_conf_t *stores = mcf->stores.elts;
-  ngx_uint_t n = mcf->stores.nelts;
+  ngx_hsmstek_main_conf_t *smcf =
+      ngx_http_hsmstek_stream_conf((ngx_cycle_t *)ngx_cycle);
+  ngx_uint_t n_http = mcf->stores.nelts;
+  ngx_uint_t n = n_http + (smcf != NULL ? smcf->stores.nelts : 0);
+  ngx_http_hsmstek_row_t *stores =
+      ngx_pcalloc(r->pool, (n + 1) * sizeof(*stores));
+  if (stores == NULL) {
+    return NGX_HTTP_INTERNAL_SERVER_ERROR;
+  }
+  for (ngx_uint_t i = 0; i < n; i++) {
+    const ngx_hsmstek_store_conf_t *conf =
+        i < n_http
+            ? &((ngx_hsmstek_store_conf_t *)mcf->stores.elts)[i]
+            : &((ngx_hsmstek_store_conf_t *)smcf->stores.elts)[i - n_http];
+    stores[i].store = conf->store;
+    if (i < n_http) {
+      stores[i].label = conf->name;
+      continue;
+    }
+    static const char prefix[] = "stream:";
+    stores[i].label.len = sizeof(prefix) - 1 + conf->name.len;
+    stores[i].label.data = ngx_pnalloc(r->pool, stores[i].label.len);
+    if (stores[i].label.data == NULL) {
+      return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+    ngx_memcpy(ngx_cpymem(stores[i].label.data, prefix, sizeof(prefix) - 1),
+               conf->name.data, conf->name.len);
+  }
 
   /* Snapshot first so every family shows the same moment. */
   hsmstek_stats *stats = ngx_pcalloc(r->pool, (n + 1) * sizeof(*stats));
@@ -352,7 +417,7 @@ static ngx_int_t ngx_http_hsmstek_status_handler(ngx_http_request_t *r) {
                    "# TYPE hsmstek_store_open gauge\n");
   for (ngx_uint_t i = 0; i < n; i++) {
     p = ngx_slprintf(p, end, "hsmstek_store_open{store=\"%V\"} %ui\n",
-                     &stores[i].name, (ngx_uint_t)(stores[i].store != NULL));
+                     &stores[i].label, (ngx_uint_t)(stores[i].store != NULL));
   }
   for (size_t m = 0; m < sizeof(ngx_http_hsmstek_metrics) /
                              sizeof(ngx_http_hsmstek_metrics[0]);
@@ -369,7 +434,7 @@ static ngx_int_t ngx_http_hsmstek_status_handler(ngx_http_request_t *r) {
       uint64_t v =
           *(const uint64_t *)((const u_char *)&stats[i] + metric->offset);
       p = ngx_slprintf(p, end, "%s{store=\"%V\"%s} ", metric->name,
-                       &stores[i].name, metric->labels);
+                       &stores[i].label, metric->labels);
       if (metric->seconds) {
         p = ngx_slprintf(p, end, "%uL.%09uL\n", v / 1000000000, v % 1000000000);
       } else {
