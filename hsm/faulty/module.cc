@@ -96,9 +96,9 @@ struct State {
   // Token removal.
   bool remove_all = false;
   std::set<CK_SLOT_ID> removed;
-  // Slots that became removed whose target sessions are still to be closed
-  // (by Begin, outside `mu`).
-  std::set<CK_SLOT_ID> pending_closes;
+  // Target sessions of removed slots still to be closed (by Begin, outside
+  // `mu`). Handles, not slots: a quick re-insertion must not save them.
+  std::vector<CK_SESSION_HANDLE> pending_closes;
   std::map<CK_SLOT_ID, std::uint64_t> generation;
   // Caller session handle -> target session. Never reused in a process.
   std::unordered_map<CK_SESSION_HANDLE, SessionEntry> sessions;
@@ -265,9 +265,11 @@ void ApplyRemovesLocked(State &s, std::vector<RemoveRule> removes) {
     bool was = old_all || old_removed.count(slot) != 0;
     bool now = IsRemovedLocked(s, slot);
     if (!was && now) {
-      s.pending_closes.insert(slot);
       for (auto &[handle, e] : s.sessions) {
-        if (e.slot == slot) e.dead = true;
+        if (e.slot == slot && !e.dead) {
+          e.dead = true;
+          s.pending_closes.push_back(e.target);
+        }
       }
     } else if (was && !now) {
       ++s.generation[slot];
@@ -414,20 +416,18 @@ struct Decision {
   std::shared_lock<std::shared_mutex> forwarding;
 };
 
-// ClosePending closes the target sessions of newly removed slots, with no
-// forwarded call in flight. A slot re-inserted meanwhile is left alone: its
-// new sessions are live.
+// ClosePending closes the target sessions of removed slots, with no
+// forwarded call in flight. Closing the last one also logs the target out,
+// as a real removal does.
 void ClosePending(State &s) {
   std::unique_lock<std::shared_mutex> exclusive(s.forwarding);
-  std::set<CK_SLOT_ID> slots;
+  std::vector<CK_SESSION_HANDLE> handles;
   {
     std::lock_guard<std::mutex> lock(s.mu);
-    slots.swap(s.pending_closes);
-    std::erase_if(slots, [&s](CK_SLOT_ID id) {
-      return !s.initialized || !IsRemovedLocked(s, id);
-    });
+    handles.swap(s.pending_closes);
+    if (!s.initialized) return;  // C_Finalize closed them all
   }
-  for (CK_SLOT_ID slot : slots) T()->C_CloseAllSessions(slot);
+  for (CK_SESSION_HANDLE h : handles) T()->C_CloseSession(h);
 }
 
 // Begin counts a call of `fn`, reloads the rules if needed, decides whether
@@ -601,6 +601,7 @@ void OnInjected(CK_SESSION_HANDLE h, const Sess &sess, CK_RV rv, Op op) {
     State &s = St();
     std::lock_guard<std::mutex> lock(s.mu);
     s.sessions.erase(h);
+    std::erase(s.pending_closes, sess.target);  // as in CloseSession
     return;
   }
   if (rv != CKR_BUFFER_TOO_SMALL) Drain(sess.target, op);
@@ -848,6 +849,9 @@ CK_RV CloseSession(CK_SESSION_HANDLE h) {
   {
     std::lock_guard<std::mutex> lock(s.mu);
     s.sessions.erase(h);
+    // Removed while this close was in flight: already closed, and the
+    // target may hand the number to a new session.
+    std::erase(s.pending_closes, sess.target);
   }
   return End(kFn, rv, d);
 }

@@ -127,9 +127,9 @@ Status Module::EnsureInitialized() {
   return Status::Ok();
 }
 
-bool Module::TryReinitialize() {
+bool Module::TryReinitialize(int own_holds) {
   std::lock_guard<std::mutex> lock(mu_);
-  if (!initialized_ || !initialized_by_us_ || connected_tokens_ > 0 ||
+  if (!initialized_ || !initialized_by_us_ || connected_tokens_ > own_holds ||
       initialized_fork_count_ != ForkCount()) {
     return false;
   }

@@ -35,13 +35,16 @@ class Module {
   // TryReinitialize calls C_Finalize and C_Initialize again, to make a
   // module that reads its token list only at initialisation (SoftHSM) see
   // tokens that changed since. Does nothing and returns false unless this
-  // process initialised the module itself and none of our tokens is
-  // connected through it (finalising would pull sessions from under them,
-  // or from another component sharing the module). Thread-safe.
-  bool TryReinitialize();
+  // process initialised the module itself and nothing of ours uses it
+  // beyond the caller's `own_holds` (finalising would pull sessions or a
+  // call in flight from under them, or from another component sharing the
+  // module). Thread-safe.
+  bool TryReinitialize(int own_holds = 0);
 
-  // Tokens report connects and disconnects, so TryReinitialize knows
-  // whether sessions of ours are open. Thread-safe.
+  // Holds: a token counts its module as in use from connect until it is
+  // disconnected with no session leased, and every candidate module while
+  // it connects, so TryReinitialize knows whether calls of ours may be in
+  // flight. Thread-safe.
   void TokenConnected();
   void TokenDisconnected();
 

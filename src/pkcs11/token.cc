@@ -17,6 +17,7 @@ Session::~Session() { Release(); }
 
 Session::Session(Session &&other) noexcept
     : token_(other.token_),
+      fn_(other.fn_),
       handle_(other.handle_),
       generation_(other.generation_),
       discard_(other.discard_) {
@@ -28,6 +29,7 @@ Session &Session::operator=(Session &&other) noexcept {
   if (this != &other) {
     Release();
     token_ = other.token_;
+    fn_ = other.fn_;
     handle_ = other.handle_;
     generation_ = other.generation_;
     discard_ = other.discard_;
@@ -37,11 +39,9 @@ Session &Session::operator=(Session &&other) noexcept {
   return *this;
 }
 
-CK_FUNCTION_LIST *Session::fn() const { return token_->fn(); }
-
 void Session::Release() {
   if (token_ == nullptr) return;
-  token_->ReturnSession(handle_, generation_, discard_);
+  token_->ReturnSession(fn_, handle_, generation_, discard_);
   token_ = nullptr;
   handle_ = CK_INVALID_HANDLE;
 }
@@ -143,6 +143,19 @@ Status Token::ConnectLocked() {
     ErrorQueueMark() { ERR_set_mark(); }
     ~ErrorQueueMark() { ERR_pop_to_mark(); }
   } error_mark;
+  // Every candidate module counts as in use while we connect, so no other
+  // token re-initialises one under our calls (our own TryReinitialize
+  // allows for this one hold).
+  struct ConnectHolds {
+    explicit ConnectHolds(const std::vector<std::shared_ptr<Module>> &modules)
+        : modules(modules) {
+      for (const std::shared_ptr<Module> &m : modules) m->TokenConnected();
+    }
+    ~ConnectHolds() {
+      for (const std::shared_ptr<Module> &m : modules) m->TokenDisconnected();
+    }
+    const std::vector<std::shared_ptr<Module>> &modules;
+  } connect_holds(candidates_);
   // Back-off bookkeeping runs on every exit path below.
   auto fail = [this](Status status) {
     state_ = TokenState::kBackoff;
@@ -192,7 +205,7 @@ Status Token::ConnectLocked() {
     // at that moment stays invisible until the module is initialised again.
     bool reinitialised = false;
     for (const std::shared_ptr<Module> &module : candidates_) {
-      reinitialised = module->TryReinitialize() || reinitialised;
+      reinitialised = module->TryReinitialize(/*own_holds=*/1) || reinitialised;
     }
     if (reinitialised) {
       scanned = scan();
@@ -271,7 +284,7 @@ Status Token::ConnectLocked() {
     }
     // SoftHSM answers CKR_GENERAL_ERROR when its token files changed under
     // it (see above): the next attempt starts from a fresh C_Initialize.
-    if (rv == CKR_GENERAL_ERROR) module_->TryReinitialize();
+    if (rv == CKR_GENERAL_ERROR) module_->TryReinitialize(/*own_holds=*/1);
     return fail(CkError("C_Login", rv, "token \"" + label_ + "\""));
   }
   rejected_pin_source_.reset();
@@ -340,13 +353,13 @@ Result<Session> Token::Acquire() {
     h = *opened;
   }
   ++leased_;
-  return Session(this, h, generation_.load());
+  return Session(this, fn(), h, generation_.load());
 }
 
-void Token::ReturnSession(CK_SESSION_HANDLE h, uint64_t gen, bool dead) {
+void Token::ReturnSession(CK_FUNCTION_LIST *functions, CK_SESSION_HANDLE h,
+                          uint64_t gen, bool dead) {
   std::lock_guard<std::mutex> lock(mu_);
   if (leased_ > 0) --leased_;
-  ReleaseModuleIfIdleLocked();
   bool current = state_ == TokenState::kConnected &&
                  gen == generation_.load() && !ForkedSinceConnect();
   if (current && !dead && idle_.size() < options_.max_idle_sessions) {
@@ -354,8 +367,13 @@ void Token::ReturnSession(CK_SESSION_HANDLE h, uint64_t gen, bool dead) {
     return;
   }
   // A session of a dead generation (or after fork) may already be gone;
-  // closing it is harmless and avoids leaking it on a live token.
-  if (!ForkedSinceConnect() && module_) fn()->C_CloseSession(h);
+  // closing it is harmless and avoids leaking it on a live token. Closed
+  // through the module it was opened on, before the module may be released
+  // (and re-initialised by another token).
+  if (!ForkedSinceConnect() && functions != nullptr) {
+    functions->C_CloseSession(h);
+  }
+  ReleaseModuleIfIdleLocked();
 }
 
 void Token::ReportFault(CK_RV rv, uint64_t gen) {
@@ -375,7 +393,8 @@ void Token::DisconnectLocked(bool close_handles) {
     // generation makes every handle of the parent stale.
     idle_.clear();
     object_session_ = CK_INVALID_HANDLE;
-    retired_object_session_ = CK_INVALID_HANDLE;
+    object_session_in_use_ = CK_INVALID_HANDLE;
+    object_session_retired_ = false;
     leased_ = 0;
     held_module_.reset();
     state_ = TokenState::kDisconnected;
@@ -387,8 +406,8 @@ void Token::DisconnectLocked(bool close_handles) {
     if (object_session_ != CK_INVALID_HANDLE) {
       // A caller inside WithObjectSession (maybe this thread, reporting a
       // fault) closes it when it is done.
-      if (object_session_busy_) {
-        retired_object_session_ = object_session_;
+      if (object_session_ == object_session_in_use_) {
+        object_session_retired_ = true;
       } else {
         fn()->C_CloseSession(object_session_);
       }

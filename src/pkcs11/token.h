@@ -64,7 +64,9 @@ class Session {
   Session &operator=(const Session &) = delete;
 
   CK_SESSION_HANDLE handle() const { return handle_; }
-  CK_FUNCTION_LIST *fn() const;
+  // The functions of the module this session was opened on (fixed for the
+  // session's life, even if the token later reconnects through another).
+  CK_FUNCTION_LIST *fn() const { return fn_; }
   uint64_t generation() const { return generation_; }
   Token *token() const { return token_; }
 
@@ -80,11 +82,12 @@ class Session {
 
  private:
   friend class Token;
-  Session(Token *token, CK_SESSION_HANDLE h, uint64_t gen)
-      : token_(token), handle_(h), generation_(gen) {}
+  Session(Token *token, CK_FUNCTION_LIST *fn, CK_SESSION_HANDLE h, uint64_t gen)
+      : token_(token), fn_(fn), handle_(h), generation_(gen) {}
   void Release();
 
   Token *token_ = nullptr;
+  CK_FUNCTION_LIST *fn_ = nullptr;
   CK_SESSION_HANDLE handle_ = CK_INVALID_HANDLE;
   uint64_t generation_ = 0;
   bool discard_ = false;
@@ -147,7 +150,8 @@ class Token : public std::enable_shared_from_this<Token> {
   void DisconnectLocked(bool close_handles);
   void ReleaseModuleIfIdleLocked();
   bool ForkedSinceConnect() const;
-  void ReturnSession(CK_SESSION_HANDLE h, uint64_t gen, bool dead);
+  void ReturnSession(CK_FUNCTION_LIST *fn, CK_SESSION_HANDLE h, uint64_t gen,
+                     bool dead);
   Result<CK_SESSION_HANDLE> OpenSessionLocked();
 
   const TokenUri uri_;
@@ -163,10 +167,11 @@ class Token : public std::enable_shared_from_this<Token> {
   std::string label_;
   std::string serial_;
   CK_SESSION_HANDLE object_session_ = CK_INVALID_HANDLE;
-  // An object session dropped by a disconnect while a caller was using it:
-  // that caller closes it when done (closing under a call crashes SoftHSM).
-  CK_SESSION_HANDLE retired_object_session_ = CK_INVALID_HANDLE;
-  bool object_session_busy_ = false;  // a caller is in WithObjectSession
+  // The object session a caller of WithObjectSession is using (at most one:
+  // object_mu_), and whether a disconnect dropped it meanwhile: then that
+  // caller closes it when done (closing under a call crashes SoftHSM).
+  CK_SESSION_HANDLE object_session_in_use_ = CK_INVALID_HANDLE;
+  bool object_session_retired_ = false;
   std::vector<CK_SESSION_HANDLE> idle_;
   size_t leased_ = 0;
   // The module this token counts as in use (Module::TokenConnected): from
@@ -194,6 +199,7 @@ Status Token::WithObjectSession(Fn &&fn) {
   std::lock_guard<std::mutex> object_lock(object_mu_);
   CK_SESSION_HANDLE h;
   uint64_t gen;
+  CK_FUNCTION_LIST *functions;
   {
     std::lock_guard<std::mutex> lock(mu_);
     h = object_session_;
@@ -201,21 +207,21 @@ Status Token::WithObjectSession(Fn &&fn) {
     if (state_ != TokenState::kConnected || h == CK_INVALID_HANDLE) {
       return Unavailable("token disconnected");
     }
-    object_session_busy_ = true;
+    functions = module_->functions();
+    object_session_in_use_ = h;
+    object_session_retired_ = false;
   }
-  Session object_session(this, h, gen);
+  Session object_session(this, functions, h, gen);
   Status status = fn(object_session);
   // The object session is owned by the token, never pooled here; closed
   // here only if a disconnect retired it while we were using it.
   object_session.token_ = nullptr;
   std::lock_guard<std::mutex> lock(mu_);
-  object_session_busy_ = false;
-  if (retired_object_session_ == h) {
-    if (!ForkedSinceConnect() && module_) {
-      module_->functions()->C_CloseSession(h);
-    }
-    retired_object_session_ = CK_INVALID_HANDLE;
+  if (object_session_retired_ && !ForkedSinceConnect()) {
+    functions->C_CloseSession(h);
   }
+  object_session_in_use_ = CK_INVALID_HANDLE;
+  object_session_retired_ = false;
   return status;
 }
 

@@ -11,6 +11,8 @@
 #include <vector>
 
 #include "fault_fixture.h"
+#include "pkcs11/token.h"
+#include "pkcs11/uri.h"
 
 namespace hsmstek::testing {
 namespace {
@@ -170,6 +172,34 @@ TEST_P(FaultLoadTest, RemovalAndReinsertionMidLoad) {
     EXPECT_TRUE(r.ok) << r.error;
     EXPECT_FALSE(r.reused) << "a ticket sealed while the token was removed";
   }
+}
+
+// A token that is connecting counts its module as in use: another token
+// that finds nothing and re-initialises the module to look again must not
+// C_Finalize it under the first one's C_Login.
+TEST_F(FaultTest, ModuleIsNotReinitialisedUnderAConnectInProgress) {
+  EnsureFaultStore("connecting");
+  std::shared_ptr<p11::Module> module = SoftHsm::Get().module();
+  // Precondition: nothing of ours uses the module now, so only the connect
+  // below can keep it from being re-initialised.
+  ASSERT_TRUE(module->TryReinitialize());
+  SetRules("delay C_Login 300ms\n");
+  Result<p11::TokenUri> uri =
+      p11::ParseTokenUri(SoftHsm::Get().Uri(kFaultToken, "connecting"));
+  ASSERT_TRUE(uri.ok()) << uri.status().message();
+  Result<std::shared_ptr<p11::Token>> token = p11::Token::Create(*uri, {});
+  ASSERT_TRUE(token.ok()) << token.status().message();
+  const size_t mark = TraceMark();
+  Status connected = Internal("not run");
+  std::thread connecting([&] { connected = (*token)->Connect(); });
+  // The object session opens right before the (delayed) login: wait for it
+  // in the trace, i.e. for the connect to be in flight.
+  while (Count(TraceSince(mark), "C_OpenSession") == 0) {
+    std::this_thread::yield();
+  }
+  EXPECT_FALSE(module->TryReinitialize());
+  connecting.join();
+  EXPECT_TRUE(connected.ok()) << connected.message();
 }
 
 TEST_P(FaultLoadTest, SlowTokenWithEightThreadsNeverDeadlocksThePool) {

@@ -362,6 +362,34 @@ TEST_F(Pkcs11Test, DisconnectDuringObjectSessionUseClosesItAfterwards) {
   EXPECT_TRUE(EncryptAndSign(*token, aes, hmac).ok());
 }
 
+TEST_F(Pkcs11Test, ReconnectAndSecondDisconnectDuringObjectSessionUse) {
+  // While one caller still uses its object session, the token reconnects
+  // (new object session) and drops again: the new one, unused, is closed at
+  // once; the one in use is closed when its user is done.
+  auto token = Open(SoftHsm::Get().Uri("p11-b"));
+  CK_SESSION_HANDLE used = CK_INVALID_HANDLE;
+  CK_RV during = CKR_GENERAL_ERROR;
+  Status s = token->WithObjectSession([&](Session &session) {
+    used = session.handle();
+    token->Disconnect();
+    Result<Session> other = token->Acquire();  // reconnects
+    if (!other.ok()) return other.status();
+    other = Unavailable("returned");
+    token->Disconnect();
+    CK_SESSION_INFO info;
+    during = session.fn()->C_GetSessionInfo(used, &info);
+    return Status::Ok();
+  });
+  ASSERT_TRUE(s.ok()) << s.message();
+  EXPECT_EQ(during, CKR_OK);
+  CK_SESSION_INFO info;
+  EXPECT_EQ(token->fn()->C_GetSessionInfo(used, &info),
+            CKR_SESSION_HANDLE_INVALID);
+  CK_OBJECT_HANDLE aes, hmac;
+  MakeSessionKeys(*token, &aes, &hmac);
+  EXPECT_TRUE(EncryptAndSign(*token, aes, hmac).ok());
+}
+
 TEST_F(Pkcs11Test, ForkedChildReinitialisesAndWorks) {
   auto token = Open(SoftHsm::Get().Uri("p11-b"));
   CK_OBJECT_HANDLE aes, hmac;
