@@ -291,7 +291,7 @@ Status Token::ConnectLocked() {
 
   object_session_ = object_session;
   state_ = TokenState::kConnected;
-  if (held_module_ && held_fork_count_ != Module::ForkCount()) {
+  if (held_module_ && ForkedSinceConnect()) {
     // Held in the parent: the leases belong to threads that do not exist
     // here, and the child's module counts no token yet.
     held_module_.reset();
@@ -303,7 +303,6 @@ Status Token::ConnectLocked() {
     if (held_module_) held_module_->TokenDisconnected();
     module_->TokenConnected();
     held_module_ = module_;
-    held_fork_count_ = Module::ForkCount();
   }
   backoff_ = std::chrono::milliseconds(0);
   connected_fork_count_ = Module::ForkCount();
@@ -424,9 +423,8 @@ void Token::ReleaseModuleIfIdleLocked() {
       leased_ > 0) {
     return;
   }
-  if (held_fork_count_ == Module::ForkCount()) {
-    held_module_->TokenDisconnected();
-  }
+  // A hold taken in the parent is not counted by the child's module.
+  if (!ForkedSinceConnect()) held_module_->TokenDisconnected();
   held_module_.reset();
 }
 

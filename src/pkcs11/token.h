@@ -178,7 +178,6 @@ class Token : public std::enable_shared_from_this<Token> {
   // connect until disconnected with no session leased, so the module is
   // never re-initialised under a call still in flight.
   std::shared_ptr<Module> held_module_;
-  uint64_t held_fork_count_ = 0;
   uint64_t connected_fork_count_ = 0;
   std::chrono::steady_clock::time_point retry_at_{};
   std::chrono::milliseconds backoff_{0};
