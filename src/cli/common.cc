@@ -15,6 +15,7 @@
 #include "keystore/duration.h"
 #include "keystore/time_format.h"
 #include "pkcs11/pin.h"
+#include "pkcs11/uri.h"
 
 namespace hsmstek::cli {
 namespace {
@@ -146,22 +147,17 @@ Result<std::string> ReadFileLimited(const std::string &path, size_t max,
 std::string Quote(std::string_view s) { return QuoteForMessage(s); }
 
 std::string Redact(std::string_view text) {
-  static constexpr std::string_view kKey = "pin-value=";
+  // Free text (CLI11 messages quote arguments): a URI ends at a blank or a
+  // quote; inside one, p11::RedactUri applies the same rule as everywhere.
+  static constexpr std::string_view kDelimiters = " \t\n'\"";
   std::string out;
   size_t i = 0;
-  while (i < text.size()) {
-    size_t at = text.find(kKey, i);
-    if (at == std::string_view::npos) {
-      out.append(text.substr(i));
-      break;
-    }
-    out.append(text.substr(i, at - i + kKey.size()));
-    size_t end = at + kKey.size();
-    while (end < text.size() && std::strchr("&;?'\" \t\n", text[end]) == 0) {
-      ++end;
-    }
-    out.append("REDACTED");
-    i = end;
+  while (i <= text.size()) {
+    size_t end = text.find_first_of(kDelimiters, i);
+    if (end == std::string_view::npos) end = text.size();
+    out.append(p11::RedactUri(text.substr(i, end - i)));
+    if (end < text.size()) out.push_back(text[end]);
+    i = end + 1;
   }
   return out;
 }

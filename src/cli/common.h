@@ -80,8 +80,9 @@ void RegisterSelfTest(CLI::App &app, std::vector<Command> &out);
 [[nodiscard]] Status WriteNewFile(const std::string &path,
                                   std::string_view data, unsigned mode);
 
-// Redact returns `text` with the value of every "pin-value=" replaced by
-// "REDACTED" (CLI11 usage errors may quote arguments).
+// Redact returns `text` with the value of every "pin-value=" replaced as
+// p11::RedactUri does, in each blank- or quote-delimited word (CLI11 usage
+// errors may quote arguments).
 std::string Redact(std::string_view text);
 
 // Quote returns `s` quoted for a message (common/bytes.h QuoteForMessage:

@@ -133,7 +133,6 @@ int ProviderInit(const OSSL_CORE_HANDLE *handle, const OSSL_DISPATCH *in,
 // Process-lifetime registration state, guarded by RegistrationMutex().
 struct Registration {
   bool registered = false;
-  const EVP_CIPHER *cipher = nullptr;  // fetched once, never freed
   // The references OSSL_PROVIDER_load gave us, held (never unloaded) for
   // the life of the process. Kept here so they stay owned: dropped, the
   // providers leak at OpenSSL's exit-time cleanup (LeakSanitizer reports
@@ -142,8 +141,8 @@ struct Registration {
   OSSL_PROVIDER *default_provider = nullptr;
 };
 
-// The fetched cipher, published once for the lock-free fast path of
-// TicketCipher() (called for every ticket: no mutex on the hot path).
+// The ticket cipher, fetched once (under RegistrationMutex), never freed,
+// and read without a lock by TicketCipher() on every ticket.
 std::atomic<const EVP_CIPHER *> g_ticket_cipher{nullptr};
 
 std::mutex &RegistrationMutex() {
@@ -263,23 +262,23 @@ Result<const EVP_CIPHER *> TicketCipher() {
   Status registered = RegisterProvider();
   if (!registered.ok()) return registered;
   std::lock_guard<std::mutex> lock(internal::RegistrationMutex());
-  internal::Registration &reg = internal::GetRegistration();
-  if (reg.cipher == nullptr) {
-    reg.cipher =
-        EVP_CIPHER_fetch(nullptr, kCipherName, internal::kAlgorithmProperties);
-    if (reg.cipher == nullptr) {
-      std::string why = internal::DrainOpenSslErrors();
-      if (EVP_default_properties_is_fips_enabled(nullptr)) {
-        return FailedPrecondition(
-            "the default property fips=yes excludes the hsmstek provider: " +
-            why);
-      }
-      return Internal(std::string("EVP_CIPHER_fetch(") + kCipherName +
-                      ") failed: " + why);
-    }
-    internal::g_ticket_cipher.store(reg.cipher, std::memory_order_release);
+  if (const EVP_CIPHER *cipher = internal::g_ticket_cipher.load()) {
+    return cipher;  // fetched by another thread meanwhile
   }
-  return reg.cipher;
+  const EVP_CIPHER *cipher =
+      EVP_CIPHER_fetch(nullptr, kCipherName, internal::kAlgorithmProperties);
+  if (cipher == nullptr) {
+    std::string why = internal::DrainOpenSslErrors();
+    if (EVP_default_properties_is_fips_enabled(nullptr)) {
+      return FailedPrecondition(
+          "the default property fips=yes excludes the hsmstek provider: " +
+          why);
+    }
+    return Internal(std::string("EVP_CIPHER_fetch(") + kCipherName +
+                    ") failed: " + why);
+  }
+  internal::g_ticket_cipher.store(cipher, std::memory_order_release);
+  return cipher;
 }
 
 OSSL_PARAM KeyRefParam(const TokenKeyRef *const *ref_ptr) {
