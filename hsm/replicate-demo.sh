@@ -3,10 +3,13 @@
 #
 # The replication ceremony of docs/CLI.md end to end, on two throwaway
 # SoftHSM tokens: create a sending and a receiving token, generate an
-# unwrap-only RSA key pair on the receiver, install its public key on the
-# sender as a trusted wrapping key (as the SO), provision a --replicable
-# master on the sender, export it, import it on the receiver, and compare
-# the check values both tokens compute (`hsmstek status --json`).
+# unwrap-only RSA key pair on the receiver and install its public key on the
+# sender as a trusted wrapping key (as the SO); generate a sign-only signing
+# key on the sender and pin its public key on the receiver (as the SO);
+# provision a --replicable master on the sender, export it (signed in the
+# sender), import it on the receiver (signature verified there, check value
+# confirmed with --expect-check), and compare the check values both tokens
+# compute (`hsmstek status --json`).
 #
 # Exits 0 when the check values match, non-zero on any failure or
 # mismatch. The hsmstek binary is the first argument, or is looked up in
@@ -83,21 +86,30 @@ step "3. sending token, as the SO: install that public key as a trusted wrapping
 "$bin" wrap-key trust "pkcs11:token=demo-sender;object=fleet-wrap?module-path=$module" \
   --in "$workdir/receiver-wrap.pem" --so-pin-source "file:$workdir/demo-sender.so-pin"
 
-step "4. sending token: a replicable master"
+step "4. sending token: a sign-only signing key; its public key leaves as PEM"
+"$bin" signer generate \
+  "pkcs11:token=demo-sender;object=fleet-signer?module-path=$module&pin-source=file:$workdir/demo-sender.pin" \
+  --out "$workdir/sender-signer.pem"
+
+step "5. receiving token, as the SO: pin that public key as a bundle signer"
+"$bin" signer trust "pkcs11:token=demo-receiver;object=fleet-signer?module-path=$module" \
+  --in "$workdir/sender-signer.pem" --so-pin-source "file:$workdir/demo-receiver.so-pin"
+
+step "6. sending token: a replicable master"
 "$bin" provision "$sender" --replicable --period 1h --decrypt-window 1d
 sender_json=$("$bin" status --json "$sender")
 id=$(first_id "$sender_json")
 [ -n "$id" ] || die "no store id in: $sender_json"
 
-step "5. export master $id wrapped under the trusted key"
+step "7. export master $id wrapped under the trusted key, signed in the sender"
 "$bin" export "$sender" --id "$id" --wrap-key 'pkcs11:object=fleet-wrap' \
-  --out "$workdir/tickets.bundle"
+  --signer 'pkcs11:object=fleet-signer' --out "$workdir/tickets.bundle"
 
-step "6. import it on the receiving token"
+step "8. import it on the receiving token (signature checked against the pinned signer)"
 "$bin" import "$receiver" --unwrap-key 'pkcs11:object=fleet-wrap' \
-  --in "$workdir/tickets.bundle"
+  --expect-check "$(check_of "$sender_json" "$id")" --in "$workdir/tickets.bundle"
 
-step "7. compare check values"
+step "9. compare check values"
 receiver_json=$("$bin" status --json "$receiver")
 sender_check=$(check_of "$sender_json" "$id")
 receiver_check=$(check_of "$receiver_json" "$id")

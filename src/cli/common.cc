@@ -162,6 +162,29 @@ std::string Redact(std::string_view text) {
   return out;
 }
 
+Status RefuseExisting(const std::string &path) {
+  struct stat st;
+  if (lstat(path.c_str(), &st) == 0) {
+    return AlreadyExists("refusing to overwrite " + path);
+  }
+  return Status::Ok();
+}
+
+Result<std::string> RequireObjectLabel(const p11::TokenUri &uri,
+                                       const char *what) {
+  if (!uri.object || uri.object->empty()) {
+    return InvalidArgument(std::string("the URI must name the ") + what +
+                           " with object=<label>: " + uri.text);
+  }
+  return *uri.object;
+}
+
+Result<p11::TokenUri> KeyUri(const std::string &text, const char *option) {
+  Result<p11::TokenUri> uri = p11::ParseTokenUri(text);
+  if (!uri.ok()) return uri.status().WithContext(option);
+  return uri;
+}
+
 Result<std::shared_ptr<keystore::KeyStore>> OpenStore(const std::string &uri,
                                                       bool read_write) {
   Result<p11::TokenUri> parsed = p11::ParseTokenUri(uri);

@@ -33,11 +33,12 @@ struct Command {
 
 // Register* add one command group to `app` and append what they added to
 // `out`. Defined in provision.cc, status.cc, legacy.cc, replicate.cc,
-// selftest.cc.
+// signer.cc, selftest.cc.
 void RegisterProvision(CLI::App &app, std::vector<Command> &out);
 void RegisterStatus(CLI::App &app, std::vector<Command> &out);
 void RegisterLegacy(CLI::App &app, std::vector<Command> &out);
 void RegisterReplicate(CLI::App &app, std::vector<Command> &out);
+void RegisterSigner(CLI::App &app, std::vector<Command> &out);
 void RegisterSelfTest(CLI::App &app, std::vector<Command> &out);
 
 // OpenStore opens the store `uri` names (object= is the label) with
@@ -79,6 +80,19 @@ void RegisterSelfTest(CLI::App &app, std::vector<Command> &out);
 // place, so `path` either appears complete or not at all.
 [[nodiscard]] Status WriteNewFile(const std::string &path,
                                   std::string_view data, unsigned mode);
+
+// RefuseExisting is kAlreadyExists when `path` exists (checked before a
+// ceremony touches the token; WriteNewFile checks again).
+[[nodiscard]] Status RefuseExisting(const std::string &path);
+
+// RequireObjectLabel returns the URI's object= label, or kInvalidArgument
+// naming `what` ("key pair") when it has none.
+[[nodiscard]] Result<std::string> RequireObjectLabel(const p11::TokenUri &uri,
+                                                     const char *what);
+
+// KeyUri parses the URI given to `option` (--wrap-key, --signer, ...).
+[[nodiscard]] Result<p11::TokenUri> KeyUri(const std::string &text,
+                                           const char *option);
 
 // Redact returns `text` with the value of every "pin-value=" replaced as
 // p11::RedactUri does, in each blank- or quote-delimited word (CLI11 usage

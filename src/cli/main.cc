@@ -38,6 +38,7 @@ int Main(int argc, char **argv) {
   RegisterStatus(app, commands);
   RegisterLegacy(app, commands);
   RegisterReplicate(app, commands);
+  RegisterSigner(app, commands);
   RegisterSelfTest(app, commands);
   try {
     app.parse(argc, argv);

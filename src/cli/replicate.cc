@@ -7,7 +7,9 @@
 #include "cli/common.h"
 #include "keystore/bundle.h"
 #include "keystore/derivation.h"
+#include "keystore/duration.h"
 #include "keystore/replication.h"
+#include "keystore/time_format.h"
 #include "pkcs11/object.h"
 
 namespace hsmstek::cli {
@@ -20,35 +22,27 @@ struct ReplicateArgs {
   std::string in;
   std::string out;
   std::string so_pin_source;
+  std::string signer;
+  std::string valid_for = "24h";
+  std::string expect_check;
 };
-
-Status RefuseExisting(const std::string &path) {
-  struct stat st;
-  if (lstat(path.c_str(), &st) == 0) {
-    return AlreadyExists("refusing to overwrite " + path);
-  }
-  return Status::Ok();
-}
-
-Result<p11::TokenUri> KeyUri(const std::string &text, const char *option) {
-  Result<p11::TokenUri> uri = p11::ParseTokenUri(text);
-  if (!uri.ok()) return uri.status().WithContext(option);
-  return uri;
-}
-
-Result<std::string> RequireObject(const p11::TokenUri &uri, const char *what) {
-  if (!uri.object || uri.object->empty()) {
-    return InvalidArgument(std::string("the URI must name the ") + what +
-                           " with object=<label>: " + uri.text);
-  }
-  return *uri.object;
-}
 
 Status RunExport(const ReplicateArgs &a) {
   Result<keystore::StoreId> id = ParseStoreId(a.id);
   if (!id.ok()) return id.status();
   Result<p11::TokenUri> wrap_key = KeyUri(a.key_uri, "--wrap-key");
   if (!wrap_key.ok()) return wrap_key.status();
+  keystore::ExportOptions options;
+  Result<p11::TokenUri> signer = KeyUri(a.signer, "--signer");
+  if (!signer.ok()) return signer.status();
+  options.signer = std::move(*signer);
+  Result<int64_t> valid_for = keystore::ParseDuration(a.valid_for);
+  if (!valid_for.ok()) return valid_for.status().WithContext("--valid-for");
+  if (*valid_for > keystore::kMaxBundleValidity) {
+    return InvalidArgument("--valid-for " + a.valid_for + " is more than 7d");
+  }
+  options.valid_for_s = *valid_for;
+  options.now = SystemClock::Instance().NowUnix();
   Status fresh = RefuseExisting(a.out);
   if (!fresh.ok()) return fresh;
   // Export writes nothing to the token: read-only sessions suffice.
@@ -56,8 +50,8 @@ Status RunExport(const ReplicateArgs &a) {
   if (!store.ok()) return store.status();
   Result<p11::Session> session = (*store)->token()->Acquire();
   if (!session.ok()) return session.status();
-  Result<keystore::Bundle> bundle =
-      keystore::ExportMaster(*session, (*store)->label(), *id, *wrap_key);
+  Result<keystore::Bundle> bundle = keystore::ExportMaster(
+      *session, (*store)->label(), *id, *wrap_key, options);
   if (!bundle.ok()) return bundle.status();
   Status written =
       WriteNewFile(a.out, keystore::SerializeBundle(*bundle), 0644);
@@ -67,13 +61,16 @@ Status RunExport(const ReplicateArgs &a) {
             << "  check value:      " << HexEncode(bundle->check) << "\n"
             << "  mechanism:        "
             << keystore::WrapMechanismName(bundle->mechanism) << "\n"
-            << "  wrapping key id:  "
-            << (bundle->wrapping_key_id.empty()
-                    ? std::string("-")
-                    : HexEncode(bundle->wrapping_key_id))
+            << "  recipient:        " << HexEncode(bundle->wrapping_key_id)
             << "\n"
-            << "Import it on the receiving token with `hsmstek import`; its "
-               "status must then show the same check value.\n";
+            << "  signer:           " << HexEncode(bundle->signer) << "\n"
+            << "  valid until:      "
+            << keystore::FormatRfc3339(bundle->not_after) << "\n"
+            << "Import it on the receiving token with `hsmstek import "
+               "--expect-check "
+            << HexEncode(bundle->check)
+            << "` (confirm the check value over another channel); its status "
+               "must then show the same check value.\n";
   return Status::Ok();
 }
 
@@ -82,10 +79,21 @@ Status RunImport(const ReplicateArgs &a) {
   if (!unwrap_key.ok()) return unwrap_key.status();
   Result<p11::TokenUri> store_uri = p11::ParseTokenUri(a.uri);
   if (!store_uri.ok()) return store_uri.status();
-  Result<std::string> label = RequireObject(*store_uri, "store");
+  Result<std::string> label = RequireObjectLabel(*store_uri, "store");
   if (!label.ok()) return label.status();
   Result<std::string> text = ReadTextFile(a.in, keystore::kMaxBundleSize);
   if (!text.ok()) return text.status();
+  keystore::ImportOptions options;
+  if (!a.expect_check.empty()) {
+    Result<Bytes> check = HexDecode(a.expect_check);
+    if (!check.ok() || check->size() != keystore::kCheckValueSize) {
+      return InvalidArgument("--expect-check " + Quote(a.expect_check) +
+                             " is not a check value (16 hex digits)");
+    }
+    options.expect_check.emplace();
+    std::copy(check->begin(), check->end(), options.expect_check->begin());
+  }
+  options.now = SystemClock::Instance().NowUnix();
   Result<keystore::Bundle> bundle = keystore::ParseBundle(*text);
   if (!bundle.ok()) return bundle.status().WithContext(a.in);
   // Checked before the token is touched.
@@ -98,13 +106,16 @@ Status RunImport(const ReplicateArgs &a) {
   Result<p11::Session> session = (*store)->token()->Acquire();
   if (!session.ok()) return session.status();
   Status imported =
-      keystore::ImportMaster(*session, *label, *bundle, *unwrap_key);
+      keystore::ImportMaster(*session, *label, *bundle, *unwrap_key, options);
   if (!imported.ok()) return imported;
   std::cout << "imported master " << HexEncode(bundle->store_id)
             << " into store " << Quote(*label) << " of token "
             << Quote((*store)->token()->label()) << "\n"
             << "  check value:  " << HexEncode(bundle->check)
-            << " (recomputed in the token: matches the bundle)\n"
+            << " (recomputed in the token: matches the bundle"
+            << (options.expect_check ? " and --expect-check" : "") << ")\n"
+            << "  signed by:    " << HexEncode(bundle->signer)
+            << " (pinned in this token)\n"
             << "Servers using this token pick it up at their next refresh "
                "(within 30 s by default).\n";
   return Status::Ok();
@@ -113,7 +124,7 @@ Status RunImport(const ReplicateArgs &a) {
 Status RunWrapKeyGenerate(const ReplicateArgs &a) {
   Result<p11::TokenUri> uri = p11::ParseTokenUri(a.uri);
   if (!uri.ok()) return uri.status();
-  Result<std::string> label = RequireObject(*uri, "key pair");
+  Result<std::string> label = RequireObjectLabel(*uri, "key pair");
   if (!label.ok()) return label.status();
   Status fresh = RefuseExisting(a.out);
   if (!fresh.ok()) return fresh;
@@ -158,7 +169,7 @@ Status RunWrapKeyGenerate(const ReplicateArgs &a) {
 Status RunWrapKeyTrust(const ReplicateArgs &a) {
   Result<p11::TokenUri> uri = p11::ParseTokenUri(a.uri);
   if (!uri.ok()) return uri.status();
-  Result<std::string> label = RequireObject(*uri, "wrapping key");
+  Result<std::string> label = RequireObjectLabel(*uri, "wrapping key");
   if (!label.ok()) return label.status();
   Result<std::string> pem = ReadTextFile(a.in, keystore::kMaxPemSize);
   if (!pem.ok()) return pem.status();
@@ -197,6 +208,13 @@ void RegisterReplicate(CLI::App &app, std::vector<Command> &out) {
                     "URI of the wrapping key in the same token: a trusted RSA "
                     "public key or an AES transport key")
         ->required();
+    sub->add_option("--signer", a->signer,
+                    "URI of the signing key in the same token (`hsmstek "
+                    "signer generate`)")
+        ->required();
+    sub->add_option("--valid-for", a->valid_for,
+                    "How long the bundle may wait for import (default 24h, "
+                    "at most 7d)");
     sub->add_option("--out", a->out, "Bundle file to create")->required();
     out.push_back({sub, [a] { return RunExport(*a); }});
   }
@@ -210,6 +228,9 @@ void RegisterReplicate(CLI::App &app, std::vector<Command> &out) {
                     "private key or the AES transport key")
         ->required();
     sub->add_option("--in", a->in, "Bundle file")->required();
+    sub->add_option("--expect-check", a->expect_check,
+                    "The check value confirmed with the sender out of band "
+                    "(16 hex digits)");
     out.push_back({sub, [a] { return RunImport(*a); }});
   }
   CLI::App *wrap_key = app.add_subcommand(

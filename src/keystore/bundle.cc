@@ -4,14 +4,22 @@
 
 #include <algorithm>
 #include <array>
+#include <span>
+
+#include "keystore/time_format.h"
 
 namespace hsmstek::keystore {
 namespace {
 
-constexpr std::array<std::string_view, 8> kKeys = {
-    "label",           "store-id", "check",   "mechanism",
-    "wrapping-key-id", "policy",   "wrapped", "sha256"};
-constexpr size_t kDigestLine = 7;  // index of "sha256" in kKeys
+// The field lines of each version, in order; then the trailer line.
+constexpr std::array<std::string_view, 7> kKeysV1 = {
+    "label",           "store-id", "check",  "mechanism",
+    "wrapping-key-id", "policy",   "wrapped"};
+constexpr std::array<std::string_view, 10> kKeysV2 = {
+    "label",  "store-id", "check",   "mechanism", "recipient",
+    "policy", "wrapped",  "created", "not-after", "signer"};
+constexpr std::string_view kDigestKey = "sha256";
+constexpr std::string_view kSignatureKey = "signature";
 
 bool IsBase64Char(char c) {
   return (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') ||
@@ -93,81 +101,235 @@ Result<std::string> Sha256Hex(std::string_view data) {
   return HexEncode(ByteSpan(md, md_len));
 }
 
-// Stores the value of line `index` (0-based into kKeys) into `b`.
-Status ParseValue(size_t index, std::string_view value, Bundle *b) {
-  switch (index) {
-    case 0: {
-      Result<std::string> label = PercentDecode(value);
-      if (!label.ok()) return label.status();
-      if (label->size() > kMaxBundleLabelSize) {
-        return InvalidArgument("label is " + std::to_string(label->size()) +
-                               " bytes, more than " +
-                               std::to_string(kMaxBundleLabelSize));
-      }
-      b->label = std::move(*label);
-      return Status::Ok();
-    }
-    case 1: {
-      Result<StoreId> id = FixedHex<sizeof(StoreId)>(value);
-      if (!id.ok()) return id.status();
-      b->store_id = *id;
-      return Status::Ok();
-    }
-    case 2: {
-      Result<std::array<uint8_t, kCheckValueSize>> check =
-          FixedHex<kCheckValueSize>(value);
-      if (!check.ok()) return check.status();
-      b->check = *check;
-      return Status::Ok();
-    }
-    case 3: {
-      Result<WrapMechanism> m = ParseWrapMechanism(value);
-      if (!m.ok()) return m.status();
-      b->mechanism = *m;
-      return Status::Ok();
-    }
-    case 4: {
-      if (value == "-") {
-        b->wrapping_key_id.clear();
-        return Status::Ok();
-      }
-      if (value.size() > 2 * kMaxWrappingKeyIdSize) {
-        return InvalidArgument("wrapping key id longer than " +
-                               std::to_string(kMaxWrappingKeyIdSize) +
-                               " bytes");
-      }
-      Result<Bytes> id = HexDecode(value);
-      if (!id.ok()) return id.status();
-      b->wrapping_key_id = std::move(*id);
-      return Status::Ok();
-    }
-    case 5: {
-      Result<SecretBuffer> text = Base64Decode(value);
-      if (!text.ok()) return text.status();
-      Result<Policy> policy = ParsePolicy(std::string_view(
-          reinterpret_cast<const char *>(text->data()), text->size()));
-      if (!policy.ok()) return policy.status();
-      b->policy = std::move(*policy);
-      return Status::Ok();
-    }
-    case 6: {
-      if (value.size() > (kMaxWrappedKeySize + 2) / 3 * 4) {
-        return InvalidArgument("wrapped key longer than " +
-                               std::to_string(kMaxWrappedKeySize) + " bytes");
-      }
-      Result<SecretBuffer> wrapped = Base64Decode(value);
-      if (!wrapped.ok()) return wrapped.status();
-      if (wrapped->empty()) return InvalidArgument("wrapped key is empty");
-      if (wrapped->size() > kMaxWrappedKeySize) {
-        return InvalidArgument("wrapped key longer than " +
-                               std::to_string(kMaxWrappedKeySize) + " bytes");
-      }
-      b->wrapped.assign(wrapped->data(), wrapped->data() + wrapped->size());
-      return Status::Ok();
-    }
-    default:
-      return Internal("bundle key index out of range");
+Result<int64_t> ParseTime(std::string_view value) {
+  Result<int64_t> t = ParseRfc3339(value);
+  if (!t.ok()) return t.status();
+  if (FormatRfc3339(*t) != value) {
+    return InvalidArgument("time must be written as YYYY-MM-DDTHH:MM:SSZ");
   }
+  return t;
+}
+
+Result<Bytes> ParseHexId(std::string_view value, size_t max,
+                         std::string_view what) {
+  if (value.size() > 2 * max) {
+    return InvalidArgument(std::string(what) + " longer than " +
+                           std::to_string(max) + " bytes");
+  }
+  return HexDecode(value);
+}
+
+// Stores the value of the line `key` into `b`.
+Status ParseValue(std::string_view key, std::string_view value, Bundle *b) {
+  if (key == "label") {
+    Result<std::string> label = PercentDecode(value);
+    if (!label.ok()) return label.status();
+    if (label->size() > kMaxBundleLabelSize) {
+      return InvalidArgument("label is " + std::to_string(label->size()) +
+                             " bytes, more than " +
+                             std::to_string(kMaxBundleLabelSize));
+    }
+    b->label = std::move(*label);
+    return Status::Ok();
+  }
+  if (key == "store-id") {
+    Result<StoreId> id = FixedHex<sizeof(StoreId)>(value);
+    if (!id.ok()) return id.status();
+    b->store_id = *id;
+    return Status::Ok();
+  }
+  if (key == "check") {
+    Result<std::array<uint8_t, kCheckValueSize>> check =
+        FixedHex<kCheckValueSize>(value);
+    if (!check.ok()) return check.status();
+    b->check = *check;
+    return Status::Ok();
+  }
+  if (key == "mechanism") {
+    Result<WrapMechanism> m = ParseWrapMechanism(value);
+    if (!m.ok()) return m.status();
+    b->mechanism = *m;
+    return Status::Ok();
+  }
+  if (key == "wrapping-key-id" || key == "recipient") {
+    if (value == "-" && key == "wrapping-key-id") {
+      b->wrapping_key_id.clear();
+      return Status::Ok();
+    }
+    Result<Bytes> id =
+        ParseHexId(value, kMaxWrappingKeyIdSize,
+                   key == "recipient" ? "recipient" : "wrapping key id");
+    if (!id.ok()) return id.status();
+    b->wrapping_key_id = std::move(*id);
+    return Status::Ok();
+  }
+  if (key == "policy") {
+    Result<SecretBuffer> text = Base64Decode(value);
+    if (!text.ok()) return text.status();
+    Result<Policy> policy = ParsePolicy(std::string_view(
+        reinterpret_cast<const char *>(text->data()), text->size()));
+    if (!policy.ok()) return policy.status();
+    b->policy = std::move(*policy);
+    return Status::Ok();
+  }
+  if (key == "wrapped") {
+    if (value.size() > (kMaxWrappedKeySize + 2) / 3 * 4) {
+      return InvalidArgument("wrapped key longer than " +
+                             std::to_string(kMaxWrappedKeySize) + " bytes");
+    }
+    Result<SecretBuffer> wrapped = Base64Decode(value);
+    if (!wrapped.ok()) return wrapped.status();
+    if (wrapped->empty()) return InvalidArgument("wrapped key is empty");
+    if (wrapped->size() > kMaxWrappedKeySize) {
+      return InvalidArgument("wrapped key longer than " +
+                             std::to_string(kMaxWrappedKeySize) + " bytes");
+    }
+    b->wrapped.assign(wrapped->data(), wrapped->data() + wrapped->size());
+    return Status::Ok();
+  }
+  if (key == "created" || key == "not-after") {
+    Result<int64_t> t = ParseTime(value);
+    if (!t.ok()) return t.status();
+    (key == "created" ? b->created : b->not_after) = *t;
+    return Status::Ok();
+  }
+  if (key == "signer") {
+    if (value.size() != 2 * kSignerIdSize) {
+      return InvalidArgument("expected " + std::to_string(2 * kSignerIdSize) +
+                             " hex digits, got " +
+                             std::to_string(value.size()));
+    }
+    Result<Bytes> id = HexDecode(value);
+    if (!id.ok()) return id.status();
+    b->signer = std::move(*id);
+    return Status::Ok();
+  }
+  return Internal("unknown bundle key");
+}
+
+// Checks the trailer line "<key> <hex>\n" that ends `text` and returns
+// the offset where it starts. The hex must be 2 * `size` digits.
+Result<size_t> FindTrailer(std::string_view text, std::string_view key,
+                           size_t size) {
+  const std::string needle = "\n" + std::string(key) + " ";
+  const size_t pos = text.find(needle);
+  if (pos == std::string_view::npos) {
+    return InvalidArgument("bundle is truncated (no " + std::string(key) +
+                           " line)");
+  }
+  const std::string_view line = text.substr(pos + needle.size());
+  const size_t end = line.find('\n');
+  if (end + 1 != line.size()) {
+    return InvalidArgument("bundle has content after the " + std::string(key) +
+                           " line");
+  }
+  const std::string_view hex = line.substr(0, end);
+  if (hex.size() != 2 * size || !HexDecode(hex).ok()) {
+    return InvalidArgument("bundle " + std::string(key) + " line: expected " +
+                           std::to_string(2 * size) + " hex digits");
+  }
+  return pos + 1;
+}
+
+// Parses the field lines of `body` (header line first, trailer excluded).
+Status ParseLines(std::string_view body, std::span<const std::string_view> keys,
+                  Bundle *b) {
+  size_t start = body.find('\n') + 1;  // after the header line
+  size_t line_no = 1;
+  size_t next_key = 0;
+  while (start < body.size()) {
+    ++line_no;
+    const size_t nl = body.find('\n', start);
+    const std::string_view line = body.substr(start, nl - start);
+    start = nl + 1;
+    if (next_key == keys.size()) {
+      return InvalidArgument(LinePrefix(line_no) + "unexpected line after \"" +
+                             std::string(keys.back()) + "\"");
+    }
+    const std::string_view want = keys[next_key];
+    const size_t space = line.find(' ');
+    const std::string_view key = line.substr(0, space);
+    if (key != want || space == std::string_view::npos) {
+      return InvalidArgument(LinePrefix(line_no) + "expected \"" +
+                             std::string(want) + " <value>\"");
+    }
+    const std::string_view value = line.substr(space + 1);
+    if (value.empty()) {
+      return InvalidArgument(KeyContext(line_no, key) + ": empty value");
+    }
+    if (value.find(' ') != std::string_view::npos) {
+      return InvalidArgument(KeyContext(line_no, key) +
+                             ": value contains a space");
+    }
+    Status s = ParseValue(key, value, b);
+    if (!s.ok()) return s.WithContext(KeyContext(line_no, key));
+    ++next_key;
+  }
+  if (next_key != keys.size()) {
+    return InvalidArgument("bundle is missing line \"" +
+                           std::string(keys[next_key]) + "\"");
+  }
+  return Status::Ok();
+}
+
+// The lines common to both versions, from "label" through "mechanism".
+std::string FirstLines(const Bundle &b, std::string_view header) {
+  std::string out(header);
+  out += "\nlabel " + PercentEncode(b.label);
+  out += "\nstore-id " + HexEncode(b.store_id);
+  out += "\ncheck " + HexEncode(b.check);
+  out += "\nmechanism ";
+  out += WrapMechanismName(b.mechanism);
+  return out;
+}
+
+std::string PolicyLine(const Bundle &b) {
+  const std::string policy = SerializePolicy(b.policy);
+  return "\npolicy " +
+         Base64Encode(ByteSpan(reinterpret_cast<const uint8_t *>(policy.data()),
+                               policy.size()));
+}
+
+Result<Bundle> ParseV1(std::string_view text) {
+  Result<size_t> trailer = FindTrailer(text, kDigestKey, 32);
+  if (!trailer.ok()) return trailer.status();
+  const size_t covered = *trailer;
+  Result<std::string> actual = Sha256Hex(text.substr(0, covered));
+  if (!actual.ok()) return actual.status();
+  std::string expected(text.substr(covered + kDigestKey.size() + 1, 64));
+  for (char &c : expected) {
+    if (c >= 'A' && c <= 'F') c = static_cast<char>(c - 'A' + 'a');
+  }
+  if (*actual != expected) {
+    return InvalidArgument(
+        "bundle digest mismatch (file corrupted, truncated or edited)");
+  }
+  Bundle b;
+  b.version = 1;
+  Status s = ParseLines(text.substr(0, covered), kKeysV1, &b);
+  if (!s.ok()) return s;
+  return b;
+}
+
+Result<Bundle> ParseV2(std::string_view text) {
+  Result<size_t> trailer =
+      FindTrailer(text, kSignatureKey, kBundleSignatureSize);
+  if (!trailer.ok()) return trailer.status();
+  Bundle b;
+  b.version = 2;
+  Status s = ParseLines(text.substr(0, *trailer), kKeysV2, &b);
+  if (!s.ok()) return s;
+  Result<Bytes> sig = HexDecode(text.substr(*trailer + kSignatureKey.size() + 1,
+                                            2 * kBundleSignatureSize));
+  if (!sig.ok()) return sig.status();
+  b.signature = std::move(*sig);
+  // The signature covers bytes, the importer reads fields: they must be
+  // the same thing (no alternative spellings of a signed value).
+  if (SerializeBundle(b) != text) {
+    return InvalidArgument(
+        "bundle is not in canonical form (edited by hand?); export it again");
+  }
+  return b;
 }
 
 }  // namespace
@@ -196,20 +358,26 @@ Result<WrapMechanism> ParseWrapMechanism(std::string_view name) {
       "aes-key-wrap-pad)");
 }
 
+std::string BundleSignedText(const Bundle &b) {
+  std::string out = FirstLines(b, kBundleHeader);
+  out += "\nrecipient " + HexEncode(b.wrapping_key_id);
+  out += PolicyLine(b);
+  out += "\nwrapped " + Base64Encode(b.wrapped);
+  out += "\ncreated " + FormatRfc3339(b.created);
+  out += "\nnot-after " + FormatRfc3339(b.not_after);
+  out += "\nsigner " + HexEncode(b.signer);
+  out += "\n";
+  return out;
+}
+
 std::string SerializeBundle(const Bundle &b) {
-  std::string out;
-  out += kBundleHeader;
-  out += "\nlabel " + PercentEncode(b.label);
-  out += "\nstore-id " + HexEncode(b.store_id);
-  out += "\ncheck " + HexEncode(b.check);
-  out += "\nmechanism ";
-  out += WrapMechanismName(b.mechanism);
+  if (b.version != 1) {
+    return BundleSignedText(b) + "signature " + HexEncode(b.signature) + "\n";
+  }
+  std::string out = FirstLines(b, kBundleHeaderV1);
   out += "\nwrapping-key-id ";
   out += b.wrapping_key_id.empty() ? "-" : HexEncode(b.wrapping_key_id);
-  const std::string policy = SerializePolicy(b.policy);
-  out += "\npolicy " +
-         Base64Encode(ByteSpan(reinterpret_cast<const uint8_t *>(policy.data()),
-                               policy.size()));
+  out += PolicyLine(b);
   out += "\nwrapped " + Base64Encode(b.wrapped);
   out += "\n";
   Result<std::string> digest = Sha256Hex(out);
@@ -239,9 +407,11 @@ Result<Bundle> ParseBundle(std::string_view text) {
   }
   constexpr std::string_view kMagic = "hsmstek-bundle ";
   const std::string_view first = text.substr(0, text.find('\n'));
-  if (first != kBundleHeader) {
+  const bool v1 = first == kBundleHeaderV1;
+  if (!v1 && first != kBundleHeader) {
     if (first.substr(0, kMagic.size()) == kMagic) {
-      return InvalidArgument("unsupported bundle version (this build reads 1)");
+      return InvalidArgument(
+          "unsupported bundle version (this build reads 1 and 2)");
     }
     return InvalidArgument("not an hsmstek bundle (first line is not \"" +
                            std::string(kBundleHeader) + "\")");
@@ -249,71 +419,7 @@ Result<Bundle> ParseBundle(std::string_view text) {
   if (text.back() != '\n') {
     return InvalidArgument("bundle is truncated (no newline at end)");
   }
-  constexpr std::string_view kDigestKey = "\nsha256 ";
-  const size_t digest_pos = text.find(kDigestKey);
-  if (digest_pos == std::string_view::npos) {
-    return InvalidArgument("bundle is truncated (no sha256 line)");
-  }
-  const size_t covered = digest_pos + 1;  // through the newline before it
-  const std::string_view digest_line =
-      text.substr(covered + kDigestKey.size() - 1);
-  const size_t digest_end = digest_line.find('\n');
-  if (digest_end + 1 != digest_line.size()) {
-    return InvalidArgument("bundle has content after the sha256 line");
-  }
-  const std::string_view digest_hex = digest_line.substr(0, digest_end);
-  if (digest_hex.size() != 64 || !HexDecode(digest_hex).ok()) {
-    return InvalidArgument("bundle sha256 line: expected 64 hex digits");
-  }
-  Result<std::string> actual = Sha256Hex(text.substr(0, covered));
-  if (!actual.ok()) return actual.status();
-  std::string expected(digest_hex);
-  for (char &c : expected) {
-    if (c >= 'A' && c <= 'F') c = static_cast<char>(c - 'A' + 'a');
-  }
-  if (*actual != expected) {
-    return InvalidArgument(
-        "bundle digest mismatch (file corrupted, truncated or edited)");
-  }
-
-  Bundle b;
-  const std::string_view body = text.substr(0, covered);
-  size_t start = body.find('\n') + 1;  // after the header line
-  size_t line_no = 1;
-  size_t next_key = 0;
-  while (start < body.size()) {
-    ++line_no;
-    const size_t nl = body.find('\n', start);
-    const std::string_view line = body.substr(start, nl - start);
-    start = nl + 1;
-    if (next_key == kDigestLine) {
-      return InvalidArgument(LinePrefix(line_no) +
-                             "unexpected line after \"wrapped\"");
-    }
-    const std::string_view want = kKeys[next_key];
-    const size_t space = line.find(' ');
-    const std::string_view key = line.substr(0, space);
-    if (key != want || space == std::string_view::npos) {
-      return InvalidArgument(LinePrefix(line_no) + "expected \"" +
-                             std::string(want) + " <value>\"");
-    }
-    const std::string_view value = line.substr(space + 1);
-    if (value.empty()) {
-      return InvalidArgument(KeyContext(line_no, key) + ": empty value");
-    }
-    if (value.find(' ') != std::string_view::npos) {
-      return InvalidArgument(KeyContext(line_no, key) +
-                             ": value contains a space");
-    }
-    Status s = ParseValue(next_key, value, &b);
-    if (!s.ok()) return s.WithContext(KeyContext(line_no, key));
-    ++next_key;
-  }
-  if (next_key != kDigestLine) {
-    return InvalidArgument("bundle is missing line \"" +
-                           std::string(kKeys[next_key]) + "\"");
-  }
-  return b;
+  return v1 ? ParseV1(text) : ParseV2(text);
 }
 
 std::string Base64Encode(ByteSpan data) {

@@ -1,27 +1,40 @@
 // The export/import bundle (SPEC §8): one master wrapped for another token,
 // with its policy and check value, as a small versioned text file.
 //
-// Format, version 1 (strict: lines in exactly this order, each ending with
-// "\n", printable ASCII only, no CR, at most kMaxBundleSize bytes):
+// Version 2 (written by this build; strict: lines in exactly this order,
+// each ending with "\n", printable ASCII only, no CR, at most
+// kMaxBundleSize bytes, and byte for byte what SerializeBundle writes, so
+// the signed bytes are exactly the bytes of the parsed fields):
 //
-//   hsmstek-bundle 1
+//   hsmstek-bundle 2
 //   label <store label, percent-encoded>
 //   store-id <16 hex digits>            the master's CKA_ID
 //   check <16 hex digits>               the master's check value (SPEC §4)
 //   mechanism rsa-oaep-sha1|rsa-oaep-sha256|aes-key-wrap-pad
-//   wrapping-key-id <hex CKA_ID of the wrapping key, or "-" for none>
+//   recipient <hex>                     the receiving token's unwrap key:
+//                                       RSA: SHA-256 of its public key's
+//                                       SubjectPublicKeyInfo; AES: its CKA_ID
 //   policy <base64 of the policy text, see policy.h>
 //   wrapped <base64 of the wrapped key bytes, 1 to 4096 bytes>
-//   sha256 <64 hex digits: SHA-256 of every preceding byte>
+//   created <RFC 3339 UTC>              when the sending token signed it
+//   not-after <RFC 3339 UTC>            import refuses it after this time
+//   signer <64 hex digits>              SHA-256 of the signer's public key
+//                                       (SubjectPublicKeyInfo DER)
+//   signature <128 hex digits>          ECDSA P-256 r || s (32 bytes each)
+//                                       over SHA-256 of every preceding byte
+//
+// The signature is made in the sending token with a key that never leaves
+// it and is checked against a signer the receiving token's SO pinned
+// (bundle_signing.h); this file only parses and writes the text.
+//
+// Version 1 (read only, so that import can say "unsigned"): the same first
+// five lines, then "wrapping-key-id <hex or ->", policy, wrapped and
+// "sha256 <64 hex digits of every preceding byte>". Its digest detects
+// corruption only: anyone can recompute it.
 //
 // The label is percent-encoded: every byte outside 0x21..0x7e, and '%'
 // itself, is written as %XX (upper-case hex); 1 to 255 bytes once decoded.
 // Base64 is RFC 4648 §4 with padding, canonical, on one line.
-//
-// WARNING: the sha256 line detects corruption and truncation only; anyone
-// who edits the file can recompute it. Authenticity comes from the check
-// value, which the importer recomputes in the token after unwrapping and
-// compares with the `check` line before it keeps the key (src/keystore).
 // Pure functions, thread-safe.
 #pragma once
 
@@ -37,7 +50,11 @@
 
 namespace hsmstek::keystore {
 
-inline constexpr char kBundleHeader[] = "hsmstek-bundle 1";
+inline constexpr char kBundleHeaderV1[] = "hsmstek-bundle 1";
+inline constexpr char kBundleHeader[] = "hsmstek-bundle 2";
+inline constexpr int kBundleVersion = 2;
+inline constexpr size_t kSignerIdSize = 32;         // SHA-256
+inline constexpr size_t kBundleSignatureSize = 64;  // P-256 r || s
 inline constexpr size_t kMaxBundleSize = 16384;
 inline constexpr size_t kMaxBundleLabelSize = 255;
 inline constexpr size_t kMaxWrappingKeyIdSize = 255;
@@ -58,26 +75,43 @@ std::string_view WrapMechanismName(WrapMechanism mechanism);
 Result<WrapMechanism> ParseWrapMechanism(std::string_view name);
 
 struct Bundle {
-  std::string label;  // raw bytes of CKA_LABEL
+  int version = kBundleVersion;  // 1 (unsigned, read only) or 2
+  std::string label;             // raw bytes of CKA_LABEL
   StoreId store_id{};
   std::array<uint8_t, kCheckValueSize> check{};
   WrapMechanism mechanism = WrapMechanism::kRsaOaepSha1;
-  Bytes wrapping_key_id;  // CKA_ID of the wrapping key; may be empty
+  // The recipient: the unwrap key the master was wrapped for (RSA: public
+  // key fingerprint; AES: CKA_ID). Version 1 may leave it empty.
+  Bytes wrapping_key_id;
   Policy policy;
   Bytes wrapped;  // the key wrapped under `mechanism` (not secret)
+  // Version 2 only.
+  int64_t created = 0;    // Unix seconds
+  int64_t not_after = 0;  // Unix seconds
+  Bytes signer;           // kSignerIdSize bytes
+  Bytes signature;        // kBundleSignatureSize bytes
 
   bool operator==(const Bundle &) const = default;
 };
 
-// SerializeBundle returns the version-1 text of `bundle`, sha256 line
-// included. For a bundle whose fields are within the limits above and
+// BundleSignedText returns the bytes a version-2 signature covers: the text
+// of `bundle` through its signer line.
+std::string BundleSignedText(const Bundle &bundle);
+
+// SerializeBundle returns the text of `bundle` in its version: version 2
+// is BundleSignedText plus the signature line, version 1 ends with its
+// sha256 line. For a bundle whose fields are within the limits above and
 // whose policy passes ValidatePolicy, ParseBundle(SerializeBundle(b)) == b.
 std::string SerializeBundle(const Bundle &bundle);
 
-// ParseBundle checks the header, then the digest ("bundle digest mismatch";
-// a file cut short is "... truncated ..."), then every line in order, and
-// parses the policy with ParsePolicy. All errors are kInvalidArgument;
-// field errors name the line: "bundle line 4 (check): ...".
+// ParseBundle checks the header; for version 1 the digest ("bundle digest
+// mismatch"; a file cut short is "... truncated ..."), for version 2 the
+// signature line's form; then every line in order, and parses the policy
+// with ParsePolicy. A version-2 text that is not exactly
+// SerializeBundle(result) is refused ("not in canonical form"). It does
+// NOT verify the signature (bundle_signing.h does, in the token). All
+// errors are kInvalidArgument; field errors name the line:
+// "bundle line 4 (check): ...".
 Result<Bundle> ParseBundle(std::string_view text);
 
 // Base64Encode returns the RFC 4648 §4 encoding of `data`, with padding.

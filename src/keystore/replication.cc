@@ -15,25 +15,17 @@
 #include <vector>
 
 #include "keystore/derivation.h"
+#include "keystore/key_lookup.h"
 #include "keystore/master.h"
+#include "keystore/ossl.h"
 #include "keystore/provisioning.h"
+#include "keystore/signing.h"
+#include "keystore/time_format.h"
 #include "pkcs11/error.h"
 #include "pkcs11/object.h"
 
 namespace hsmstek::keystore {
 namespace {
-
-// Owners of the OpenSSL objects used to build and parse public keys.
-struct OpenSslFree {
-  void operator()(EVP_PKEY *p) const { EVP_PKEY_free(p); }
-  void operator()(EVP_PKEY_CTX *p) const { EVP_PKEY_CTX_free(p); }
-  void operator()(BIO *p) const { BIO_free(p); }
-  void operator()(BIGNUM *p) const { BN_free(p); }
-  void operator()(OSSL_PARAM_BLD *p) const { OSSL_PARAM_BLD_free(p); }
-  void operator()(OSSL_PARAM *p) const { OSSL_PARAM_free(p); }
-};
-template <typename T>
-using OsslPtr = std::unique_ptr<T, OpenSslFree>;
 
 constexpr size_t kWrapKeyIdSize = 16;
 
@@ -72,120 +64,6 @@ Result<Bytes> BigNumParam(const EVP_PKEY *pkey, const char *name) {
   Bytes out(static_cast<size_t>(BN_num_bytes(bn.get())));
   BN_bn2bin(bn.get(), out.data());
   return out;
-}
-
-// The token, slot and info of the session (to check a key URI's token
-// attributes against the store's token).
-struct SessionToken {
-  CK_SLOT_ID slot = 0;
-  CK_TOKEN_INFO info{};
-  std::string label;
-};
-
-Result<SessionToken> TokenOf(p11::Session &session) {
-  CK_SESSION_INFO si;
-  Status s = P11_CALL(session, C_GetSessionInfo, session.handle(), &si);
-  if (!s.ok()) return s;
-  SessionToken out;
-  out.slot = si.slotID;
-  s = P11_CALL(session, C_GetTokenInfo, si.slotID, &out.info);
-  if (!s.ok()) return s;
-  out.label = p11::TrimPadded(out.info.label, sizeof(out.info.label));
-  return out;
-}
-
-// A key found through a key URI.
-struct KeyRef {
-  CK_OBJECT_HANDLE handle = CK_INVALID_HANDLE;
-  CK_OBJECT_CLASS cls = 0;
-  CK_KEY_TYPE type = 0;
-  Bytes id;
-  std::string label;
-};
-
-std::string DescribeKey(const KeyRef &key) {
-  return "key \"" + key.label + "\" (id " +
-         (key.id.empty() ? std::string("none") : HexEncode(key.id)) + ")";
-}
-
-std::string_view ClassName(CK_OBJECT_CLASS cls) {
-  switch (cls) {
-    case CKO_PUBLIC_KEY:
-      return "public key";
-    case CKO_PRIVATE_KEY:
-      return "private key";
-    case CKO_SECRET_KEY:
-      return "secret key";
-    default:
-      return "object";
-  }
-}
-
-// Finds the keys of `classes` that `uri` names (object=, id=, type=) in the
-// session's token. `what` names the option in messages ("--wrap-key").
-Result<std::vector<KeyRef>> FindKeys(p11::Session &session,
-                                     const p11::TokenUri &uri,
-                                     std::vector<CK_OBJECT_CLASS> classes,
-                                     std::string_view what) {
-  if (!uri.object && !uri.id) {
-    return InvalidArgument(std::string(what) + " " + uri.text +
-                           " must name the key with object= and/or id=");
-  }
-  Result<SessionToken> token = TokenOf(session);
-  if (!token.ok()) return token.status();
-  if (!uri.MatchesToken(token->info, token->slot)) {
-    return InvalidArgument(std::string(what) + " " + uri.text +
-                           " names another token; the key must be in token \"" +
-                           token->label + "\", the store's token");
-  }
-  if (uri.type) {
-    if (std::find(classes.begin(), classes.end(), *uri.type) == classes.end()) {
-      return InvalidArgument(std::string(what) + " " + uri.text + " names a " +
-                             std::string(ClassName(*uri.type)) +
-                             ", which cannot serve here");
-    }
-    classes = {*uri.type};
-  }
-  std::vector<KeyRef> out;
-  for (CK_OBJECT_CLASS cls : classes) {
-    p11::Template t;
-    t.Ulong(CKA_CLASS, cls);
-    if (uri.object) t.String(CKA_LABEL, *uri.object);
-    if (uri.id) t.Data(CKA_ID, *uri.id);
-    Result<std::vector<CK_OBJECT_HANDLE>> found = p11::FindObjects(session, t);
-    if (!found.ok()) return found.status();
-    for (CK_OBJECT_HANDLE h : *found) {
-      KeyRef key;
-      key.handle = h;
-      key.cls = cls;
-      Result<CK_ULONG> type = p11::ReadUlong(session, h, CKA_KEY_TYPE);
-      if (!type.ok()) return type.status();
-      key.type = *type;
-      Result<Bytes> id = p11::ReadAttribute(session, h, CKA_ID);
-      if (id.ok()) key.id = *id;
-      Result<Bytes> label = p11::ReadAttribute(session, h, CKA_LABEL);
-      if (label.ok()) key.label.assign(label->begin(), label->end());
-      out.push_back(std::move(key));
-    }
-  }
-  if (out.empty()) {
-    std::string kinds;
-    for (size_t i = 0; i < classes.size(); ++i) {
-      if (i > 0) kinds += i + 1 == classes.size() ? " or " : ", ";
-      kinds += ClassName(classes[i]);
-    }
-    return NotFound("no " + kinds + " matches " + std::string(what) + " " +
-                    uri.text + " in token \"" + token->label + "\"");
-  }
-  return out;
-}
-
-Result<bool> ReadFlag(p11::Session &session, CK_OBJECT_HANDLE h,
-                      CK_ATTRIBUTE_TYPE type) {
-  Result<std::vector<std::optional<bool>>> v =
-      p11::ReadBools(session, h, std::array{type});
-  if (!v.ok()) return v.status();
-  return (*v)[0] == true;
 }
 
 Result<RsaPublicKey> ReadRsaPublic(p11::Session &session, CK_OBJECT_HANDLE h) {
@@ -303,6 +181,88 @@ const Master *FindMasterById(const std::vector<Master> &masters,
     if (m.id == id) return &m;
   }
   return nullptr;
+}
+
+// What a transport key must be: wrap/unwrap only and, when secret or
+// private, sensitive and never extractable. A key that could also decrypt
+// would turn a bundle into a raw master (SPEC §2).
+Status CheckTransportKey(p11::Session &session, const KeyRef &key,
+                         bool wrapping) {
+  const std::string what = "transport " + DescribeKey(key);
+  static constexpr RequiredFlag kPublicWrap[] = {
+      {CKA_WRAP, "CKA_WRAP", true, false},
+      {CKA_ENCRYPT, "CKA_ENCRYPT", false, true},
+      {CKA_VERIFY, "CKA_VERIFY", false, true},
+      {CKA_VERIFY_RECOVER, "CKA_VERIFY_RECOVER", false, true},
+      {CKA_DERIVE, "CKA_DERIVE", false, true},
+  };
+  static constexpr RequiredFlag kPrivateUnwrap[] = {
+      {CKA_UNWRAP, "CKA_UNWRAP", true, false},
+      {CKA_SENSITIVE, "CKA_SENSITIVE", true, false},
+      {CKA_EXTRACTABLE, "CKA_EXTRACTABLE", false, false},
+      {CKA_DECRYPT, "CKA_DECRYPT", false, true},
+      {CKA_SIGN, "CKA_SIGN", false, true},
+      {CKA_SIGN_RECOVER, "CKA_SIGN_RECOVER", false, true},
+      {CKA_DERIVE, "CKA_DERIVE", false, true},
+  };
+  static constexpr RequiredFlag kSecretWrap[] = {
+      {CKA_WRAP, "CKA_WRAP", true, false},
+      {CKA_SENSITIVE, "CKA_SENSITIVE", true, false},
+      {CKA_EXTRACTABLE, "CKA_EXTRACTABLE", false, false},
+      {CKA_ENCRYPT, "CKA_ENCRYPT", false, true},
+      {CKA_DECRYPT, "CKA_DECRYPT", false, true},
+      {CKA_SIGN, "CKA_SIGN", false, true},
+      {CKA_VERIFY, "CKA_VERIFY", false, true},
+      {CKA_DERIVE, "CKA_DERIVE", false, true},
+  };
+  static constexpr RequiredFlag kSecretUnwrap[] = {
+      {CKA_UNWRAP, "CKA_UNWRAP", true, false},
+      {CKA_SENSITIVE, "CKA_SENSITIVE", true, false},
+      {CKA_EXTRACTABLE, "CKA_EXTRACTABLE", false, false},
+      {CKA_ENCRYPT, "CKA_ENCRYPT", false, true},
+      {CKA_DECRYPT, "CKA_DECRYPT", false, true},
+      {CKA_SIGN, "CKA_SIGN", false, true},
+      {CKA_VERIFY, "CKA_VERIFY", false, true},
+      {CKA_DERIVE, "CKA_DERIVE", false, true},
+  };
+  if (key.cls == CKO_PUBLIC_KEY) {
+    return RequireFlags(session, key.handle, kPublicWrap, what);
+  }
+  if (key.cls == CKO_PRIVATE_KEY) {
+    return RequireFlags(session, key.handle, kPrivateUnwrap, what);
+  }
+  return RequireFlags(session, key.handle,
+                      wrapping ? std::span<const RequiredFlag>(kSecretWrap)
+                               : std::span<const RequiredFlag>(kSecretUnwrap),
+                      what);
+}
+
+// The record an import leaves in the receiving token (CKO_DATA, private):
+// it outlives `destroy`, so an old bundle of a destroyed master cannot
+// bring it back.
+constexpr char kImportApplication[] = "hsmstek-import";
+
+p11::Template ImportRecordQuery(std::string_view label, const StoreId &id) {
+  p11::Template t;
+  t.Ulong(CKA_CLASS, CKO_DATA)
+      .String(CKA_APPLICATION, kImportApplication)
+      .String(CKA_LABEL, label)
+      .Data(kDataIdAttribute, id);
+  return t;
+}
+
+Result<CK_OBJECT_HANDLE> StoreImportRecord(p11::Session &session,
+                                           std::string_view label,
+                                           const Bundle &bundle) {
+  p11::Template t = ImportRecordQuery(label, bundle.store_id);
+  const std::string text = "signer " + HexEncode(bundle.signer) + "\ncreated " +
+                           FormatRfc3339(bundle.created) + "\n";
+  t.Bool(CKA_TOKEN, true).Bool(CKA_PRIVATE, true).String(CKA_VALUE, text);
+  CK_OBJECT_HANDLE h = CK_INVALID_HANDLE;
+  Status s = P11_CALL(session, C_CreateObject, session.handle(), t.data(),
+                      t.size(), &h);
+  if (!s.ok()) return s.WithContext("storing the import record");
+  return h;
 }
 
 }  // namespace
@@ -541,7 +501,13 @@ Result<Bytes> InstallTrustedWrapKey(p11::Session &session,
 }
 
 Result<Bundle> ExportMaster(p11::Session &session, std::string_view label,
-                            const StoreId &id, const p11::TokenUri &wrap_key) {
+                            const StoreId &id, const p11::TokenUri &wrap_key,
+                            const ExportOptions &options) {
+  if (options.valid_for_s <= 0 || options.valid_for_s > kMaxBundleValidity) {
+    return InvalidArgument(
+        "a bundle's validity must be more than 0 and at "
+        "most 7d");
+  }
   Result<std::vector<Master>> masters = LoadMasters(session, label);
   if (!masters.ok()) return masters.status();
   const Master *master = FindMasterById(*masters, id);
@@ -592,6 +558,8 @@ Result<Bundle> ExportMaster(p11::Session &session, std::string_view label,
                            " wrapping keys; add id= to choose one");
   }
   const KeyRef &key = usable[0];
+  Status strong = CheckTransportKey(session, key, true);
+  if (!strong.ok()) return strong;
   WrapMechanism mechanism;
   if (key.cls == CKO_PUBLIC_KEY && key.type == CKK_RSA) {
     mechanism = WrapMechanism::kRsaOaepSha256;
@@ -627,6 +595,11 @@ Result<Bundle> ExportMaster(p11::Session &session, std::string_view label,
   }
   Result<Bytes> key_id = BundleKeyId(session, key);
   if (!key_id.ok()) return key_id.status();
+  if (key_id->empty()) {
+    return FailedPrecondition(DescribeKey(key) +
+                              " has no CKA_ID: the bundle must name its "
+                              "recipient; give the transport key a CKA_ID");
+  }
   if (key_id->size() > kMaxWrappingKeyIdSize) {
     return InvalidArgument(DescribeKey(key) + " has a CKA_ID longer than " +
                            std::to_string(kMaxWrappingKeyIdSize) + " bytes");
@@ -639,23 +612,27 @@ Result<Bundle> ExportMaster(p11::Session &session, std::string_view label,
   bundle.wrapping_key_id = std::move(*key_id);
   bundle.policy = master->policy;
   bundle.wrapped = std::move(*wrapped);
+  bundle.created = options.now;
+  bundle.not_after = options.now + options.valid_for_s;
+  Status signed_ok = SignBundle(session, options.signer, bundle);
+  if (!signed_ok.ok()) return signed_ok;
   return bundle;
 }
 
 Status ImportMaster(p11::Session &session, std::string_view label,
-                    const Bundle &bundle, const p11::TokenUri &unwrap_key) {
+                    const Bundle &bundle, const p11::TokenUri &unwrap_key,
+                    const ImportOptions &options) {
+  if (bundle.version != kBundleVersion) {
+    return PermissionDenied(
+        "unsigned bundle (version " + std::to_string(bundle.version) +
+        "): import accepts only bundles signed by a pinned signer; export it "
+        "again with `hsmstek export --signer` (nothing was imported)");
+  }
   if (bundle.label != label) {
     return InvalidArgument("bundle is for label \"" + bundle.label +
                            "\", not \"" + std::string(label) + "\"");
   }
   const std::string id_hex = HexEncode(bundle.store_id);
-  Result<std::vector<Master>> masters = LoadMasters(session, label);
-  if (!masters.ok()) return masters.status();
-  if (FindMasterById(*masters, bundle.store_id) != nullptr) {
-    return AlreadyExists("master " + id_hex + " is already in store \"" +
-                         std::string(label) + "\"");
-  }
-
   const bool rsa = bundle.mechanism != WrapMechanism::kAesKeyWrapPad;
   const CK_OBJECT_CLASS cls = rsa ? CKO_PRIVATE_KEY : CKO_SECRET_KEY;
   const CK_KEY_TYPE type = rsa ? CKK_RSA : CKK_AES;
@@ -681,16 +658,6 @@ Status ImportMaster(p11::Session &session, std::string_view label,
       refused = DescribeKey(k) + " has CKA_UNWRAP=FALSE: it cannot unwrap";
       continue;
     }
-    if (!bundle.wrapping_key_id.empty()) {
-      Result<Bytes> key_id = BundleKeyId(session, k);
-      if (!key_id.ok()) return key_id.status();
-      if (*key_id != bundle.wrapping_key_id) {
-        refused = "the bundle was wrapped for key " +
-                  HexEncode(bundle.wrapping_key_id) + ", but " +
-                  DescribeKey(k) + " is key " + HexEncode(*key_id);
-        continue;
-      }
-    }
     usable.push_back(k);
   }
   if (usable.empty()) return FailedPrecondition(refused);
@@ -700,6 +667,55 @@ Status ImportMaster(p11::Session &session, std::string_view label,
                            " unwrapping keys; add id= to choose one");
   }
   const KeyRef &key = usable[0];
+  Status strong = CheckTransportKey(session, key, false);
+  if (!strong.ok()) return strong;
+
+  // Authenticity first: nothing below runs for a bundle a pinned signer
+  // did not make exactly as it is.
+  Status verified = VerifyBundleSignature(session, bundle);
+  if (!verified.ok()) return verified;
+  Result<Bytes> key_id = BundleKeyId(session, key);
+  if (!key_id.ok()) return key_id.status();
+  if (*key_id != bundle.wrapping_key_id) {
+    return PermissionDenied("wrong recipient: the bundle is for key " +
+                            HexEncode(bundle.wrapping_key_id) + ", but " +
+                            DescribeKey(key) + " is key " + HexEncode(*key_id) +
+                            "; nothing was imported");
+  }
+  if (options.now > bundle.not_after) {
+    return PermissionDenied("stale bundle: it expired at " +
+                            FormatRfc3339(bundle.not_after) +
+                            " (an old bundle replayed, or too slow a "
+                            "ceremony); export it again");
+  }
+  if (bundle.created > options.now + kBundleClockSkew) {
+    return PermissionDenied("bundle was signed in the future (" +
+                            FormatRfc3339(bundle.created) +
+                            "): check the clocks of both hosts");
+  }
+  Result<std::vector<Master>> masters = LoadMasters(session, label);
+  if (!masters.ok()) return masters.status();
+  if (FindMasterById(*masters, bundle.store_id) != nullptr) {
+    return AlreadyExists("replayed bundle: master " + id_hex +
+                         " is already in store \"" + std::string(label) + "\"");
+  }
+  p11::Template record = ImportRecordQuery(label, bundle.store_id);
+  Result<std::vector<CK_OBJECT_HANDLE>> records =
+      p11::FindObjects(session, record);
+  if (!records.ok()) return records.status();
+  if (!records->empty()) {
+    return AlreadyExists("replayed bundle: master " + id_hex +
+                         " was imported into store \"" + std::string(label) +
+                         "\" before (and since destroyed); a destroyed "
+                         "master cannot come back");
+  }
+  if (options.expect_check &&
+      !ConstantTimeEqual(*options.expect_check, bundle.check)) {
+    return PermissionDenied("the bundle's check value " +
+                            HexEncode(bundle.check) + " is not the expected " +
+                            HexEncode(*options.expect_check) +
+                            " (--expect-check); nothing was imported");
+  }
 
   // Unwrap as a session object first: nothing reaches the token's storage
   // before the check value has proved the key. SoftHSM 2.6 refuses
@@ -758,6 +774,10 @@ Status ImportMaster(p11::Session &session, std::string_view label,
   Result<CK_OBJECT_HANDLE> policy =
       StorePolicyObject(session, label, bundle.store_id, bundle.policy);
   if (!policy.ok()) return policy.status();
+  p11::ScopedObject policy_owner(session, *policy);
+  Result<CK_OBJECT_HANDLE> recorded = StoreImportRecord(session, label, bundle);
+  if (!recorded.ok()) return recorded.status();
+  policy_owner.Release();
   stored_owner.Release();
   return Status::Ok();
 }

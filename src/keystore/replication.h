@@ -25,6 +25,8 @@
 // thread at a time (see token.h).
 #pragma once
 
+#include <array>
+#include <optional>
 #include <string>
 #include <string_view>
 
@@ -103,20 +105,45 @@ struct UnwrapKeyPair {
 // ExportMaster wraps master `id` of store `label` under the key that
 // `wrap_key` names in the session's token (its object attributes: object=,
 // id=, type=; token attributes, if any, must match that token) and returns
-// the bundle: label, store id, check value, mechanism, wrapping key id,
-// policy and wrapped bytes. Errors: kNotFound (no such master, no such
-// wrapping key), kFailedPrecondition (master not replicable or not
+// the version-2 bundle: label, store id, check value, mechanism, recipient
+// (the wrapping key's id), policy, wrapped bytes, created / not-after, all
+// signed in the token by `options.signer` (SignBundle). The wrapping key is
+// read back and refused (kPermissionDenied) unless wrap-only and, if
+// secret, sensitive and never extractable. Errors: kNotFound (no such master,
+// no such wrapping key), kFailedPrecondition (master not replicable or not
 // extractable; a wrapping key without CKA_WRAP, or untrusted while the
 // master requires a trusted one), kUnsupported (a wrapping key that is
 // neither RSA nor AES), token errors naming the CKR.
+// How long a bundle may wait before import (its not-after line), and the
+// clock difference tolerated between the two hosts.
+inline constexpr int64_t kDefaultBundleValidity = 24 * 3600;
+inline constexpr int64_t kMaxBundleValidity = 7 * 24 * 3600;
+inline constexpr int64_t kBundleClockSkew = 300;
+
+struct ExportOptions {
+  p11::TokenUri signer;  // the signing key in the sending token (signing.h)
+  int64_t now = 0;       // Unix seconds: the bundle's created line
+  int64_t valid_for_s = kDefaultBundleValidity;  // 1 s .. kMaxBundleValidity
+};
+
 [[nodiscard]] Result<Bundle> ExportMaster(p11::Session &session,
                                           std::string_view label,
                                           const StoreId &id,
-                                          const p11::TokenUri &wrap_key);
+                                          const p11::TokenUri &wrap_key,
+                                          const ExportOptions &options);
 
 // ImportMaster unwraps `bundle` into store `label` of the session's token
 // with the key `unwrap_key` names (an RSA private key or AES secret key
 // with CKA_UNWRAP, in the session's token) and stores its policy.
+// Before anything is unwrapped, in this order, each refusal saying which
+// (kPermissionDenied unless noted): a version-1 bundle ("unsigned"); a
+// label mismatch (kInvalidArgument); an unwrap key weaker than wrap/unwrap
+// only and sensitive; a signer not pinned in this token ("unknown
+// signer"); a signature that does not verify ("altered"); a recipient that
+// is not this unwrap key ("wrong recipient"); an expired bundle ("stale");
+// a store id present now or imported before ("replayed", kAlreadyExists:
+// an import record, kept even after `destroy`, remembers every import);
+// a check value other than `options.expect_check`.
 // All-or-nothing: the key is unwrapped as a session object first, its check
 // value is recomputed in the token and compared (constant time) with the
 // bundle's; only then is it copied to a token object (CKA_MODIFIABLE=FALSE,
@@ -127,8 +154,15 @@ struct UnwrapKeyPair {
 // (store id present), kNotFound / kFailedPrecondition (unwrap key missing,
 // ambiguous, without CKA_UNWRAP, of the wrong type, or not the key the
 // bundle was wrapped for), token errors naming the CKR.
+struct ImportOptions {
+  int64_t now = 0;  // Unix seconds, against the bundle's validity
+  // --expect-check: the check value confirmed out of band.
+  std::optional<std::array<uint8_t, kCheckValueSize>> expect_check;
+};
+
 [[nodiscard]] Status ImportMaster(p11::Session &session, std::string_view label,
                                   const Bundle &bundle,
-                                  const p11::TokenUri &unwrap_key);
+                                  const p11::TokenUri &unwrap_key,
+                                  const ImportOptions &options);
 
 }  // namespace hsmstek::keystore
