@@ -558,8 +558,6 @@ Result<Bundle> ExportMaster(p11::Session &session, std::string_view label,
                            " wrapping keys; add id= to choose one");
   }
   const KeyRef &key = usable[0];
-  Status strong = CheckTransportKey(session, key, true);
-  if (!strong.ok()) return strong;
   WrapMechanism mechanism;
   if (key.cls == CKO_PUBLIC_KEY && key.type == CKK_RSA) {
     mechanism = WrapMechanism::kRsaOaepSha256;
@@ -579,6 +577,8 @@ Result<Bundle> ExportMaster(p11::Session &session, std::string_view label,
         " has CKA_TRUSTED=FALSE; the SO installs trusted keys with "
         "`hsmstek wrap-key trust`");
   }
+  Status strong = CheckTransportKey(session, key, true);
+  if (!strong.ok()) return strong;
 
   Result<std::array<uint8_t, kCheckValueSize>> check =
       ComputeCheckValue(session, master->key);

@@ -4,8 +4,12 @@
 // replication between two tokens).
 #include <fcntl.h>
 #include <gtest/gtest.h>
+#include <openssl/ec.h>
 #include <openssl/evp.h>
 #include <openssl/hmac.h>
+#include <openssl/pem.h>
+#include <openssl/rsa.h>
+#include <openssl/sha.h>
 #include <spawn.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
@@ -20,8 +24,11 @@
 
 #include "keystore/bundle.h"
 #include "keystore/derivation.h"
+#include "keystore/key_name.h"
+#include "keystore/ossl.h"
 #include "keystore/provisioning.h"
 #include "keystore/replication.h"
+#include "keystore/signing.h"
 #include "keystore/store.h"
 #include "keystore/time_format.h"
 #include "pkcs11/error.h"
@@ -320,10 +327,20 @@ Result<std::string> Open(KeyStore &store, const TicketKeys &keys,
   return std::string(pt.begin(), pt.begin() + pt_len);
 }
 
+// How InstallTransportKey makes a key; the defaults are what hsmstek
+// accepts (wrap/unwrap only, sensitive).
+struct TransportKeySpec {
+  const char *label = kTransportLabel;
+  const char *id = kTransportId;
+  bool decrypt = false;
+  bool sensitive = true;
+};
+
 // Installs the same AES transport key (a TEST value) in `token` as the SO:
 // public, trusted, wrap and unwrap. Test set-up only; must run before any
 // user login of this process on `token`.
-void InstallTransportKey(const std::string &token) {
+void InstallTransportKey(const std::string &token,
+                         const TransportKeySpec &spec = {}) {
   CK_FUNCTION_LIST *f = SoftHsm::Get().module()->functions();
   CK_ULONG count = 0;
   ASSERT_EQ(f->C_GetSlotList(CK_TRUE, nullptr, &count), CKR_OK);
@@ -351,15 +368,18 @@ void InstallTransportKey(const std::string &token) {
         .Ulong(CKA_KEY_TYPE, CKK_AES)
         .Bool(CKA_TOKEN, true)
         .Bool(CKA_PRIVATE, false)  // the SO can only create public objects
-        .Bool(CKA_SENSITIVE, true)
+        .Bool(CKA_SENSITIVE, spec.sensitive)
         .Bool(CKA_EXTRACTABLE, false)
         .Bool(CKA_TRUSTED, true)
         .Bool(CKA_WRAP, true)
         .Bool(CKA_UNWRAP, true)
         .Bool(CKA_ENCRYPT, false)
-        .Bool(CKA_DECRYPT, false)
-        .String(CKA_LABEL, kTransportLabel)
-        .String(CKA_ID, kTransportId)
+        .Bool(CKA_DECRYPT, spec.decrypt)
+        .Bool(CKA_SIGN, false)
+        .Bool(CKA_VERIFY, false)
+        .Bool(CKA_DERIVE, false)
+        .String(CKA_LABEL, spec.label)
+        .String(CKA_ID, spec.id)
         .Data(CKA_VALUE, value);
     CK_OBJECT_HANDLE h;
     EXPECT_EQ(f->C_CreateObject(s, t.data(), t.size(), &h), CKR_OK);
@@ -378,6 +398,27 @@ class CliTest : public ::testing::Test {
     }
     InstallTransportKey(kAesA);
     InstallTransportKey(kAesB);
+    // Transport keys weaker than hsmstek accepts (one can also decrypt, one
+    // is not sensitive), with the good key's id so only strength differs.
+    InstallTransportKey(kAesB, {"weak-decrypt", kTransportId, true, true});
+    InstallTransportKey(kAesB, {"weak-plain", kTransportId, false, false});
+    SetUpSigner(kAesA, kAesB, AesSigner(kAesA));
+    SetUpSigner(kAesB, kAesA, AesSigner(kAesB));
+  }
+
+  // The sending token `send` generates a signing key labelled `label`, the
+  // SO of `recv` pins its public key; returns the PEM path.
+  static std::string SetUpSigner(const std::string &send,
+                                 const std::string &recv,
+                                 const std::string &label) {
+    const std::string pem = Scratch() + "/" + send + "-" + label + ".pem";
+    RunResult gen = Cli({"signer", "generate", Uri(send, label), "--out", pem});
+    EXPECT_EQ(gen.code, 0) << Describe(gen);
+    RunResult trust =
+        Cli({"signer", "trust", UriWithoutPin(recv, label), "--in", pem,
+             "--so-pin-source", "file:" + SoPinFile()});
+    EXPECT_EQ(trust.code, 0) << Describe(trust);
+    return pem;
   }
 
   // Receiving side generates an unwrap key pair, the SO of the sending side
@@ -391,7 +432,21 @@ class CliTest : public ::testing::Test {
         Cli({"wrap-key", "trust", UriWithoutPin(kSend, key_label), "--in", pem,
              "--so-pin-source", "file:" + SoPinFile()});
     EXPECT_EQ(trust.code, 0) << Describe(trust);
+    SetUpSigner(kSend, kRecv, SignerOf(key_label));
     return pem;
+  }
+
+  // The signing key of kAesA / kAesB (each pinned in the other).
+  static std::string AesSigner(const std::string &token) {
+    return token + "-signer";
+  }
+
+  // The signer SetUpRsaTransport(key_label) pins, and its --signer URI.
+  static std::string SignerOf(const std::string &key_label) {
+    return key_label + "-signer";
+  }
+  static std::string SignerUri(const std::string &key_label) {
+    return "pkcs11:object=" + SignerOf(key_label);
   }
 };
 
@@ -1063,7 +1118,8 @@ TEST_F(CliTest, ExportImportWithRsaOaepBetweenTwoTokens) {
   const std::string id = PrintedId(p);
   const std::string bundle = Scratch() + "/fleet-rsa.bundle";
   RunResult e = Cli({"export", Uri(kSend, "fleet"), "--id", id, "--wrap-key",
-                     "pkcs11:object=wrap-rsa", "--out", bundle});
+                     "pkcs11:object=wrap-rsa", "--signer",
+                     SignerUri("wrap-rsa"), "--out", bundle});
   ASSERT_EQ(e.code, 0) << Describe(e);
   const std::string text = ReadAll(bundle);
   // SoftHSM 2.6 refuses SHA-256 OAEP for wrapping: the SHA-1 fallback.
@@ -1142,11 +1198,12 @@ TEST_F(CliTest, ExportImportWithAesKeyWrapPadBetweenTwoTokens) {
   const std::string id = PrintedId(p);
   const std::string bundle = Scratch() + "/edge-aes.bundle";
   RunResult e = Cli({"export", Uri(kAesA, "edge"), "--id", id, "--wrap-key",
-                     "pkcs11:object=transport", "--out", bundle});
+                     "pkcs11:object=transport", "--signer",
+                     "pkcs11:object=" + AesSigner(kAesA), "--out", bundle});
   ASSERT_EQ(e.code, 0) << Describe(e);
   const std::string text = ReadAll(bundle);
   EXPECT_NE(text.find("\nmechanism aes-key-wrap-pad\n"), std::string::npos);
-  EXPECT_NE(text.find("\nwrapping-key-id " +
+  EXPECT_NE(text.find("\nrecipient " +
                       HexEncode(ByteSpan(
                           reinterpret_cast<const uint8_t *>(kTransportId),
                           std::strlen(kTransportId))) +
@@ -1164,7 +1221,8 @@ TEST_F(CliTest, ExportImportWithAesKeyWrapPadBetweenTwoTokens) {
   // And back again: B's copy is replicable under B's trusted key too.
   const std::string back = Scratch() + "/edge-back.bundle";
   RunResult e2 = Cli({"export", Uri(kAesB, "edge"), "--id", id, "--wrap-key",
-                      "pkcs11:object=transport", "--out", back});
+                      "pkcs11:object=transport", "--signer",
+                      "pkcs11:object=" + AesSigner(kAesB), "--out", back});
   EXPECT_EQ(e2.code, 0) << Describe(e2);
 }
 
@@ -1175,7 +1233,8 @@ TEST_F(CliTest, TamperedOrMisdirectedBundlesAreRefusedAndLeaveNothing) {
   const std::string id = PrintedId(p);
   const std::string good = Scratch() + "/tamper.bundle";
   ASSERT_EQ(Cli({"export", Uri(kSend, "tamper"), "--id", id, "--wrap-key",
-                 "pkcs11:object=wrap-tamper", "--out", good})
+                 "pkcs11:object=wrap-tamper", "--signer",
+                 SignerUri("wrap-tamper"), "--out", good})
                 .code,
             0);
   const std::string text = ReadAll(good);
@@ -1189,7 +1248,8 @@ TEST_F(CliTest, TamperedOrMisdirectedBundlesAreRefusedAndLeaveNothing) {
                 "pkcs11:object=wrap-tamper", "--in", path});
   };
 
-  // A flipped byte in each line: the digest catches it.
+  // A flipped byte in each line: the signature (or the strict parser)
+  // catches it.
   size_t line_start = 0;
   int line_no = 0;
   while (line_start < text.size()) {
@@ -1200,54 +1260,45 @@ TEST_F(CliTest, TamperedOrMisdirectedBundlesAreRefusedAndLeaveNothing) {
     c = c == 'a' ? 'b' : 'a';
     RunResult r = import(bad);
     EXPECT_EQ(r.code, 1) << "line " << line_no << ": " << Describe(r);
-    if (line_no > 1) {
-      EXPECT_NE(r.err.find("bundle digest mismatch"), std::string::npos)
-          << "line " << line_no << ": " << r.err;
-    }
     line_start = nl + 1;
   }
-  EXPECT_EQ(line_no, 9);
+  EXPECT_EQ(line_no, 12);
   // Cut short anywhere.
   for (size_t cut : {size_t{0}, size_t{10}, text.size() / 2, text.size() - 1}) {
     RunResult r = import(text.substr(0, cut));
     EXPECT_EQ(r.code, 1) << cut;
     EXPECT_TRUE(r.err.find("truncated") != std::string::npos ||
                 r.err.find("empty bundle") != std::string::npos ||
-                r.err.find("not an hsmstek bundle") != std::string::npos ||
-                r.err.find("digest mismatch") != std::string::npos)
+                r.err.find("not an hsmstek bundle") != std::string::npos)
         << cut << ": " << r.err;
   }
 
-  // Edits with a recomputed digest: the token refuses what the digest cannot.
+  // Edits of any signed field (the text re-serialized, the signature
+  // kept): the signature no longer verifies, before anything is unwrapped.
   Result<Bundle> parsed = ParseBundle(text);
-  ASSERT_TRUE(parsed.ok());
+  ASSERT_TRUE(parsed.ok()) << parsed.status().message();
+  auto expect_altered = [&](const Bundle &edited, const char *what) {
+    RunResult r = import(SerializeBundle(edited));
+    EXPECT_EQ(r.code, 1) << what;
+    EXPECT_NE(r.err.find("bundle signature is invalid: the bundle was altered"),
+              std::string::npos)
+        << what << ": " << r.err;
+  };
   Bundle wrong_check = *parsed;
   wrong_check.check[0] ^= 1;
-  RunResult r1 = import(SerializeBundle(wrong_check));
-  EXPECT_EQ(r1.code, 1);
-  EXPECT_NE(r1.err.find("check value mismatch: the bundle says " +
-                        HexEncode(wrong_check.check)),
-            std::string::npos)
-      << r1.err;
+  expect_altered(wrong_check, "check");
   Bundle wrong_wrapped = *parsed;
   wrong_wrapped.wrapped[7] ^= 0x80;
-  RunResult r2 = import(SerializeBundle(wrong_wrapped));
-  EXPECT_EQ(r2.code, 1);
-  EXPECT_NE(r2.err.find("unwrapping master " + id), std::string::npos)
-      << r2.err;
+  expect_altered(wrong_wrapped, "wrapped");
   Bundle wrong_key = *parsed;
   wrong_key.wrapping_key_id[0] ^= 1;
-  RunResult r3 = import(SerializeBundle(wrong_key));
-  EXPECT_EQ(r3.code, 1);
-  EXPECT_NE(r3.err.find("the bundle was wrapped for key " +
-                        HexEncode(wrong_key.wrapping_key_id)),
-            std::string::npos)
-      << r3.err;
+  expect_altered(wrong_key, "recipient");
   Bundle sha256 = *parsed;
   sha256.mechanism = WrapMechanism::kRsaOaepSha256;
-  RunResult r4 = import(SerializeBundle(sha256));
-  EXPECT_EQ(r4.code, 1);
-  EXPECT_NE(r4.err.find("CKR_ARGUMENTS_BAD"), std::string::npos) << r4.err;
+  expect_altered(sha256, "mechanism");
+  Bundle later = *parsed;
+  later.not_after += 3600;
+  expect_altered(later, "not-after");
   Bundle aes = *parsed;
   aes.mechanism = WrapMechanism::kAesKeyWrapPad;
   RunResult r5 = import(SerializeBundle(aes));
@@ -1255,6 +1306,14 @@ TEST_F(CliTest, TamperedOrMisdirectedBundlesAreRefusedAndLeaveNothing) {
   EXPECT_NE(r5.err.find("no secret key matches --unwrap-key"),
             std::string::npos)
       << r5.err;
+  // A signature of the wrong length is refused by the parser.
+  std::string short_sig = text;
+  short_sig.erase(short_sig.size() - 3, 2);
+  RunResult r6 = import(short_sig);
+  EXPECT_EQ(r6.code, 1);
+  EXPECT_NE(r6.err.find("bundle signature line: expected 128 hex digits"),
+            std::string::npos)
+      << r6.err;
 
   // A bundle for another label, as is and relabelled.
   RunResult other = import(text, "another");
@@ -1266,7 +1325,8 @@ TEST_F(CliTest, TamperedOrMisdirectedBundlesAreRefusedAndLeaveNothing) {
   // The untouched bundle still imports.
   RunResult ok = import(text);
   EXPECT_EQ(ok.code, 0) << Describe(ok);
-  EXPECT_EQ(CountTokenObjects(kRecv), objects + 2);
+  // The master, its policy and the import record.
+  EXPECT_EQ(CountTokenObjects(kRecv), objects + 3);
 }
 
 TEST_F(CliTest, ExportRefusesNonReplicableMastersAndUntrustedKeys) {
@@ -1275,7 +1335,8 @@ TEST_F(CliTest, ExportRefusesNonReplicableMastersAndUntrustedKeys) {
   ASSERT_EQ(p.code, 0);
   const std::string out = Scratch() + "/local-only.bundle";
   RunResult e = Cli({"export", Uri(kSend, "local-only"), "--id", PrintedId(p),
-                     "--wrap-key", "pkcs11:object=wrap-refuse", "--out", out});
+                     "--wrap-key", "pkcs11:object=wrap-refuse", "--signer",
+                     SignerUri("wrap-refuse"), "--out", out});
   EXPECT_EQ(e.code, 1);
   EXPECT_NE(e.err.find("master " + PrintedId(p) +
                        " of \"local-only\" is not replicable"),
@@ -1320,7 +1381,8 @@ TEST_F(CliTest, ExportRefusesNonReplicableMastersAndUntrustedKeys) {
   RunResult r = Cli({"provision", Uri(kSend, "repl2"), "--replicable"});
   ASSERT_EQ(r.code, 0);
   RunResult e2 = Cli({"export", Uri(kSend, "repl2"), "--id", PrintedId(r),
-                      "--wrap-key", "pkcs11:object=untrusted", "--out", out});
+                      "--wrap-key", "pkcs11:object=untrusted", "--signer",
+                      SignerUri("wrap-refuse"), "--out", out});
   EXPECT_EQ(e2.code, 1);
   EXPECT_NE(e2.err.find("has CKA_TRUSTED=FALSE"), std::string::npos) << e2.err;
   EXPECT_FALSE(std::filesystem::exists(out));
@@ -1354,6 +1416,427 @@ TEST_F(CliTest, ExportRefusesNonReplicableMastersAndUntrustedKeys) {
   EXPECT_EQ(clobber.code, 1);
   EXPECT_NE(clobber.err.find("refusing to overwrite " + pem),
             std::string::npos);
+}
+
+// ---------------------------------------------------------------------------
+// Forged and replayed bundles: what an attacker with public material only
+// (the receiver's PEM, a genuine bundle, the key names) can build.
+
+// RSA-OAEP (SHA-1, as SoftHSM 2.6 unwraps) of `key` under the PEM public
+// key, in software.
+Bytes OaepWrap(const std::string &pem, ByteSpan key) {
+  BIO *bio = BIO_new_mem_buf(pem.data(), static_cast<int>(pem.size()));
+  EVP_PKEY *pkey = PEM_read_bio_PUBKEY(bio, nullptr, nullptr, nullptr);
+  BIO_free(bio);
+  EXPECT_NE(pkey, nullptr);
+  EVP_PKEY_CTX *ctx = EVP_PKEY_CTX_new(pkey, nullptr);
+  EXPECT_EQ(EVP_PKEY_encrypt_init(ctx), 1);
+  EXPECT_EQ(EVP_PKEY_CTX_set_rsa_padding(ctx, RSA_PKCS1_OAEP_PADDING), 1);
+  size_t len = 0;
+  EXPECT_EQ(EVP_PKEY_encrypt(ctx, nullptr, &len, key.data(), key.size()), 1);
+  Bytes out(len);
+  EXPECT_EQ(EVP_PKEY_encrypt(ctx, out.data(), &len, key.data(), key.size()), 1);
+  out.resize(len);
+  EVP_PKEY_CTX_free(ctx);
+  EVP_PKEY_free(pkey);
+  return out;
+}
+
+// The check value of a master whose value is `key`, in software: the
+// derivation is public (SPEC §4).
+std::array<uint8_t, kCheckValueSize> SoftwareCheckValue(ByteSpan key) {
+  const auto data = DerivationData(kPurposeCheck, kCheckEpoch);
+  EVP_CIPHER_CTX *ctx = EVP_CIPHER_CTX_new();
+  uint8_t derived[32];
+  int n = 0;
+  EXPECT_EQ(
+      EVP_EncryptInit_ex(ctx, EVP_aes_256_ecb(), nullptr, key.data(), nullptr),
+      1);
+  EVP_CIPHER_CTX_set_padding(ctx, 0);
+  EXPECT_EQ(EVP_EncryptUpdate(ctx, derived, &n, data.data(),
+                              static_cast<int>(data.size())),
+            1);
+  EXPECT_EQ(n, 32);
+  EVP_CIPHER_CTX_free(ctx);
+  uint8_t mac[32];
+  unsigned int mac_len = 0;
+  HMAC(EVP_sha256(), derived, sizeof(derived),
+       reinterpret_cast<const uint8_t *>(kCheckMessage), kCheckMessageSize, mac,
+       &mac_len);
+  std::array<uint8_t, kCheckValueSize> out;
+  std::copy(mac, mac + kCheckValueSize, out.begin());
+  return out;
+}
+
+// A P-256 signer that nobody pinned, in software.
+struct SoftwareSigner {
+  EVP_PKEY *key = EVP_PKEY_Q_keygen(nullptr, nullptr, "EC", "P-256");
+  ~SoftwareSigner() { EVP_PKEY_free(key); }
+
+  Bytes Fingerprint() const {
+    Result<Bytes> f = PublicKeyFingerprint(key);
+    EXPECT_TRUE(f.ok());
+    return f.ok() ? *f : Bytes();
+  }
+  std::string Pem() const {
+    Result<std::string> pem = PublicKeyPem(key);
+    EXPECT_TRUE(pem.ok());
+    return pem.ok() ? *pem : "";
+  }
+  // ECDSA over SHA-256 of `text`, as r || s.
+  Bytes Sign(const std::string &text) const {
+    uint8_t md[32];
+    SHA256(reinterpret_cast<const uint8_t *>(text.data()), text.size(), md);
+    EVP_PKEY_CTX *ctx = EVP_PKEY_CTX_new(key, nullptr);
+    EXPECT_EQ(EVP_PKEY_sign_init(ctx), 1);
+    uint8_t der[128];
+    size_t der_len = sizeof(der);
+    EXPECT_EQ(EVP_PKEY_sign(ctx, der, &der_len, md, sizeof(md)), 1);
+    EVP_PKEY_CTX_free(ctx);
+    const uint8_t *p = der;
+    ECDSA_SIG *sig = d2i_ECDSA_SIG(nullptr, &p, static_cast<long>(der_len));
+    Bytes out(64);
+    BN_bn2binpad(ECDSA_SIG_get0_r(sig), out.data(), 32);
+    BN_bn2binpad(ECDSA_SIG_get0_s(sig), out.data() + 32, 32);
+    ECDSA_SIG_free(sig);
+    return out;
+  }
+};
+
+TEST_F(CliTest, SoftwareCheckValueIsTheTokensCheckValue) {
+  // The forgery below is exact: for a key of known value, the software
+  // check value equals the one the token computes.
+  Bytes k(32);
+  for (size_t i = 0; i < k.size(); ++i) k[i] = static_cast<uint8_t>(0xa5 ^ i);
+  p11::Session s = UserSession(kMain);
+  p11::Template t;
+  t.Ulong(CKA_CLASS, CKO_SECRET_KEY)
+      .Ulong(CKA_KEY_TYPE, CKK_AES)
+      .Bool(CKA_TOKEN, false)
+      .Bool(CKA_DERIVE, true)
+      .Data(CKA_VALUE, k);
+  CK_OBJECT_HANDLE h;
+  ASSERT_TRUE(
+      P11_CALL(s, C_CreateObject, s.handle(), t.data(), t.size(), &h).ok());
+  p11::ScopedObject owner(s, h);
+  Result<std::array<uint8_t, kCheckValueSize>> in_token =
+      ComputeCheckValue(s, h);
+  ASSERT_TRUE(in_token.ok()) << in_token.status().message();
+  EXPECT_EQ(*in_token, SoftwareCheckValue(k));
+}
+
+TEST_F(CliTest, ForgedAlteredMisdirectedStaleAndReplayedBundlesChangeNothing) {
+  const std::string pem = SetUpRsaTransport("wrap-forge");
+  // The receiver's own master, so that `status` has something to show.
+  ASSERT_EQ(Cli({"provision", Uri(kRecv, "forge")}).code, 0);
+  RunResult p = Cli({"provision", Uri(kSend, "forge"), "--replicable"});
+  ASSERT_EQ(p.code, 0) << Describe(p);
+  const std::string id = PrintedId(p);
+  const std::string genuine_path = Scratch() + "/forge.bundle";
+  RunResult e = Cli({"export", Uri(kSend, "forge"), "--id", id, "--wrap-key",
+                     "pkcs11:object=wrap-forge", "--signer",
+                     SignerUri("wrap-forge"), "--out", genuine_path});
+  ASSERT_EQ(e.code, 0) << Describe(e);
+  const std::string text = ReadAll(genuine_path);
+  Result<Bundle> genuine = ParseBundle(text);
+  ASSERT_TRUE(genuine.ok()) << genuine.status().message();
+
+  const Json before = StatusJson(kRecv, "forge")["stores"];
+  const size_t objects = CountTokenObjects(kRecv);
+  int n = 0;
+  auto import = [&](const std::string &contents,
+                    const std::vector<std::string> &extra = {}) {
+    const std::string path = Scratch() + "/f" + std::to_string(++n) + ".bundle";
+    WriteAll(path, contents);
+    std::vector<std::string> args = {"import",       Uri(kRecv, "forge"),
+                                     "--unwrap-key", "pkcs11:object=wrap-forge",
+                                     "--in",         path};
+    args.insert(args.end(), extra.begin(), extra.end());
+    return Cli(args);
+  };
+  auto refused = [&](const RunResult &r, const std::string &why) {
+    EXPECT_EQ(r.code, 1) << Describe(r);
+    EXPECT_NE(r.err.find(why), std::string::npos) << r.err;
+    EXPECT_EQ(StatusJson(kRecv, "forge")["stores"], before);
+    EXPECT_EQ(CountTokenObjects(kRecv), objects);
+  };
+
+  // Point 1 of issue 11: a master K the attacker knows, wrapped under the
+  // public PEM, with its check value and (version 1) digest recomputed.
+  Bytes k(32);
+  for (size_t i = 0; i < k.size(); ++i) k[i] = static_cast<uint8_t>(7 * i + 1);
+  Bundle forged = *genuine;
+  forged.store_id[0] ^= 0x55;
+  forged.wrapped = OaepWrap(ReadAll(pem), k);
+  forged.check = SoftwareCheckValue(k);
+  Bundle v1 = forged;
+  v1.version = 1;
+  refused(import(SerializeBundle(v1)), "unsigned bundle (version 1)");
+  // The same as version 2 with the genuine signer line and signature.
+  refused(import(SerializeBundle(forged)),
+          "bundle signature is invalid: the bundle was altered");
+  // Signed by the attacker's own key.
+  SoftwareSigner attacker;
+  forged.signer = attacker.Fingerprint();
+  forged.signature = attacker.Sign(BundleSignedText(forged));
+  refused(import(SerializeBundle(forged)),
+          "unknown signer " + HexEncode(forged.signer) +
+              ": no public key with that fingerprint is in this token");
+  // ... whose public key a user-PIN holder put into the receiving token:
+  // not trusted, and the user cannot make it so.
+  {
+    Result<EcPublicKey> ec = EcPublicKeyFromPem(attacker.Pem());
+    ASSERT_TRUE(ec.ok()) << ec.status().message();
+    Bytes point = {0x04, 0x41};
+    point.insert(point.end(), ec->point.begin(), ec->point.end());
+    const uint8_t p256[] = {0x06, 0x08, 0x2a, 0x86, 0x48,
+                            0xce, 0x3d, 0x03, 0x01, 0x07};
+    p11::Session s = UserSession(kRecv);
+    auto make = [&](bool trusted) {
+      p11::Template t;
+      t.Ulong(CKA_CLASS, CKO_PUBLIC_KEY)
+          .Ulong(CKA_KEY_TYPE, CKK_EC)
+          .Bool(CKA_TOKEN, true)
+          .Bool(CKA_PRIVATE, false)
+          .Bool(CKA_VERIFY, true)
+          .Data(CKA_ID, forged.signer)
+          .Data(CKA_EC_PARAMS, p256)
+          .Data(CKA_EC_POINT, point);
+      if (trusted) t.Bool(CKA_TRUSTED, true);
+      CK_OBJECT_HANDLE h = CK_INVALID_HANDLE;
+      Status st =
+          P11_CALL(s, C_CreateObject, s.handle(), t.data(), t.size(), &h);
+      return std::make_pair(st, h);
+    };
+    EXPECT_EQ(make(true).first.ckr(), CKR_ATTRIBUTE_READ_ONLY);
+    auto [st, h] = make(false);
+    ASSERT_TRUE(st.ok()) << st.message();
+    p11::ScopedObject owner(s, h);
+    p11::Template set;
+    set.Bool(CKA_TRUSTED, true);
+    EXPECT_EQ(
+        P11_CALL(s, C_SetAttributeValue, s.handle(), h, set.data(), set.size())
+            .ckr(),
+        CKR_ATTRIBUTE_READ_ONLY);
+    RunResult r = import(SerializeBundle(forged));
+    EXPECT_EQ(r.code, 1);
+    EXPECT_NE(r.err.find("unknown signer " + HexEncode(forged.signer) +
+                         ": its public key is weaker than required: "
+                         "CKA_TRUSTED is FALSE"),
+              std::string::npos)
+        << r.err;
+    // Nor can a user copy the pinned signer (to give it another point).
+    p11::Template pinned;
+    pinned.Ulong(CKA_CLASS, CKO_PUBLIC_KEY)
+        .String(CKA_LABEL, SignerOf("wrap-forge"));
+    Result<std::vector<CK_OBJECT_HANDLE>> found = p11::FindObjects(s, pinned);
+    ASSERT_TRUE(found.ok());
+    ASSERT_EQ(found->size(), 1u);
+    p11::Template copy;
+    copy.Data(CKA_EC_POINT, point);
+    CK_OBJECT_HANDLE c;
+    EXPECT_EQ(P11_CALL(s, C_CopyObject, s.handle(), (*found)[0], copy.data(),
+                       copy.size(), &c)
+                  .ckr(),
+              CKR_ACTION_PROHIBITED);
+  }
+  EXPECT_EQ(CountTokenObjects(kRecv), objects);
+
+  // Point 2: a genuine bundle with its policy rewritten in transit.
+  Bundle rewritten = *genuine;
+  rewritten.policy.not_before -= 3600;
+  rewritten.policy.decrypt_window_s *= 2;
+  refused(import(SerializeBundle(rewritten)),
+          "bundle signature is invalid: the bundle was altered");
+
+  // A genuine bundle for another recipient (the receiver's second unwrap
+  // key): refused before anything is unwrapped.
+  const std::string pem2 = Scratch() + "/wrap-forge-2.pem";
+  ASSERT_EQ(
+      Cli({"wrap-key", "generate", Uri(kRecv, "wrap-forge-2"), "--out", pem2})
+          .code,
+      0);
+  ASSERT_EQ(Cli({"wrap-key", "trust", UriWithoutPin(kSend, "wrap-forge-2"),
+                 "--in", pem2, "--so-pin-source", "file:" + SoPinFile()})
+                .code,
+            0);
+  const size_t objects_now = CountTokenObjects(kRecv);
+  const std::string other = Scratch() + "/forge-other.bundle";
+  ASSERT_EQ(Cli({"export", Uri(kSend, "forge"), "--id", id, "--wrap-key",
+                 "pkcs11:object=wrap-forge-2", "--signer",
+                 SignerUri("wrap-forge"), "--out", other})
+                .code,
+            0);
+  RunResult wrong = import(ReadAll(other));
+  EXPECT_EQ(wrong.code, 1);
+  EXPECT_NE(wrong.err.find("wrong recipient: the bundle is for key "),
+            std::string::npos)
+      << wrong.err;
+  EXPECT_EQ(CountTokenObjects(kRecv), objects_now);
+
+  // A bundle the sending token signed two days ago, valid for one.
+  {
+    p11::Session s = UserSession(kSend);
+    ExportOptions old;
+    old.signer = *p11::ParseTokenUri(SignerUri("wrap-forge"));
+    old.now = Now() - 2 * 86400;
+    old.valid_for_s = 86400;
+    Result<Bundle> stale =
+        ExportMaster(s, "forge", ToStoreId(id),
+                     *p11::ParseTokenUri("pkcs11:object=wrap-forge"), old);
+    ASSERT_TRUE(stale.ok()) << stale.status().message();
+    RunResult r = import(SerializeBundle(*stale));
+    EXPECT_EQ(r.code, 1);
+    EXPECT_NE(r.err.find("stale bundle: it expired at " +
+                         FormatRfc3339(old.now + old.valid_for_s)),
+              std::string::npos)
+        << r.err;
+  }
+  // The check value confirmed out of band does not match.
+  RunResult mismatch = import(text, {"--expect-check", "0000000000000000"});
+  EXPECT_EQ(mismatch.code, 1);
+  EXPECT_NE(mismatch.err.find("the bundle's check value " +
+                              HexEncode(genuine->check) +
+                              " is not the expected 0000000000000000"),
+            std::string::npos)
+      << mismatch.err;
+  EXPECT_EQ(CountTokenObjects(kRecv), objects_now);
+
+  // Genuine: imports.
+  RunResult ok = import(text, {"--expect-check", HexEncode(genuine->check)});
+  ASSERT_EQ(ok.code, 0) << Describe(ok);
+  EXPECT_EQ(Masters(kRecv, "forge").size(), 2u);
+  // Replayed: refused; and after the master was destroyed, still refused.
+  RunResult again = import(text);
+  EXPECT_EQ(again.code, 1);
+  EXPECT_NE(again.err.find("replayed bundle: master " + id +
+                           " is already in store \"forge\""),
+            std::string::npos)
+      << again.err;
+  ASSERT_EQ(
+      Cli({"destroy", Uri(kRecv, "forge"), "--id", id, "--yes", "--force"})
+          .code,
+      0);
+  RunResult replayed = import(text);
+  EXPECT_EQ(replayed.code, 1);
+  EXPECT_NE(replayed.err.find("replayed bundle: master " + id +
+                              " was imported into store \"forge\" before"),
+            std::string::npos)
+      << replayed.err;
+  EXPECT_EQ(Masters(kRecv, "forge").size(), 1u);
+}
+
+TEST_F(CliTest, WeakTransportAndSigningKeysAreRefused) {
+  RunResult p = Cli({"provision", Uri(kAesA, "weak"), "--replicable"});
+  ASSERT_EQ(p.code, 0) << Describe(p);
+  const std::string id = PrintedId(p);
+  const std::string bundle = Scratch() + "/weak.bundle";
+  ASSERT_EQ(Cli({"export", Uri(kAesA, "weak"), "--id", id, "--wrap-key",
+                 "pkcs11:object=transport", "--signer",
+                 "pkcs11:object=" + AesSigner(kAesA), "--out", bundle})
+                .code,
+            0);
+  const size_t objects = CountTokenObjects(kAesB);
+  const std::pair<const char *, const char *> kWeak[] = {
+      {"weak-decrypt", "CKA_DECRYPT is TRUE (must be FALSE)"},
+      {"weak-plain", "CKA_SENSITIVE is FALSE (must be TRUE)"}};
+  for (const auto &[label, why] : kWeak) {
+    RunResult r = Cli({"import", Uri(kAesB, "weak"), "--unwrap-key",
+                       std::string("pkcs11:object=") + label, "--in", bundle});
+    EXPECT_EQ(r.code, 1) << label;
+    EXPECT_NE(r.err.find(std::string("transport key \"") + label + "\" (id " +
+                         HexEncode(ByteSpan(
+                             reinterpret_cast<const uint8_t *>(kTransportId),
+                             std::strlen(kTransportId))) +
+                         ") is weaker than required: " + why),
+              std::string::npos)
+        << r.err;
+  }
+  EXPECT_EQ(CountTokenObjects(kAesB), objects);
+
+  // A signing key a user made extractable: export refuses to sign with it.
+  p11::Session s = UserSession(kAesA);
+  const uint8_t p256[] = {0x06, 0x08, 0x2a, 0x86, 0x48,
+                          0xce, 0x3d, 0x03, 0x01, 0x07};
+  p11::Template pub;
+  pub.Bool(CKA_TOKEN, true)
+      .Data(CKA_EC_PARAMS, p256)
+      .Bool(CKA_VERIFY, true)
+      .String(CKA_LABEL, "weak-signer")
+      .String(CKA_ID, "weak-signer");
+  p11::Template priv;
+  priv.Bool(CKA_TOKEN, true)
+      .Bool(CKA_PRIVATE, true)
+      .Bool(CKA_SENSITIVE, true)
+      .Bool(CKA_EXTRACTABLE, true)
+      .Bool(CKA_SIGN, true)
+      .String(CKA_LABEL, "weak-signer")
+      .String(CKA_ID, "weak-signer");
+  CK_MECHANISM gen{CKM_EC_KEY_PAIR_GEN, nullptr, 0};
+  CK_OBJECT_HANDLE ph, kh;
+  ASSERT_TRUE(P11_CALL(s, C_GenerateKeyPair, s.handle(), &gen, pub.data(),
+                       pub.size(), priv.data(), priv.size(), &ph, &kh)
+                  .ok());
+  const std::string out = Scratch() + "/weak-signed.bundle";
+  RunResult e = Cli({"export", Uri(kAesA, "weak"), "--id", id, "--wrap-key",
+                     "pkcs11:object=transport", "--signer",
+                     "pkcs11:object=weak-signer", "--out", out});
+  EXPECT_EQ(e.code, 1);
+  EXPECT_NE(e.err.find("is weaker than required: CKA_EXTRACTABLE is TRUE"),
+            std::string::npos)
+      << e.err;
+  EXPECT_FALSE(std::filesystem::exists(out));
+}
+
+TEST_F(CliTest, SignerCeremonyMakesSignOnlyAndPinnedKeys) {
+  const std::string pem = SetUpSigner(kSend, kRecv, "signer-attrs");
+  p11::Session a = UserSession(kSend);
+  p11::Template t;
+  t.Ulong(CKA_CLASS, CKO_PRIVATE_KEY).String(CKA_LABEL, "signer-attrs");
+  Result<std::vector<CK_OBJECT_HANDLE>> found = p11::FindObjects(a, t);
+  ASSERT_TRUE(found.ok());
+  ASSERT_EQ(found->size(), 1u);
+  Result<std::vector<std::optional<bool>>> v = p11::ReadBools(
+      a, (*found)[0],
+      std::array{CKA_SIGN, CKA_DECRYPT, CKA_UNWRAP, CKA_DERIVE, CKA_SENSITIVE,
+                 CKA_EXTRACTABLE, CKA_MODIFIABLE, CKA_COPYABLE, CKA_TOKEN});
+  ASSERT_TRUE(v.ok());
+  EXPECT_EQ(*v,
+            (std::vector<std::optional<bool>>{true, false, false, false, true,
+                                              false, false, false, true}));
+  p11::Session b = UserSession(kRecv);
+  p11::Template pub;
+  pub.Ulong(CKA_CLASS, CKO_PUBLIC_KEY).String(CKA_LABEL, "signer-attrs");
+  Result<std::vector<CK_OBJECT_HANDLE>> pinned = p11::FindObjects(b, pub);
+  ASSERT_TRUE(pinned.ok());
+  ASSERT_EQ(pinned->size(), 1u);
+  Result<std::vector<std::optional<bool>>> pv =
+      p11::ReadBools(b, (*pinned)[0],
+                     std::array{CKA_TRUSTED, CKA_VERIFY, CKA_ENCRYPT, CKA_WRAP,
+                                CKA_MODIFIABLE, CKA_COPYABLE});
+  ASSERT_TRUE(pv.ok());
+  EXPECT_EQ(*pv, (std::vector<std::optional<bool>>{true, true, false, false,
+                                                   false, false}));
+  // Its CKA_ID is the fingerprint of the PEM.
+  Result<EcPublicKey> key = EcPublicKeyFromPem(ReadAll(pem));
+  ASSERT_TRUE(key.ok());
+  EXPECT_EQ(*p11::ReadAttribute(b, (*pinned)[0], CKA_ID), *EcFingerprint(*key));
+  // Pinning the same key twice, or as a user, is refused.
+  RunResult twice =
+      Cli({"signer", "trust", UriWithoutPin(kRecv, "signer-2"), "--in", pem,
+           "--so-pin-source", "file:" + SoPinFile()});
+  EXPECT_EQ(twice.code, 1);
+  EXPECT_NE(twice.err.find("is already pinned"), std::string::npos)
+      << twice.err;
+  // An RSA key is not a signer.
+  const std::string rsa = SetUpRsaTransport("wrap-not-signer");
+  RunResult not_ec =
+      Cli({"signer", "trust", UriWithoutPin(kRecv, "signer-3"), "--in", rsa,
+           "--so-pin-source", "file:" + SoPinFile()});
+  EXPECT_EQ(not_ec.code, 1);
+  EXPECT_NE(not_ec.err.find("the public key is not an EC key on P-256"),
+            std::string::npos)
+      << not_ec.err;
 }
 
 // ---------------------------------------------------------------------------

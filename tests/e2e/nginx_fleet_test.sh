@@ -1,8 +1,10 @@
 #!/bin/bash
 # nginx_fleet_test.sh: a fleet of two nginx servers whose separate SoftHSM
 # tokens hold the same master, replicated the way docs/CLI.md describes
-# (hsmstek wrap-key generate on B, wrap-key trust on A as the SO,
-# provision --replicable + export on A, import on B). A session ticket
+# (hsmstek wrap-key generate on B, wrap-key trust on A as the SO; signer
+# generate on A, signer trust on B as the SO; provision --replicable +
+# export --signer on A, import --expect-check on B: the bundle is signed in
+# A and verified against the signer B's SO pinned). A session ticket
 # issued by A resumes on B and one issued by B resumes on A, over TLS 1.2 and
 # TLS 1.3. Control: a third server C whose token has its own master under
 # the same label accepts neither (full handshake), so the resumptions on B
@@ -51,11 +53,19 @@ ceremony env SOFTHSM2_CONF="$b_conf" "$cli" wrap-key generate \
 ceremony env SOFTHSM2_CONF="$a_conf" "$cli" wrap-key trust \
   "pkcs11:token=fleet-a;object=fleet-wrap?module-path=$softhsm_so" \
   --in "$tmp/b-wrap.pem" --so-pin-source "file:$tmp/a/fleet-a.so-pin"
+ceremony env SOFTHSM2_CONF="$a_conf" "$cli" signer generate \
+  "pkcs11:token=fleet-a;object=fleet-signer?module-path=$softhsm_so&pin-source=file:$tmp/a/fleet-a.pin" \
+  --out "$tmp/a-signer.pem"
+ceremony env SOFTHSM2_CONF="$b_conf" "$cli" signer trust \
+  "pkcs11:token=fleet-b;object=fleet-signer?module-path=$softhsm_so" \
+  --in "$tmp/a-signer.pem" --so-pin-source "file:$tmp/b/fleet-b.so-pin"
 id=$(provision "$a_conf" "$a_uri" --replicable) && [ -n "$id" ] || exit 2
 ceremony env SOFTHSM2_CONF="$a_conf" "$cli" export "$a_uri" --id "$id" \
-  --wrap-key 'pkcs11:object=fleet-wrap' --out "$tmp/tickets.bundle"
+  --wrap-key 'pkcs11:object=fleet-wrap' --signer 'pkcs11:object=fleet-signer' \
+  --out "$tmp/tickets.bundle"
 ceremony env SOFTHSM2_CONF="$b_conf" "$cli" import "$b_uri" \
-  --unwrap-key 'pkcs11:object=fleet-wrap' --in "$tmp/tickets.bundle"
+  --unwrap-key 'pkcs11:object=fleet-wrap' --in "$tmp/tickets.bundle" \
+  --expect-check "$(status_field "$a_conf" "$a_uri" "$id" check)"
 c_id=$(provision "$c_conf" "$c_uri") && [ -n "$c_id" ] || exit 2
 
 a_check=$(status_field "$a_conf" "$a_uri" "$id" check)
