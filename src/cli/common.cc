@@ -1,6 +1,8 @@
 #include "cli/common.h"
 
 #include <fcntl.h>
+#include <sys/prctl.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <termios.h>
 #include <unistd.h>
@@ -10,6 +12,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
+#include <optional>
 
 #include "common/bytes.h"
 #include "keystore/duration.h"
@@ -64,6 +67,14 @@ Result<SecretBuffer> PromptPin(const std::string &prompt) {
   return pin;
 }
 
+// Shows on stderr the warning the library logs (only with -v here) for a
+// PIN file others can read.
+void WarnAboutPinFile(const p11::TokenUri &uri) {
+  if (std::optional<std::string> w = p11::PinFileModeWarning(uri)) {
+    std::fprintf(stderr, "hsmstek: warning: %s\n", w->c_str());
+  }
+}
+
 bool HasUserPinSource(const p11::TokenUri &uri) {
   return uri.pin_value || uri.pin_source ||
          std::getenv(p11::kPinEnvironmentVariable) != nullptr;
@@ -84,6 +95,7 @@ std::function<Result<SecretBuffer>()> PinProvider(
       if (!so_pin_source.empty()) {
         p11::TokenUri source;
         source.pin_source = so_pin_source;
+        WarnAboutPinFile(source);
         Result<SecretBuffer> pin = p11::ReadPin(source);
         if (!pin.ok()) return pin.status().WithContext("--so-pin-source");
         return pin;
@@ -162,6 +174,19 @@ std::string Redact(std::string_view text) {
   return out;
 }
 
+Status DisableCoreDumps() {
+  const rlimit none{0, 0};
+  if (setrlimit(RLIMIT_CORE, &none) != 0) {
+    return Internal(std::string("setrlimit(RLIMIT_CORE): ") +
+                    std::strerror(errno));
+  }
+  if (prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0) {
+    return Internal(std::string("prctl(PR_SET_DUMPABLE): ") +
+                    std::strerror(errno));
+  }
+  return Status::Ok();
+}
+
 Status RefuseExisting(const std::string &path) {
   struct stat st;
   if (lstat(path.c_str(), &st) == 0) {
@@ -189,6 +214,7 @@ Result<std::shared_ptr<keystore::KeyStore>> OpenStore(const std::string &uri,
                                                       bool read_write) {
   Result<p11::TokenUri> parsed = p11::ParseTokenUri(uri);
   if (!parsed.ok()) return parsed.status();
+  WarnAboutPinFile(*parsed);
   keystore::StoreOptions options;
   options.background_maintenance = false;
   options.token.read_write = read_write;
@@ -204,6 +230,7 @@ Result<std::shared_ptr<keystore::KeyStore>> OpenStore(const std::string &uri,
 Result<std::shared_ptr<p11::Token>> OpenToken(
     const p11::TokenUri &uri, CK_USER_TYPE user,
     const std::string &so_pin_source) {
+  if (user == CKU_USER) WarnAboutPinFile(uri);
   p11::TokenOptions options;
   options.read_write = true;
   options.login_as = user;

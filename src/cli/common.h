@@ -81,6 +81,11 @@ void RegisterSelfTest(CLI::App &app, std::vector<Command> &out);
 [[nodiscard]] Status WriteNewFile(const std::string &path,
                                   std::string_view data, unsigned mode);
 
+// DisableCoreDumps sets RLIMIT_CORE to 0 and PR_SET_DUMPABLE to 0 for the
+// rest of the process: the tool holds PINs and legacy key bytes, which a
+// core file or a ptrace of the same user would reveal. Call it first.
+[[nodiscard]] Status DisableCoreDumps();
+
 // RefuseExisting is kAlreadyExists when `path` exists (checked before a
 // ceremony touches the token; WriteNewFile checks again).
 [[nodiscard]] Status RefuseExisting(const std::string &path);

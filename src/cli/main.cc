@@ -23,6 +23,12 @@ void StderrSink(int level, const char *msg, void * /*arg*/) {
 }
 
 int Main(int argc, char **argv) {
+  // Before any PIN or key file is read.
+  Status no_core = DisableCoreDumps();
+  if (!no_core.ok()) {
+    std::cerr << "hsmstek: warning: cannot disable core dumps: "
+              << no_core.message() << "\n";
+  }
   CLI::App app(
       "hsmstek keeps TLS session-ticket keys inside a PKCS#11 token.\n"
       "Stores are named by RFC 7512 URIs whose object= is the store label, "

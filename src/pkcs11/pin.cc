@@ -1,12 +1,15 @@
 #include "pkcs11/pin.h"
 
+#include <fcntl.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include <cerrno>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
-#include <memory>
+
+#include "common/log.h"
 
 namespace hsmstek::p11 {
 namespace {
@@ -31,25 +34,59 @@ Result<std::string> PinFilePath(const std::string &source) {
     s.remove_prefix(5);
   }
   if (s.empty() || s[0] != '/') {
-    return InvalidArgument("pin-source must be an absolute file path: " +
-                           source);
+    // Never echo the value: a PIN pasted here must not reach a log.
+    return InvalidArgument(
+        "pin-source must be an absolute file path (file:/path); its value is "
+        "not shown");
   }
   return std::string(s);
 }
 
+// Owns a file descriptor.
+class Fd {
+ public:
+  explicit Fd(int fd) : fd_(fd) {}
+  ~Fd() {
+    if (fd_ >= 0) close(fd_);
+  }
+  Fd(const Fd &) = delete;
+  Fd &operator=(const Fd &) = delete;
+  int get() const { return fd_; }
+
+ private:
+  int fd_;
+};
+
+std::string ModeWarning(const std::string &path, mode_t mode) {
+  char octal[8];
+  std::snprintf(octal, sizeof(octal), "%04o", static_cast<unsigned>(mode));
+  return "PIN file " + path + " is readable by group or others (mode " + octal +
+         "); chmod 600 it";
+}
+
+// open/read straight into a buffer that is wiped when it dies: no stdio
+// buffer holds the PIN.
 Result<SecretBuffer> ReadPinFile(const std::string &path) {
-  struct FileCloser {
-    void operator()(FILE *f) const { std::fclose(f); }
-  };
-  std::unique_ptr<FILE, FileCloser> f(std::fopen(path.c_str(), "rb"));
-  if (!f) {
+  Fd fd(open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NOCTTY));
+  if (fd.get() < 0) {
     return PermissionDenied("cannot read PIN file " + path + ": " +
                             std::strerror(errno));
   }
+  struct stat st;
+  if (fstat(fd.get(), &st) != 0 || !S_ISREG(st.st_mode)) {
+    return PermissionDenied("PIN file " + path + " is not a regular file");
+  }
+  if ((st.st_mode & (S_IRWXG | S_IRWXO)) != 0) {
+    log::Warning(ModeWarning(path, st.st_mode & 07777));
+  }
   SecretBuffer pin(kMaxPinLength + 1);
-  size_t n = std::fread(pin.data(), 1, pin.size(), f.get());
-  if (std::ferror(f.get())) {
-    return PermissionDenied("cannot read PIN file " + path);
+  size_t n = 0;
+  while (n < pin.size()) {
+    ssize_t r = read(fd.get(), pin.data() + n, pin.size() - n);
+    if (r < 0 && errno == EINTR) continue;
+    if (r < 0) return PermissionDenied("cannot read PIN file " + path);
+    if (r == 0) break;
+    n += static_cast<size_t>(r);
   }
   if (n > kMaxPinLength) {
     return PermissionDenied("PIN file " + path + " is longer than " +
@@ -62,6 +99,15 @@ Result<SecretBuffer> ReadPinFile(const std::string &path) {
 }
 
 }  // namespace
+
+std::optional<std::string> PinFileModeWarning(const TokenUri &uri) {
+  if (uri.pin_value || !uri.pin_source) return std::nullopt;
+  Result<std::string> path = PinFilePath(*uri.pin_source);
+  struct stat st;
+  if (!path.ok() || stat(path->c_str(), &st) != 0) return std::nullopt;
+  if ((st.st_mode & (S_IRWXG | S_IRWXO)) == 0) return std::nullopt;
+  return ModeWarning(*path, st.st_mode & 07777);
+}
 
 std::string PinSourceFingerprint(const TokenUri &uri) {
   if (uri.pin_value) return "pin-value";

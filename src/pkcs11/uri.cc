@@ -2,6 +2,7 @@
 
 #include <p11-kit/uri.h>
 
+#include <algorithm>
 #include <cstring>
 #include <memory>
 #include <string>
@@ -45,21 +46,33 @@ bool ContainsUnknownQuery(std::string_view uri, std::string *name) {
 }  // namespace
 
 std::string RedactUri(std::string_view uri) {
-  static constexpr std::string_view kKey = "pin-value=";
+  static constexpr std::string_view kValue = "pin-value=";
+  static constexpr std::string_view kSource = "pin-source=";
   const size_t query = uri.find('?');
   std::string out;
   size_t copied = 0;
-  size_t pos = uri.find(kKey);
-  while (pos != std::string_view::npos) {
-    const size_t start = pos + kKey.size();
+  auto next = [&](size_t from) {
+    return std::min(uri.find(kValue, from), uri.find(kSource, from));
+  };
+  for (size_t pos = next(0); pos != std::string_view::npos; pos = next(pos)) {
+    const bool source = uri.substr(pos, kSource.size()) == kSource;
+    const size_t start = pos + (source ? kSource.size() : kValue.size());
     // p11-kit ends a query value only at '&'; a path value at ';' or '?'.
     const bool in_query = query != std::string_view::npos && pos > query;
     size_t end = uri.find_first_of(in_query ? "&" : ";?&", start);
     if (end == std::string_view::npos) end = uri.size();
+    const std::string_view value = uri.substr(start, end - start);
+    // A pin-source that names a file is kept (the file's name helps the
+    // operator); anything else may be a PIN pasted in the wrong place.
+    if (source &&
+        (value.substr(0, 6) == "file:/" || value.substr(0, 1) == "/")) {
+      pos = start;
+      continue;
+    }
     out.append(uri.substr(copied, start - copied));
     out.append("***");
     copied = end;
-    pos = uri.find(kKey, end);
+    pos = end;
   }
   out.append(uri.substr(copied));
   return out;

@@ -44,9 +44,11 @@ struct TokenUri {
 Result<TokenUri> ParseTokenUri(std::string_view uri);
 
 // RedactUri returns `uri` for messages and logs, with the value of every
-// pin-value attribute replaced by "***": in the query (after the first
-// '?') up to the next '&', elsewhere up to the next ';', '?' or '&'. Any
-// "pin-value=" counts, even inside another value (over-redaction is
+// pin-value attribute, and of every pin-source that does not name a file
+// ("file:/..." or "/..."; a PIN pasted there must not reach a log),
+// replaced by "***": in the query (after the first '?') up to the next
+// '&', elsewhere up to the next ';', '?' or '&'. Any "pin-value=" or
+// "pin-source=" counts, even inside another value (over-redaction is
 // harmless; a leaked PIN is not). TokenUri::text holds this form.
 std::string RedactUri(std::string_view uri);
 

@@ -1840,6 +1840,81 @@ TEST_F(CliTest, SignerCeremonyMakesSignOnlyAndPinnedKeys) {
 }
 
 // ---------------------------------------------------------------------------
+// PIN hygiene
+
+TEST_F(CliTest, PinFileOthersCanReadWarns) {
+  const std::string pin = Scratch() + "/shared.pin";
+  WriteAll(pin, std::string(kUserPin) + "\n");
+  chmod(pin.c_str(), 0644);
+  const std::string uri =
+      UriWithoutPin(kMain, "pinmode", "&pin-source=file:" + pin);
+  RunResult loose = Cli({"provision", uri});
+  EXPECT_EQ(loose.code, 0) << Describe(loose);
+  EXPECT_NE(loose.err.find("hsmstek: warning: PIN file " + pin +
+                           " is readable by group or others (mode 0644)"),
+            std::string::npos)
+      << loose.err;
+  chmod(pin.c_str(), 0600);
+  RunResult tight = Cli({"status", uri});
+  EXPECT_EQ(tight.code, 0) << Describe(tight);
+  EXPECT_EQ(tight.err.find("warning"), std::string::npos) << tight.err;
+}
+
+TEST_F(CliTest, APinPastedAsPinSourceNeverReachesOutput) {
+  for (const char *source : {"123456", "file:123456"}) {
+    const std::string uri =
+        UriWithoutPin(kMain, "pasted", std::string("&pin-source=") + source);
+    for (const std::vector<std::string> &args :
+         {std::vector<std::string>{"status", uri},
+          std::vector<std::string>{"-v", "provision", uri},
+          std::vector<std::string>{"export", uri, "--id", "zz", "--wrap-key",
+                                   uri, "--signer", uri, "--out", "/x"}}) {
+      RunResult r = Cli(args);
+      EXPECT_NE(r.code, 0) << source;
+      EXPECT_EQ(r.err.find("123456"), std::string::npos) << r.err;
+      EXPECT_EQ(r.out.find("123456"), std::string::npos) << r.out;
+    }
+  }
+}
+
+TEST_F(CliTest, NoCoreDumpsWhileTheToolHoldsSecrets) {
+  // import-legacy opens its key file before anything else: a FIFO holds it
+  // there, with the tool running, until this test opens the other end.
+  const std::string fifo = Scratch() + "/legacy.fifo";
+  ASSERT_EQ(mkfifo(fifo.c_str(), 0600), 0);
+  std::vector<std::string> argv_strings = {
+      HSMSTEK_CLI_PATH, "import-legacy", Uri(kMain, "nocore"),
+      "--format",       "nginx",         fifo};
+  std::vector<char *> argv;
+  for (std::string &a : argv_strings) argv.push_back(a.data());
+  argv.push_back(nullptr);
+  posix_spawn_file_actions_t actions;
+  posix_spawn_file_actions_init(&actions);
+  posix_spawn_file_actions_addopen(&actions, 2, "/dev/null", O_WRONLY, 0);
+  pid_t pid = -1;
+  ASSERT_EQ(posix_spawn(&pid, HSMSTEK_CLI_PATH, &actions, nullptr, argv.data(),
+                        environ),
+            0);
+  posix_spawn_file_actions_destroy(&actions);
+  const int writer = open(fifo.c_str(), O_WRONLY);  // waits for the tool
+  ASSERT_GE(writer, 0);
+  const std::string limits =
+      ReadAll("/proc/" + std::to_string(pid) + "/limits");
+  close(writer);  // an empty key file: the tool refuses it and exits
+  int status = 0;
+  while (waitpid(pid, &status, 0) < 0 && errno == EINTR) {
+  }
+  const size_t at = limits.find("Max core file size");
+  ASSERT_NE(at, std::string::npos) << limits;
+  std::istringstream line(limits.substr(at + 18));
+  std::string soft, hard;
+  line >> soft >> hard;
+  EXPECT_EQ(soft, "0") << limits;
+  EXPECT_EQ(hard, "0") << limits;
+  EXPECT_EQ(WEXITSTATUS(status), 1);
+}
+
+// ---------------------------------------------------------------------------
 // hsm/make-token.sh
 
 TEST_F(CliTest, MakeTokenScriptGivesAWorkingUri) {

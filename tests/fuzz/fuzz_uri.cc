@@ -3,8 +3,9 @@
 // Invariants:
 //   - never crashes; the same input gives the same result;
 //   - the redacted text never keeps a pin-value (every "pin-value=" is
-//     followed by "***" and then the end of its value), and changes nothing
-//     in a string without "pin-value=";
+//     followed by "***" and then the end of its value), nor a pin-source
+//     that does not name a file (followed by "***", "file:/" or "/"), and
+//     changes nothing in a string without "pin-value=" or "pin-source=";
 //   - errors are kInvalidArgument whose message ends with the redacted text
 //     and holds no other "pin-value"; a NUL byte is an error (p11-kit would
 //     ignore the rest);
@@ -28,6 +29,7 @@ namespace {
 using p11::TokenUri;
 
 constexpr std::string_view kPinKey = "pin-value=";
+constexpr std::string_view kSourceKey = "pin-source=";
 
 void Check(bool ok, const char *what, std::string_view input) {
   if (ok) return;
@@ -50,6 +52,20 @@ bool KeepsPin(std::string_view s) {
     const bool in_query = query != std::string_view::npos && pos > query;
     const std::string_view ends = in_query ? "&" : ";?&";
     if (ends.find(rest[0]) == std::string_view::npos) return true;
+  }
+  return false;
+}
+
+// True if some "pin-source=" in `s` is followed by neither "***" nor a
+// file name ("file:/", "/").
+bool KeepsPinSource(std::string_view s) {
+  for (size_t pos = s.find(kSourceKey); pos != std::string_view::npos;
+       pos = s.find(kSourceKey, pos + 1)) {
+    const std::string_view rest = s.substr(pos + kSourceKey.size());
+    if (rest.substr(0, 3) != "***" && rest.substr(0, 6) != "file:/" &&
+        rest.substr(0, 1) != "/") {
+      return true;
+    }
   }
   return false;
 }
@@ -166,8 +182,11 @@ int FuzzUri(const uint8_t *data, size_t size) {
   const std::string_view input(reinterpret_cast<const char *>(data), size);
   const std::string redacted = p11::RedactUri(input);
   Check(!KeepsPin(redacted), "redacted text keeps a pin-value", input);
-  if (input.find(kPinKey) == std::string_view::npos) {
-    Check(redacted == input, "redaction changes only pin-values", input);
+  Check(!KeepsPinSource(redacted), "redacted text keeps a pin-source value",
+        input);
+  if (input.find(kPinKey) == std::string_view::npos &&
+      input.find(kSourceKey) == std::string_view::npos) {
+    Check(redacted == input, "redaction changes only PIN attributes", input);
   }
 
   Result<TokenUri> uri = p11::ParseTokenUri(input);
