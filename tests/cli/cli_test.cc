@@ -1513,6 +1513,8 @@ TEST_F(CliTest, SoftwareCheckValueIsTheTokensCheckValue) {
   t.Ulong(CKA_CLASS, CKO_SECRET_KEY)
       .Ulong(CKA_KEY_TYPE, CKK_AES)
       .Bool(CKA_TOKEN, false)
+      .Bool(CKA_SENSITIVE, true)
+      .Bool(CKA_EXTRACTABLE, false)
       .Bool(CKA_DERIVE, true)
       .Data(CKA_VALUE, k);
   CK_OBJECT_HANDLE h;

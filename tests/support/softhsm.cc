@@ -62,6 +62,8 @@ SoftHsm::SoftHsm() {
                        << "slots.removable = false\n";
   pin_file_ = dir_ + "/user.pin";
   std::ofstream(pin_file_) << kUserPin << "\n";
+  // As an operator should keep it (a looser mode makes hsmstek warn).
+  fs::permissions(pin_file_, fs::perms::owner_read | fs::perms::owner_write);
   setenv("SOFTHSM2_CONF", conf_.c_str(), 1);
   // Tokens are throwaway: remove them when the test process exits normally
   // (forked children leave through _exit and keep them).
