@@ -1,4 +1,4 @@
-// Bundle signers (SPEC §8): `signer generate` on the sending token,
+// Bundle signers (docs/SECURITY.md §5): `signer generate` on the sending token,
 // `signer trust` (as the SO) on the receiving one. Same ceremony shape as
 // `wrap-key generate` / `wrap-key trust`, in the other direction.
 #include <iostream>

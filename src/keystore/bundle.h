@@ -1,4 +1,4 @@
-// The export/import bundle (SPEC §8): one master wrapped for another token,
+// The export/import bundle (docs/CLI.md): one master wrapped for another token,
 // with its policy and check value, as a small versioned text file.
 //
 // Version 2 (written by this build; strict: lines in exactly this order,

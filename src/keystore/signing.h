@@ -1,4 +1,4 @@
-// Bundles authenticated by the token that sent them (SPEC §8).
+// Bundles authenticated by the token that sent them (docs/SECURITY.md §5).
 //
 // A check value or a digest authenticates nothing: the receiver's wrapping
 // public key is public, so anyone can wrap a key of their choice for it and
