@@ -270,43 +270,24 @@ Result<CK_OBJECT_HANDLE> StoreImportRecord(p11::Session &session,
 Result<std::string> RsaPublicKeyToPem(const RsaPublicKey &key) {
   Result<OsslPtr<EVP_PKEY>> pkey = ToEvpKey(key);
   if (!pkey.ok()) return pkey.status();
-  OsslPtr<BIO> bio(BIO_new(BIO_s_mem()));
-  if (!bio || PEM_write_bio_PUBKEY(bio.get(), pkey->get()) != 1) {
-    ERR_clear_error();
-    return Internal("cannot write the PEM public key");
-  }
-  char *data = nullptr;
-  long len = BIO_get_mem_data(bio.get(), &data);
-  if (len <= 0 || data == nullptr) return Internal("empty PEM output");
-  return std::string(data, static_cast<size_t>(len));
+  return PublicKeyPem(pkey->get());
 }
 
 Result<RsaPublicKey> RsaPublicKeyFromPem(std::string_view pem) {
-  if (pem.size() > kMaxPemSize) {
-    return InvalidArgument("public key file is larger than " +
-                           std::to_string(kMaxPemSize) + " bytes");
-  }
-  OsslPtr<BIO> bio(BIO_new_mem_buf(pem.data(), static_cast<int>(pem.size())));
-  if (!bio) return Internal("BIO_new_mem_buf failed");
-  OsslPtr<EVP_PKEY> pkey(
-      PEM_read_bio_PUBKEY(bio.get(), nullptr, nullptr, nullptr));
-  ERR_clear_error();
-  if (!pkey) {
-    return InvalidArgument(
-        "not a PEM public key (expected \"-----BEGIN PUBLIC KEY-----\")");
-  }
-  if (EVP_PKEY_is_a(pkey.get(), "RSA") != 1) {
+  Result<OsslPtr<EVP_PKEY>> pkey = PublicKeyFromPem(pem, kMaxPemSize);
+  if (!pkey.ok()) return pkey.status();
+  if (EVP_PKEY_is_a(pkey->get(), "RSA") != 1) {
     return InvalidArgument("the public key is not an RSA key");
   }
-  int bits = EVP_PKEY_get_bits(pkey.get());
+  int bits = EVP_PKEY_get_bits(pkey->get());
   if (bits < static_cast<int>(kMinWrapKeyBits)) {
     return InvalidArgument("the RSA key has " + std::to_string(bits) +
                            " bits; at least " +
                            std::to_string(kMinWrapKeyBits) + " are required");
   }
-  Result<Bytes> n = BigNumParam(pkey.get(), OSSL_PKEY_PARAM_RSA_N);
+  Result<Bytes> n = BigNumParam(pkey->get(), OSSL_PKEY_PARAM_RSA_N);
   if (!n.ok()) return n.status();
-  Result<Bytes> e = BigNumParam(pkey.get(), OSSL_PKEY_PARAM_RSA_E);
+  Result<Bytes> e = BigNumParam(pkey->get(), OSSL_PKEY_PARAM_RSA_E);
   if (!e.ok()) return e.status();
   return RsaPublicKey{std::move(*n), std::move(*e)};
 }
@@ -314,26 +295,7 @@ Result<RsaPublicKey> RsaPublicKeyFromPem(std::string_view pem) {
 Result<Bytes> RsaFingerprint(const RsaPublicKey &key) {
   Result<OsslPtr<EVP_PKEY>> pkey = ToEvpKey(key);
   if (!pkey.ok()) return pkey.status();
-  int len = i2d_PUBKEY(pkey->get(), nullptr);
-  if (len <= 0) {
-    ERR_clear_error();
-    return Internal("cannot encode the public key");
-  }
-  Bytes der(static_cast<size_t>(len));
-  unsigned char *p = der.data();
-  if (i2d_PUBKEY(pkey->get(), &p) != len) {
-    ERR_clear_error();
-    return Internal("cannot encode the public key");
-  }
-  Bytes digest(EVP_MAX_MD_SIZE);
-  unsigned int digest_len = 0;
-  if (EVP_Digest(der.data(), der.size(), digest.data(), &digest_len,
-                 EVP_sha256(), nullptr) != 1) {
-    ERR_clear_error();
-    return Internal("SHA-256 failed");
-  }
-  digest.resize(digest_len);
-  return digest;
+  return PublicKeyFingerprint(pkey->get());
 }
 
 Result<UnwrapKeyPair> GenerateUnwrapKeyPair(p11::Session &session,

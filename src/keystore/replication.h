@@ -16,10 +16,12 @@
 //  - AES key wrap with padding (CKM_AES_KEY_WRAP_PAD, RFC 5649) under an AES
 //    transport key that both tokens hold (trusted on the sending side).
 //
-// The bundle's wrapping-key-id is, for RSA, the key's fingerprint
-// (SHA-256 of its SubjectPublicKeyInfo DER, computed from the public
-// CKA_MODULUS / CKA_PUBLIC_EXPONENT), which InstallTrustedWrapKey also uses
-// as the CKA_ID; for AES it is the transport key's CKA_ID.
+// The bundle's recipient (Bundle::wrapping_key_id) is, for RSA, the key's
+// fingerprint (SHA-256 of its SubjectPublicKeyInfo DER, computed from the
+// public CKA_MODULUS / CKA_PUBLIC_EXPONENT), which InstallTrustedWrapKey
+// also uses as the CKA_ID; for AES it is the transport key's CKA_ID. Every
+// bundle is signed in the sending token and verified before import
+// (signing.h).
 //
 // Thread-safety: the functions are reentrant; a Session is used by one
 // thread at a time (see token.h).
