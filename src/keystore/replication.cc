@@ -650,6 +650,16 @@ Status ImportMaster(p11::Session &session, std::string_view label,
                             " (an old bundle replayed, or too slow a "
                             "ceremony); export it again");
   }
+  // Export caps the validity; import must too, or whoever held the sending
+  // token's user PIN for a while could sign bundles that never expire.
+  if (bundle.not_after < bundle.created ||
+      bundle.not_after - bundle.created > kMaxBundleValidity) {
+    return PermissionDenied(
+        "bundle validity is longer than 7d (created " +
+        FormatRfc3339(bundle.created) + ", not-after " +
+        FormatRfc3339(bundle.not_after) +
+        "): not made by `hsmstek export`; nothing was imported");
+  }
   if (bundle.created > options.now + kBundleClockSkew) {
     return PermissionDenied("bundle was signed in the future (" +
                             FormatRfc3339(bundle.created) +

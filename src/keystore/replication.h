@@ -143,6 +143,7 @@ struct ExportOptions {
 // only and sensitive; a signer not pinned in this token ("unknown
 // signer"); a signature that does not verify ("altered"); a recipient that
 // is not this unwrap key ("wrong recipient"); an expired bundle ("stale");
+// one valid for longer than kMaxBundleValidity ("validity is longer");
 // a store id present now or imported before ("replayed", kAlreadyExists:
 // an import record, kept even after `destroy`, remembers every import);
 // a check value other than `options.expect_check`.

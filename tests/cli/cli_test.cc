@@ -1728,6 +1728,49 @@ TEST_F(CliTest, ForgedAlteredMisdirectedStaleAndReplayedBundlesChangeNothing) {
   EXPECT_EQ(Masters(kRecv, "forge").size(), 1u);
 }
 
+// Whoever holds the sending token's user PIN for a while can make its
+// signer sign anything (C_Sign). A bundle they mint then, planting a key
+// they know, must not stay importable after they lose the PIN: import caps
+// the validity as export does.
+TEST_F(CliTest, BundlesMintedWithTheSendersPinExpireWithinAWeek) {
+  const std::string pem = SetUpRsaTransport("wrap-mint");
+  RunResult p = Cli({"provision", Uri(kSend, "mint"), "--replicable"});
+  ASSERT_EQ(p.code, 0) << Describe(p);
+  const std::string path = Scratch() + "/mint-genuine.bundle";
+  ASSERT_EQ(Cli({"export", Uri(kSend, "mint"), "--id", PrintedId(p),
+                 "--wrap-key", "pkcs11:object=wrap-mint", "--signer",
+                 SignerUri("wrap-mint"), "--out", path})
+                .code,
+            0);
+  Result<Bundle> genuine = ParseBundle(ReadAll(path));
+  ASSERT_TRUE(genuine.ok()) << genuine.status().message();
+  ASSERT_EQ(genuine->mechanism, WrapMechanism::kRsaOaepSha1);
+  Bytes k(32);
+  for (size_t i = 0; i < k.size(); ++i) k[i] = static_cast<uint8_t>(3 * i + 5);
+  Bundle minted = *genuine;
+  minted.store_id[0] ^= 0x33;
+  minted.wrapped = OaepWrap(ReadAll(pem), k);
+  minted.check = SoftwareCheckValue(k);
+  minted.created = Now();
+  minted.not_after = minted.created + 10 * 365 * 86400;
+  {
+    p11::Session s = UserSession(kSend);
+    Status st =
+        SignBundle(s, *p11::ParseTokenUri(SignerUri("wrap-mint")), minted);
+    ASSERT_TRUE(st.ok()) << st.message();
+  }
+  const std::string out = Scratch() + "/mint.bundle";
+  WriteAll(out, SerializeBundle(minted));
+  const size_t objects = CountTokenObjects(kRecv);
+  RunResult r = Cli({"import", Uri(kRecv, "mint"), "--unwrap-key",
+                     "pkcs11:object=wrap-mint", "--in", out});
+  EXPECT_EQ(r.code, 1) << Describe(r);
+  EXPECT_NE(r.err.find("bundle validity is longer than 7d"), std::string::npos)
+      << r.err;
+  EXPECT_EQ(CountTokenObjects(kRecv), objects);
+  EXPECT_TRUE(Masters(kRecv, "mint").empty());
+}
+
 TEST_F(CliTest, WeakTransportAndSigningKeysAreRefused) {
   RunResult p = Cli({"provision", Uri(kAesA, "weak"), "--replicable"});
   ASSERT_EQ(p.code, 0) << Describe(p);
