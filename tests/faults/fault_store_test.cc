@@ -140,5 +140,30 @@ TEST_F(LockdownTest, BadObjectsCostNoReloadPerHandshake) {
   EXPECT_LE(Count(TraceSince(mark), "C_FindObjectsInit"), 3u);
 }
 
+// A reload that fails without a reconnect (here every C_FindObjectsInit
+// answers CKR_FUNCTION_FAILED) backs off on the store's clock: handshakes
+// meanwhile are full, and do not each re-run it.
+TEST_F(LockdownTest, AFailedReloadBacksOff) {
+  EnsureFaultStore("backoff");
+  auto store = OpenStore("backoff");
+  auto context = ContextFor(store);
+  auto server = ServerCtx(context, TLS1_3_VERSION);
+  auto client = NewClientCtx(TLS1_3_VERSION);
+  SetRules("fail C_FindObjectsInit after 0 always with CKR_FUNCTION_FAILED\n");
+  const size_t mark = TraceMark();
+  for (int i = 0; i < 100; ++i) {
+    HandshakeResult r = Handshake(client.get(), server.get());
+    ASSERT_TRUE(r.ok) << r.error;
+    EXPECT_FALSE(r.reused);
+  }
+  EXPECT_LE(Count(TraceSince(mark), "C_FindObjectsInit"), 2u);
+  // The fault clears and the back-off passes: tickets again.
+  SetRules("");
+  clock_.Advance(60);
+  HandshakeResult r = Handshake(client.get(), server.get());
+  ASSERT_TRUE(r.ok);
+  EXPECT_FALSE(TicketOfResult(r).empty());
+}
+
 }  // namespace
 }  // namespace hsmstek::testing
