@@ -7,6 +7,7 @@
 #include <fstream>
 
 #include "fault_fixture.h"
+#include "common/log.h"
 #include "faulty/testing.h"
 #include "keystore/key_attributes.h"
 #include "pkcs11/object.h"
@@ -150,13 +151,26 @@ TEST_F(LockdownTest, AFailedReloadBacksOff) {
   auto server = ServerCtx(context, TLS1_3_VERSION);
   auto client = NewClientCtx(TLS1_3_VERSION);
   SetRules("fail C_FindObjectsInit after 0 always with CKR_FUNCTION_FAILED\n");
+  // Warnings from the handshake path are rate-limited per cause.
+  int warnings = 0;
+  log::SetSink(
+      [](int level, const char *msg, void *arg) {
+        if (level == static_cast<int>(log::Level::kWarning) &&
+            std::string_view(msg).find("no ticket issued") !=
+                std::string_view::npos) {
+          ++*static_cast<int *>(arg);
+        }
+      },
+      &warnings);
   const size_t mark = TraceMark();
   for (int i = 0; i < 100; ++i) {
     HandshakeResult r = Handshake(client.get(), server.get());
     ASSERT_TRUE(r.ok) << r.error;
     EXPECT_FALSE(r.reused);
   }
+  log::SetSink(nullptr, nullptr);
   EXPECT_LE(Count(TraceSince(mark), "C_FindObjectsInit"), 2u);
+  EXPECT_EQ(warnings, 1);
   // The fault clears and the back-off passes: tickets again.
   SetRules("");
   clock_.Advance(60);
