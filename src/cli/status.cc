@@ -210,8 +210,7 @@ Status RunStatus(const StatusArgs &a) {
   Result<keystore::StoreSnapshot> snap = (*store)->Describe();
   if (!snap.ok()) return snap.status();
   const std::string token = (*store)->token()->label();
-  if (snap->masters.empty() && snap->legacy.empty() &&
-      snap->skipped.empty()) {
+  if (snap->masters.empty() && snap->legacy.empty() && snap->skipped.empty()) {
     return NotFound(
         "no store " + Quote((*store)->label()) + " in token " + Quote(token) +
         ": no master or legacy key has that label; " + LabelsPresent(**store));

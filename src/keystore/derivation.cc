@@ -61,8 +61,8 @@ Result<std::array<uint8_t, kCheckValueSize>> ComputeCheckValue(
     p11::Session &session, CK_OBJECT_HANDLE master,
     std::atomic<unsigned> *refused) {
   std::atomic<unsigned> local{0};
-  Result<CK_OBJECT_HANDLE> key = Derive(session, master, kPurposeCheck,
-                                        kCheckEpoch, refused ? refused : &local);
+  Result<CK_OBJECT_HANDLE> key = Derive(
+      session, master, kPurposeCheck, kCheckEpoch, refused ? refused : &local);
   if (!key.ok()) return key.status();
   p11::ScopedObject owner(session, *key);
   CK_MECHANISM mechanism{CKM_SHA256_HMAC, nullptr, 0};

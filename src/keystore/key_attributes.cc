@@ -23,32 +23,40 @@ struct Flag {
 struct KindRule {
   CK_KEY_TYPE key_type;
   bool token;
-  bool modifiable_false;  // template only: token keys are never changed
+  bool modifiable_false;     // template only: token keys are never changed
   CK_ULONG template_length;  // 0: the value or the wrapped key sets it
   std::initializer_list<CK_ULONG> lengths;
   std::initializer_list<Flag> on;
 };
 
 constexpr Flag kUsages[] = {
-    HSMSTEK_FLAG(CKA_DERIVE), HSMSTEK_FLAG(CKA_ENCRYPT),
+    HSMSTEK_FLAG(CKA_DERIVE),  HSMSTEK_FLAG(CKA_ENCRYPT),
     HSMSTEK_FLAG(CKA_DECRYPT), HSMSTEK_FLAG(CKA_SIGN),
-    HSMSTEK_FLAG(CKA_VERIFY), HSMSTEK_FLAG(CKA_WRAP),
+    HSMSTEK_FLAG(CKA_VERIFY),  HSMSTEK_FLAG(CKA_WRAP),
     HSMSTEK_FLAG(CKA_UNWRAP)};
 
 const KindRule &RuleOf(KeyKind kind) {
-  static const KindRule kMaster{CKK_AES, true, true, 32, {32},
-                                {HSMSTEK_FLAG(CKA_DERIVE)}};
+  static const KindRule kMaster{CKK_AES, true, true,
+                                32,      {32}, {HSMSTEK_FLAG(CKA_DERIVE)}};
   static const KindRule kEpochAes{
-      CKK_AES, false, false, 32, {32},
-      {HSMSTEK_FLAG(CKA_ENCRYPT), HSMSTEK_FLAG(CKA_DECRYPT)}};
+      CKK_AES, false, false,
+      32,      {32},  {HSMSTEK_FLAG(CKA_ENCRYPT), HSMSTEK_FLAG(CKA_DECRYPT)}};
   static const KindRule kEpochMac{
-      CKK_GENERIC_SECRET, false, false, 32, {32},
+      CKK_GENERIC_SECRET,
+      false,
+      false,
+      32,
+      {32},
       {HSMSTEK_FLAG(CKA_SIGN), HSMSTEK_FLAG(CKA_VERIFY)}};
-  static const KindRule kLegacyAes{CKK_AES, true, true, 0, {16, 32},
-                                   {HSMSTEK_FLAG(CKA_DECRYPT)}};
+  static const KindRule kLegacyAes{
+      CKK_AES, true, true, 0, {16, 32}, {HSMSTEK_FLAG(CKA_DECRYPT)}};
   // HMAC keys shorter than 32 bytes are stored zero-padded (provisioning.cc).
   static const KindRule kLegacyMac{
-      CKK_GENERIC_SECRET, true, true, 0, {32},
+      CKK_GENERIC_SECRET,
+      true,
+      true,
+      0,
+      {32},
       {HSMSTEK_FLAG(CKA_SIGN), HSMSTEK_FLAG(CKA_VERIFY)}};
   switch (kind) {
     case KeyKind::kMaster:
@@ -147,9 +155,8 @@ std::span<const CK_MECHANISM_TYPE> AllowedMechanisms(KeyKind kind) {
 }
 
 unsigned WantedLockdown(KeyKind kind) {
-  return kind == KeyKind::kMaster
-             ? kLockAllowedMechanisms | kLockDeriveTemplate
-             : kLockAllowedMechanisms;
+  return kind == KeyKind::kMaster ? kLockAllowedMechanisms | kLockDeriveTemplate
+                                  : kLockAllowedMechanisms;
 }
 
 std::string_view ProtectionName(Protection p) {
@@ -205,9 +212,10 @@ p11::Template MasterUnwrapConstraints() {
   return t;
 }
 
-Result<CreatedKey> CreateKey(const KeySpec &spec, const KeyFactory &factory,
-                             std::atomic<unsigned> *refused,
-                             const std::function<void(p11::Template &)> &extend) {
+Result<CreatedKey> CreateKey(
+    const KeySpec &spec, const KeyFactory &factory,
+    std::atomic<unsigned> *refused,
+    const std::function<void(p11::Template &)> &extend) {
   const unsigned wanted = WantedLockdown(spec.kind);
   // Strongest first; an attribute the token refused before is not tried.
   std::vector<unsigned> attempts;
@@ -244,10 +252,10 @@ Result<Protections> VerifyKey(p11::Session &session, CK_OBJECT_HANDLE key,
                               unsigned required) {
   const KindRule &rule = RuleOf(spec.kind);
   const bool master = spec.kind == KeyKind::kMaster;
-  std::vector<Flag> flags = {
-      HSMSTEK_FLAG(CKA_TOKEN), HSMSTEK_FLAG(CKA_PRIVATE),
-      HSMSTEK_FLAG(CKA_SENSITIVE), HSMSTEK_FLAG(CKA_EXTRACTABLE),
-      HSMSTEK_FLAG(CKA_WRAP_WITH_TRUSTED)};
+  std::vector<Flag> flags = {HSMSTEK_FLAG(CKA_TOKEN), HSMSTEK_FLAG(CKA_PRIVATE),
+                             HSMSTEK_FLAG(CKA_SENSITIVE),
+                             HSMSTEK_FLAG(CKA_EXTRACTABLE),
+                             HSMSTEK_FLAG(CKA_WRAP_WITH_TRUSTED)};
   flags.insert(flags.end(), std::begin(kUsages), std::end(kUsages));
   std::vector<CK_ATTRIBUTE_TYPE> types;
   for (const Flag &f : flags) types.push_back(f.type);
@@ -255,8 +263,8 @@ Result<Protections> VerifyKey(p11::Session &session, CK_OBJECT_HANDLE key,
       p11::ReadBools(session, key, types);
   if (!values.ok()) return values.status();
   auto weak = [&](const Flag &f, const std::string &why) {
-    return PermissionDenied(std::string(what) + " is weaker than required: " +
-                            f.name + " " + why);
+    return PermissionDenied(std::string(what) +
+                            " is weaker than required: " + f.name + " " + why);
   };
   const auto &v = *values;
   if (v[0] != rule.token) {
@@ -331,7 +339,7 @@ Result<Protections> VerifyKey(p11::Session &session, CK_OBJECT_HANDLE key,
     Result<std::optional<Bytes>> derive =
         ReadOptional(session, key, CKA_DERIVE_TEMPLATE);
     if (!derive.ok()) return derive.status();
-    out.derive_template = !*derive            ? Protection::kUnsupported
+    out.derive_template = !*derive             ? Protection::kUnsupported
                           : (*derive)->empty() ? Protection::kAbsent
                                                : Protection::kApplied;
   }

@@ -71,8 +71,8 @@ struct Protections {
 // The per-call part of a key's template.
 struct KeySpec {
   KeyKind kind = KeyKind::kMaster;
-  std::string_view label;  // masters and legacy keys
-  ByteSpan id;             // CKA_ID: store id, or a legacy key's name
+  std::string_view label;   // masters and legacy keys
+  ByteSpan id;              // CKA_ID: store id, or a legacy key's name
   bool replicable = false;  // masters: extractable under a trusted key only
   // C_UnwrapKey takes the length from the wrapped value and (SoftHSM)
   // refuses CKA_MODIFIABLE: leave both out.
@@ -111,7 +111,8 @@ using KeyFactory =
 // attribute. `extend` appends call-specific attributes (a legacy key's
 // value) to each template.
 [[nodiscard]] Result<CreatedKey> CreateKey(
-    const KeySpec &spec, const KeyFactory &factory, std::atomic<unsigned> *refused,
+    const KeySpec &spec, const KeyFactory &factory,
+    std::atomic<unsigned> *refused,
     const std::function<void(p11::Template &)> &extend = nullptr);
 
 // VerifyKey reads `key` back and refuses (kPermissionDenied, naming `what`

@@ -132,15 +132,17 @@ Result<std::vector<Master>> LoadMasters(p11::Session &session,
   if (!policy_objects.ok()) return policy_objects.status();
 
   auto skip = [skipped](std::string what, std::string reason) {
-    if (skipped != nullptr) skipped->push_back({std::move(what), std::move(reason)});
+    if (skipped != nullptr)
+      skipped->push_back({std::move(what), std::move(reason)});
   };
   std::vector<Master> masters;
   for (const auto &[id, handle] : *key_objects) {
     if (id.size() == kKeyNameSize) continue;  // a legacy key
     std::string what = "master " + HexEncode(id);
     if (id.size() != sizeof(StoreId)) {
-      skip("key " + HexEncode(id), "a key with the store's label that is "
-                                   "neither a master nor a legacy key");
+      skip("key " + HexEncode(id),
+           "a key with the store's label that is "
+           "neither a master nor a legacy key");
       continue;
     }
     Master m;
@@ -231,7 +233,8 @@ Result<std::vector<LegacyKeyObjects>> LoadLegacyKeys(
     p11::Session &session, std::string_view label,
     std::vector<SkippedObject> *skipped) {
   auto skip = [skipped](std::string what, std::string reason) {
-    if (skipped != nullptr) skipped->push_back({std::move(what), std::move(reason)});
+    if (skipped != nullptr)
+      skipped->push_back({std::move(what), std::move(reason)});
   };
   p11::Template infos;
   infos.Ulong(CKA_CLASS, CKO_DATA)
@@ -276,7 +279,8 @@ Result<std::vector<LegacyKeyObjects>> LoadLegacyKeys(
       }
       KeySpec spec;
       spec.kind = type == CKK_AES ? KeyKind::kLegacyAes : KeyKind::kLegacyMac;
-      Result<Protections> verified = VerifyKey(session, (*found)[0], spec, what);
+      Result<Protections> verified =
+          VerifyKey(session, (*found)[0], spec, what);
       if (!verified.ok()) {
         if (verified.status().code() != ErrorCode::kPermissionDenied) {
           return verified.status();

@@ -59,9 +59,8 @@ Result<StoreId> CreateMaster(p11::Session &session, std::string_view label,
       &refused);
   if (!key.ok()) return key.status().WithContext("generating the master");
   p11::ScopedObject key_owner(session, key->handle);
-  Result<Protections> attrs = VerifyKey(session, key->handle, spec,
-                                        "new master " + HexEncode(id),
-                                        key->lockdown);
+  Result<Protections> attrs = VerifyKey(
+      session, key->handle, spec, "new master " + HexEncode(id), key->lockdown);
   if (!attrs.ok()) return attrs.status();
   Result<CK_OBJECT_HANDLE> policy_object =
       StorePolicyObject(session, label, id, policy);
@@ -124,8 +123,8 @@ Result<CK_OBJECT_HANDLE> CreateLegacySecret(p11::Session &session,
   Result<CreatedKey> created = CreateKey(
       spec,
       [&](p11::Template &t, CK_OBJECT_HANDLE *out) {
-        Status s = P11_CALL(session, C_CreateObject, session.handle(),
-                            t.data(), t.size(), out);
+        Status s = P11_CALL(session, C_CreateObject, session.handle(), t.data(),
+                            t.size(), out);
         // The template held a copy of the key bytes: wipe it now.
         for (const CK_ATTRIBUTE &a : t.attributes()) {
           if (a.type == CKA_VALUE && a.pValue != nullptr) {

@@ -737,12 +737,11 @@ Status ImportMaster(p11::Session &session, std::string_view label,
   persist.Bool(CKA_TOKEN, true).Bool(CKA_MODIFIABLE, false);
   CK_OBJECT_HANDLE stored = CK_INVALID_HANDLE;
   Status s = P11_CALL(session, C_CopyObject, session.handle(), unwrapped,
-               persist.data(), persist.size(), &stored);
+                      persist.data(), persist.size(), &stored);
   if (!s.ok()) return s.WithContext("storing master " + id_hex);
   p11::ScopedObject stored_owner(session, stored);
-  Result<Protections> attrs = VerifyKey(session, stored, spec,
-                                        "imported master " + id_hex,
-                                        created->lockdown);
+  Result<Protections> attrs = VerifyKey(
+      session, stored, spec, "imported master " + id_hex, created->lockdown);
   if (!attrs.ok()) return attrs.status();
   Result<CK_OBJECT_HANDLE> policy =
       StorePolicyObject(session, label, bundle.store_id, bundle.policy);

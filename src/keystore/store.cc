@@ -148,8 +148,7 @@ Status KeyStore::ReloadLocked() {
   Result<p11::Session> session = token_->Acquire();
   if (!session.ok()) return session.status();
   std::vector<SkippedObject> skipped;
-  Result<std::vector<Master>> masters =
-      LoadMasters(*session, label_, &skipped);
+  Result<std::vector<Master>> masters = LoadMasters(*session, label_, &skipped);
   if (!masters.ok()) return masters.status();
   Result<std::vector<LegacyKeyObjects>> legacy =
       LoadLegacyKeys(*session, label_, &skipped);
@@ -360,7 +359,8 @@ std::vector<DerivedKeys> KeyStore::MakeRoomLocked(const View &view,
   }
   for (size_t i : EvictionOrder(entries, kMaxDerivedPairs - 1)) {
     auto it = cache_.find(names[i]);
-    if (it->second.generation == view.generation) out.push_back(it->second.keys);
+    if (it->second.generation == view.generation)
+      out.push_back(it->second.keys);
     cache_.erase(it);
   }
   return out;

@@ -6,7 +6,8 @@
 namespace hsmstek::keystore {
 
 void ReloadBackoff::Failed(int64_t now, int64_t max_s) {
-  delay_s_ = delay_s_ == 0 ? 1 : std::min(delay_s_ * 2, std::max<int64_t>(max_s, 1));
+  delay_s_ =
+      delay_s_ == 0 ? 1 : std::min(delay_s_ * 2, std::max<int64_t>(max_s, 1));
   retry_at_ = now + delay_s_;
 }
 

@@ -159,11 +159,10 @@ int Open(SSL *ssl, TicketContext &context, const unsigned char key_name[16],
     case keystore::DecryptVerdict::kUnavailable:
     default:
       context.stats->TokenError();
-      log::EmitLimited(log::Level::kWarning,
-                       "open " + log::CauseOf(lookup.error),
-                       "hsmstek: ticket not accepted: " +
-                           lookup.error.message(),
-                       context.store->clock().NowUnix());
+      log::EmitLimited(
+          log::Level::kWarning, "open " + log::CauseOf(lookup.error),
+          "hsmstek: ticket not accepted: " + lookup.error.message(),
+          context.store->clock().NowUnix());
       return kNoTicket;
   }
   context.stats->BeginOpen(result == kTicketRenew);

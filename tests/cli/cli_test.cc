@@ -654,17 +654,16 @@ TEST_F(CliTest, StatusShowsProtectionsAndLeftOutObjects) {
   EXPECT_EQ(j["derived_protections"]["allowed_mechanisms"], "applied");
   ASSERT_EQ(j["skipped"].size(), 1u);
   EXPECT_EQ(j["skipped"][0]["object"], "master 0505050505050505");
-  EXPECT_NE(j["skipped"][0]["reason"].get<std::string>().find(
-                "no policy object"),
-            std::string::npos);
+  EXPECT_NE(
+      j["skipped"][0]["reason"].get<std::string>().find("no policy object"),
+      std::string::npos);
   RunResult table = Cli({"status", uri});
   ASSERT_EQ(table.code, 0) << Describe(table);
-  for (const char *needle :
-       {"allowed-mechanisms applied",
-        "derive-template unsupported by the token",
-        "master 0505050505050505: no policy object"}) {
-    EXPECT_NE(table.out.find(needle), std::string::npos)
-        << needle << "\n" << table.out;
+  for (const char *needle : {"allowed-mechanisms applied",
+                             "derive-template unsupported by the token",
+                             "master 0505050505050505: no policy object"}) {
+    EXPECT_NE(table.out.find(needle), std::string::npos) << needle << "\n"
+                                                         << table.out;
   }
 }
 

@@ -6,8 +6,8 @@
 
 #include <fstream>
 
-#include "fault_fixture.h"
 #include "common/log.h"
+#include "fault_fixture.h"
 #include "faulty/testing.h"
 #include "keystore/key_attributes.h"
 #include "pkcs11/object.h"
@@ -80,8 +80,7 @@ TEST_F(LockdownTest, FallsBackAndReportsWhereTheTokenRefuses) {
   SetRules("refuse CKA_ALLOWED_MECHANISMS\nrefuse CKA_DERIVE_TEMPLATE\n");
   std::vector<std::string> calls = Provision("lockdown-refused");
   ASSERT_GE(calls.size(), 2u);
-  EXPECT_NE(calls.front().find("CKR_ATTRIBUTE_TYPE_INVALID"),
-            std::string::npos)
+  EXPECT_NE(calls.front().find("CKR_ATTRIBUTE_TYPE_INVALID"), std::string::npos)
       << calls.front();
   EXPECT_NE(calls.back().find(" CKR_OK "), std::string::npos) << calls.back();
   EXPECT_EQ(calls.back().find("CKA_ALLOWED_MECHANISMS"), std::string::npos)

@@ -308,8 +308,8 @@ TEST_F(KeyStoreTest, BadObjectsAreLeftOutAndTheRestServes) {
     PlantMaster(*s, "degrade", {2, 2, 2, 2, 2, 2, 2, 2},
                 "hsmstek-policy 2\nperiod 1h\n");
     // A stray AES key with the label and an id of another size.
-    p11::Template t = MasterTemplate("degrade", {3, 3, 3, 3, 3, 3, 3, 3},
-                                     false, false);
+    p11::Template t =
+        MasterTemplate("degrade", {3, 3, 3, 3, 3, 3, 3, 3}, false, false);
     p11::Template stray;
     for (const CK_ATTRIBUTE &a : t.attributes()) {
       if (a.type == CKA_ID) continue;
@@ -363,10 +363,10 @@ TEST_F(KeyStoreTest, DuplicatePoliciesResolveToTheMostRestrictive) {
   ASSERT_TRUE(snap.ok());
   ASSERT_EQ(snap->masters.size(), 1u);
   EXPECT_EQ(snap->masters[0].state, KeyState::kRetired);
-  EXPECT_EQ(store->KeysForDecrypt(MakeKeyName(id, EpochAt(clock_.NowUnix(),
-                                                          kHour)))
-                .verdict,
-            DecryptVerdict::kExpired);
+  EXPECT_EQ(
+      store->KeysForDecrypt(MakeKeyName(id, EpochAt(clock_.NowUnix(), kHour)))
+          .verdict,
+      DecryptVerdict::kExpired);
   // Retiring again cleans up: one policy object left.
   {
     Result<p11::Session> s = store->token()->Acquire();
@@ -407,8 +407,7 @@ TEST_F(KeyStoreTest, KeysCarryTheLockdownTheTokenAllows) {
   uint8_t iv[16] = {};
   cbc.pParameter = iv;
   cbc.ulParameterLen = sizeof(iv);
-  Status refused =
-      P11_CALL(*s, C_EncryptInit, s->handle(), &cbc, keys->aes);
+  Status refused = P11_CALL(*s, C_EncryptInit, s->handle(), &cbc, keys->aes);
   EXPECT_EQ(refused.ckr(), static_cast<CK_RV>(CKR_MECHANISM_INVALID));
 }
 
