@@ -2,7 +2,6 @@
 
 #include <algorithm>
 #include <cstring>
-#include <initializer_list>
 #include <vector>
 
 #include "common/log.h"
@@ -25,8 +24,8 @@ struct KindRule {
   bool token;
   bool modifiable_false;     // template only: token keys are never changed
   CK_ULONG template_length;  // 0: the value or the wrapped key sets it
-  std::initializer_list<CK_ULONG> lengths;
-  std::initializer_list<Flag> on;
+  std::vector<CK_ULONG> lengths;
+  std::vector<Flag> on;
 };
 
 constexpr Flag kUsages[] = {
@@ -36,28 +35,41 @@ constexpr Flag kUsages[] = {
     HSMSTEK_FLAG(CKA_UNWRAP)};
 
 const KindRule &RuleOf(KeyKind kind) {
-  static const KindRule kMaster{CKK_AES, true, true,
-                                32,      {32}, {HSMSTEK_FLAG(CKA_DERIVE)}};
+  static const KindRule kMaster{.key_type = CKK_AES,
+                                .token = true,
+                                .modifiable_false = true,
+                                .template_length = 32,
+                                .lengths = {32},
+                                .on = {HSMSTEK_FLAG(CKA_DERIVE)}};
   static const KindRule kEpochAes{
-      CKK_AES, false, false,
-      32,      {32},  {HSMSTEK_FLAG(CKA_ENCRYPT), HSMSTEK_FLAG(CKA_DECRYPT)}};
+      .key_type = CKK_AES,
+      .token = false,
+      .modifiable_false = false,
+      .template_length = 32,
+      .lengths = {32},
+      .on = {HSMSTEK_FLAG(CKA_ENCRYPT), HSMSTEK_FLAG(CKA_DECRYPT)}};
   static const KindRule kEpochMac{
-      CKK_GENERIC_SECRET,
-      false,
-      false,
-      32,
-      {32},
-      {HSMSTEK_FLAG(CKA_SIGN), HSMSTEK_FLAG(CKA_VERIFY)}};
-  static const KindRule kLegacyAes{
-      CKK_AES, true, true, 0, {16, 32}, {HSMSTEK_FLAG(CKA_DECRYPT)}};
+      .key_type = CKK_GENERIC_SECRET,
+      .token = false,
+      .modifiable_false = false,
+      .template_length = 32,
+      .lengths = {32},
+      .on = {HSMSTEK_FLAG(CKA_SIGN), HSMSTEK_FLAG(CKA_VERIFY)}};
+  // Never encrypts: new tickets are sealed under epoch keys only.
+  static const KindRule kLegacyAes{.key_type = CKK_AES,
+                                   .token = true,
+                                   .modifiable_false = true,
+                                   .template_length = 0,
+                                   .lengths = {16, 32},
+                                   .on = {HSMSTEK_FLAG(CKA_DECRYPT)}};
   // HMAC keys shorter than 32 bytes are stored zero-padded (provisioning.cc).
   static const KindRule kLegacyMac{
-      CKK_GENERIC_SECRET,
-      true,
-      true,
-      0,
-      {32},
-      {HSMSTEK_FLAG(CKA_SIGN), HSMSTEK_FLAG(CKA_VERIFY)}};
+      .key_type = CKK_GENERIC_SECRET,
+      .token = true,
+      .modifiable_false = true,
+      .template_length = 0,
+      .lengths = {32},
+      .on = {HSMSTEK_FLAG(CKA_SIGN), HSMSTEK_FLAG(CKA_VERIFY)}};
   switch (kind) {
     case KeyKind::kMaster:
       return kMaster;
