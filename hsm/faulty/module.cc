@@ -18,6 +18,7 @@
 #include <cstring>
 #include <map>
 #include <mutex>
+#include <optional>
 #include <set>
 #include <shared_mutex>
 #include <string>
@@ -93,6 +94,7 @@ struct State {
   std::vector<ActiveFail> fails;
   std::vector<DelayRule> delays;
   std::vector<RemoveRule> removes;
+  std::vector<CK_ATTRIBUTE_TYPE> refused;  // `refuse` rules
   // Token removal.
   bool remove_all = false;
   std::set<CK_SLOT_ID> removed;
@@ -349,6 +351,10 @@ void RefreshRulesLocked(State &s) {
   s.fails.clear();
   for (const FailRule &r : parsed.rules.fails) s.fails.push_back({r, 0});
   s.delays = std::move(parsed.rules.delays);
+  s.refused.clear();
+  for (const RefuseRule &r : parsed.rules.refuses) {
+    s.refused.push_back(r.attribute);
+  }
   ApplyRemovesLocked(s, std::move(parsed.rules.removes));
 }
 
@@ -364,6 +370,7 @@ void ReadEnvLocked(State &s) {
     s.file_content.clear();
     s.fails.clear();
     s.delays.clear();
+    s.refused.clear();
     ApplyRemovesLocked(s, {});
   }
   std::string trace = Env("HSMSTEK_FAULTY_TRACE");
@@ -470,12 +477,19 @@ Decision Begin(Fn fn) {
 }
 
 // End appends the trace line of the call and returns `rv`.
+// The attribute types of the key template of the call in progress on this
+// thread ("" for other calls), appended to its trace line by End.
+thread_local std::string t_template_types;
+
 CK_RV End(Fn fn, CK_RV rv, const Decision &d) {
   int fd = St().trace_fd.load();
+  std::string types;
+  types.swap(t_template_types);
   if (fd >= 0) {
     std::string line = std::to_string(::getpid()) + " " +
                        std::string(FnName(fn)) + " " + RvName(rv) +
-                       (d.injected != CKR_OK ? " injected" : "") + "\n";
+                       (d.injected != CKR_OK ? " injected" : "") +
+                       (types.empty() ? "" : " template=" + types) + "\n";
     // One write per line: O_APPEND keeps lines whole across processes.
     if (::write(fd, line.data(), line.size()) < 0) {
       std::fprintf(stderr, "hsmstek-faulty: trace write failed\n");
@@ -488,6 +502,72 @@ struct Sess {
   CK_SESSION_HANDLE target = 0;
   CK_ULONG salt = 0;
 };
+
+// KeyTemplate notes the attribute types of a key-creating call's template
+// for its trace line, and returns CKR_ATTRIBUTE_TYPE_INVALID when a
+// `refuse` rule names one of them (the token does not know it), else
+// CKR_OK.
+CK_RV KeyTemplate(const CK_ATTRIBUTE *tmpl, CK_ULONG count) {
+  std::vector<CK_ATTRIBUTE_TYPE> refused;
+  {
+    State &s = St();
+    std::lock_guard<std::mutex> lock(s.mu);
+    // As Begin would: the rules of this very call.
+    if (!s.env_read) ReadEnvLocked(s);
+    RefreshRulesLocked(s);
+    refused = s.refused;
+  }
+  std::string types;
+  CK_RV rv = CKR_OK;
+  for (CK_ULONG i = 0; tmpl != nullptr && i < count; ++i) {
+    types += (i == 0 ? "" : ",") + AttributeName(tmpl[i].type);
+    if (std::find(refused.begin(), refused.end(), tmpl[i].type) !=
+        refused.end()) {
+      rv = CKR_ATTRIBUTE_TYPE_INVALID;
+    }
+  }
+  t_template_types = types;
+  return rv;
+}
+
+// RefusedRead answers a C_GetAttributeValue for the attributes a `refuse`
+// rule names as a token that does not know them: unavailable, and
+// CKR_ATTRIBUTE_TYPE_INVALID; the other attributes are read from the
+// target. Returns nullopt when no refused attribute is asked for.
+std::optional<CK_RV> RefusedRead(CK_SESSION_HANDLE target,
+                                 CK_OBJECT_HANDLE object, CK_ATTRIBUTE *tmpl,
+                                 CK_ULONG count) {
+  std::vector<CK_ATTRIBUTE_TYPE> refused;
+  {
+    State &s = St();
+    std::lock_guard<std::mutex> lock(s.mu);
+    refused = s.refused;
+  }
+  if (refused.empty() || tmpl == nullptr) return std::nullopt;
+  std::vector<CK_ULONG> forwarded;
+  bool any = false;
+  for (CK_ULONG i = 0; i < count; ++i) {
+    if (std::find(refused.begin(), refused.end(), tmpl[i].type) !=
+        refused.end()) {
+      tmpl[i].ulValueLen = CK_UNAVAILABLE_INFORMATION;
+      any = true;
+    } else {
+      forwarded.push_back(i);
+    }
+  }
+  if (!any) return std::nullopt;
+  std::vector<CK_ATTRIBUTE> rest;
+  for (CK_ULONG i : forwarded) rest.push_back(tmpl[i]);
+  CK_RV rv = CKR_OK;
+  if (!rest.empty()) {
+    rv = T()->C_GetAttributeValue(target, object, rest.data(),
+                                  static_cast<CK_ULONG>(rest.size()));
+    for (std::size_t j = 0; j < forwarded.size(); ++j) {
+      tmpl[forwarded[j]].ulValueLen = rest[j].ulValueLen;
+    }
+  }
+  return rv == CKR_OK ? CKR_ATTRIBUTE_TYPE_INVALID : rv;
+}
 
 CK_ULONG Salt(std::uint64_t generation) {
   return (static_cast<CK_ULONG>(generation + 1) & kSaltMask) << kSaltShift;
@@ -910,9 +990,11 @@ CK_RV CreateObject(CK_SESSION_HANDLE h, CK_ATTRIBUTE_PTR tmpl, CK_ULONG count,
                    CK_OBJECT_HANDLE_PTR out) {
   // CKO_DATA as the default class: a template without CKA_CLASS is not
   // audited as a key (and the token refuses it anyway).
+  const CK_RV refused = KeyTemplate(tmpl, count);
   return SessionCall(
       Fn::C_CreateObject, h, Op::kNone,
       [&](const Sess &s) {
+        if (refused != CKR_OK) return refused;
         CK_OBJECT_HANDLE obj = CK_INVALID_HANDLE;
         CK_RV rv = T()->C_CreateObject(s.target, tmpl, count,
                                        out == nullptr ? nullptr : &obj);
@@ -930,9 +1012,11 @@ CK_RV CreateObject(CK_SESSION_HANDLE h, CK_ATTRIBUTE_PTR tmpl, CK_ULONG count,
 CK_RV CopyObject(CK_SESSION_HANDLE h, CK_OBJECT_HANDLE object,
                  CK_ATTRIBUTE_PTR tmpl, CK_ULONG count,
                  CK_OBJECT_HANDLE_PTR out) {
+  const CK_RV refused = KeyTemplate(tmpl, count);
   return SessionCall(
       Fn::C_CopyObject, h, Op::kNone,
       [&](const Sess &s) {
+        if (refused != CKR_OK) return refused;
         CK_OBJECT_HANDLE obj = CK_INVALID_HANDLE;
         CK_RV rv = T()->C_CopyObject(s.target, Map(object, s), tmpl, count,
                                      out == nullptr ? nullptr : &obj);
@@ -969,6 +1053,9 @@ CK_RV GetAttributeValue(CK_SESSION_HANDLE h, CK_OBJECT_HANDLE object,
       Fn::C_GetAttributeValue, h, Op::kNone,
       [&](const Sess &s) {
         audit(s);
+        std::optional<CK_RV> refused =
+            RefusedRead(s.target, Map(object, s), tmpl, count);
+        if (refused) return *refused;
         return T()->C_GetAttributeValue(s.target, Map(object, s), tmpl, count);
       },
       audit);
@@ -1242,9 +1329,11 @@ CK_RV DecryptVerifyUpdate(CK_SESSION_HANDLE h, CK_BYTE_PTR part,
 CK_RV GenerateKey(CK_SESSION_HANDLE h, CK_MECHANISM_PTR mech,
                   CK_ATTRIBUTE_PTR tmpl, CK_ULONG count,
                   CK_OBJECT_HANDLE_PTR out) {
+  const CK_RV refused = KeyTemplate(tmpl, count);
   return SessionCall(
       Fn::C_GenerateKey, h, Op::kNone,
       [&](const Sess &s) {
+        if (refused != CKR_OK) return refused;
         CK_OBJECT_HANDLE obj = CK_INVALID_HANDLE;
         CK_RV rv = T()->C_GenerateKey(s.target, mech, tmpl, count,
                                       out == nullptr ? nullptr : &obj);
@@ -1307,9 +1396,11 @@ CK_RV UnwrapKey(CK_SESSION_HANDLE h, CK_MECHANISM_PTR mech,
                 CK_OBJECT_HANDLE unwrapping_key, CK_BYTE_PTR wrapped,
                 CK_ULONG wrapped_len, CK_ATTRIBUTE_PTR tmpl, CK_ULONG count,
                 CK_OBJECT_HANDLE_PTR out) {
+  const CK_RV refused = KeyTemplate(tmpl, count);
   return SessionCall(
       Fn::C_UnwrapKey, h, Op::kNone,
       [&](const Sess &s) {
+        if (refused != CKR_OK) return refused;
         CK_OBJECT_HANDLE obj = CK_INVALID_HANDLE;
         CK_RV rv = T()->C_UnwrapKey(s.target, mech, Map(unwrapping_key, s),
                                     wrapped, wrapped_len, tmpl, count,
@@ -1333,9 +1424,11 @@ CK_RV DeriveKey(CK_SESSION_HANDLE h, CK_MECHANISM_PTR mech,
                    created);
     Audit().Derive(T(), s.target, tmpl, count, created);
   };
+  const CK_RV refused = KeyTemplate(tmpl, count);
   return SessionCall(
       Fn::C_DeriveKey, h, Op::kNone,
       [&](const Sess &s) {
+        if (refused != CKR_OK) return refused;
         CK_OBJECT_HANDLE obj = CK_INVALID_HANDLE;
         CK_RV rv = T()->C_DeriveKey(s.target, mech, Map(base_key, s), tmpl,
                                     count, out == nullptr ? nullptr : &obj);

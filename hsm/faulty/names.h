@@ -115,4 +115,9 @@ std::string ClassName(CK_OBJECT_CLASS c);
 std::string KeyTypeName(CK_KEY_TYPE k);
 std::string MechanismName(CK_MECHANISM_TYPE m);
 
+// AttributeName: "CKA_DERIVE_TEMPLATE" for the attributes key templates
+// use, "0x%lx" otherwise; AttributeFromName is its inverse (names only).
+std::string AttributeName(CK_ATTRIBUTE_TYPE a);
+std::optional<CK_ATTRIBUTE_TYPE> AttributeFromName(std::string_view name);
+
 }  // namespace hsmstek::faulty

@@ -168,6 +168,14 @@ std::string ParseRemove(const std::vector<std::string_view> &w,
   return "";
 }
 
+std::string ParseRefuse(const std::vector<std::string_view> &w, Rules *rules) {
+  if (w.size() != 2) return "expected 'refuse <CKA_NAME>'";
+  std::optional<CK_ATTRIBUTE_TYPE> a = AttributeFromName(w[1]);
+  if (!a) return "unknown attribute " + Quote(w[1]) + " (use a CKA_* name)";
+  rules->refuses.push_back(RefuseRule{*a});
+  return "";
+}
+
 LineResult ParseLine(std::string_view line, Rules *rules) {
   LineResult result;
   std::vector<std::string_view> w = Split(line);
@@ -176,6 +184,8 @@ LineResult ParseLine(std::string_view line, Rules *rules) {
     result.error = ParseFail(w, rules);
   } else if (w[0] == "delay") {
     result.error = ParseDelay(w, rules);
+  } else if (w[0] == "refuse") {
+    result.error = ParseRefuse(w, rules);
   } else if (w[0] == "remove") {
     result.error = ParseRemove(w, line, rules);
   } else if (w[0] == "insert") {
@@ -186,7 +196,7 @@ LineResult ParseLine(std::string_view line, Rules *rules) {
     }
   } else {
     result.error = "unknown directive " + Quote(w[0]) +
-                   " (fail, delay, remove, insert or # comment)";
+                   " (fail, delay, refuse, remove, insert or # comment)";
   }
   return result;
 }

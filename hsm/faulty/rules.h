@@ -38,8 +38,16 @@ struct RemoveRule {
   std::string label;
 };
 
+// RefuseRule: `refuse <CKA_NAME>`: the token does not know the attribute
+// (CKR_ATTRIBUTE_TYPE_INVALID for key templates holding it, unavailable
+// when read).
+struct RefuseRule {
+  CK_ATTRIBUTE_TYPE attribute = 0;
+};
+
 struct Rules {
   std::vector<FailRule> fails;
+  std::vector<RefuseRule> refuses;
   std::vector<DelayRule> delays;
   std::vector<RemoveRule> removes;
 };

@@ -104,9 +104,57 @@ void PrintTable(const keystore::StoreSnapshot &snap, const std::string &token,
   }
 }
 
+// The key protections section of the table (docs/SECURITY.md, "Key
+// attributes"): what each key carries beyond the SPEC §4 flags, and what
+// the token refused.
+void PrintProtections(const keystore::StoreSnapshot &snap,
+                      keystore::Protection derived) {
+  using keystore::ProtectionName;
+  std::cout << "\nkey protections (CKA_ALLOWED_MECHANISMS, "
+               "CKA_DERIVE_TEMPLATE):\n";
+  for (const keystore::MasterInfo &m : snap.masters) {
+    std::cout << "  master " << HexEncode(m.id) << "  allowed-mechanisms "
+              << ProtectionName(m.protections.allowed_mechanisms)
+              << ", derive-template "
+              << ProtectionName(m.protections.derive_template) << "\n";
+  }
+  std::cout << "  derived epoch keys  allowed-mechanisms "
+            << ProtectionName(derived) << "\n";
+  for (const keystore::LegacyInfo &l : snap.legacy) {
+    std::cout << "  legacy " << HexEncode(l.name.bytes)
+              << "  allowed-mechanisms "
+              << ProtectionName(l.protections.allowed_mechanisms) << "\n";
+  }
+  if (snap.skipped.empty()) return;
+  std::cout << "\nleft out (not serving; the rest of the store serves):\n";
+  for (const keystore::SkippedObject &o : snap.skipped) {
+    std::cout << "  " << o.what << ": " << o.reason << "\n";
+  }
+}
+
+std::string ProtectionJson(keystore::Protection p) {
+  switch (p) {
+    case keystore::Protection::kApplied:
+      return "applied";
+    case keystore::Protection::kAbsent:
+      return "absent";
+    case keystore::Protection::kUnsupported:
+      return "unsupported";
+    case keystore::Protection::kNotApplicable:
+    default:
+      return "n/a";
+  }
+}
+
+nlohmann::json ProtectionsJson(const keystore::Protections &p) {
+  return {{"allowed_mechanisms", ProtectionJson(p.allowed_mechanisms)},
+          {"derive_template", ProtectionJson(p.derive_template)}};
+}
+
 nlohmann::json ToJson(const keystore::StoreSnapshot &snap,
                       const std::string &token,
-                      const std::vector<std::string> &checks) {
+                      const std::vector<std::string> &checks,
+                      keystore::Protection derived) {
   nlohmann::json stores = nlohmann::json::array();
   for (size_t i = 0; i < snap.masters.size(); ++i) {
     const keystore::MasterInfo &m = snap.masters[i];
@@ -123,6 +171,7 @@ nlohmann::json ToJson(const keystore::StoreSnapshot &snap,
         {"next_rotation", FormatRfc3339(m.next_rotation)},
         {"replicable", m.policy.replicable},
         {"created", FormatRfc3339(m.policy.created_at)},
+        {"protections", ProtectionsJson(m.protections)},
     };
     s["retire_at"] = m.policy.retire_at
                          ? nlohmann::json(FormatRfc3339(*m.policy.retire_at))
@@ -138,13 +187,21 @@ nlohmann::json ToJson(const keystore::StoreSnapshot &snap,
                       {"expires", FormatRfc3339(l.expires)},
                       {"format", l.format},
                       {"aes_bits", l.aes_key_bytes * 8},
-                      {"expired", l.expires <= snap.now}});
+                      {"expired", l.expires <= snap.now},
+                      {"protections", ProtectionsJson(l.protections)}});
+  }
+  nlohmann::json skipped = nlohmann::json::array();
+  for (const keystore::SkippedObject &o : snap.skipped) {
+    skipped.push_back({{"object", o.what}, {"reason", o.reason}});
   }
   return {{"label", snap.label},
           {"token", token},
           {"now", FormatRfc3339(snap.now)},
           {"stores", std::move(stores)},
-          {"legacy", std::move(legacy)}};
+          {"legacy", std::move(legacy)},
+          {"derived_protections",
+           {{"allowed_mechanisms", ProtectionJson(derived)}}},
+          {"skipped", std::move(skipped)}};
 }
 
 Status RunStatus(const StatusArgs &a) {
@@ -153,7 +210,7 @@ Status RunStatus(const StatusArgs &a) {
   Result<keystore::StoreSnapshot> snap = (*store)->Describe();
   if (!snap.ok()) return snap.status();
   const std::string token = (*store)->token()->label();
-  if (snap->masters.empty() && snap->legacy.empty()) {
+  if (snap->masters.empty() && snap->legacy.empty() && snap->skipped.empty()) {
     return NotFound(
         "no store " + Quote((*store)->label()) + " in token " + Quote(token) +
         ": no master or legacy key has that label; " + LabelsPresent(**store));
@@ -167,10 +224,13 @@ Status RunStatus(const StatusArgs &a) {
     }
     checks.push_back(HexEncode(*check));
   }
+  // After the check values: deriving them showed what derived keys get.
+  const keystore::Protection derived = (*store)->derived_allowed_mechanisms();
   if (a.json) {
-    std::cout << ToJson(*snap, token, checks).dump() << "\n";
+    std::cout << ToJson(*snap, token, checks, derived).dump() << "\n";
   } else {
     PrintTable(*snap, token, checks);
+    PrintProtections(*snap, derived);
   }
   return Status::Ok();
 }

@@ -1,56 +1,53 @@
 #include "keystore/derivation.h"
 
+#include "keystore/key_attributes.h"
 #include "pkcs11/object.h"
 
 namespace hsmstek::keystore {
 namespace {
 
-// The template of a derived key: only the usage its purpose needs.
-p11::Template DerivedKeyTemplate(char purpose) {
-  const bool is_aes = purpose == kPurposeEncrypt;
-  const bool is_mac = !is_aes;
-  p11::Template t;
-  t.Ulong(CKA_CLASS, CKO_SECRET_KEY)
-      .Ulong(CKA_KEY_TYPE, is_aes ? CKK_AES : CKK_GENERIC_SECRET)
-      .Ulong(CKA_VALUE_LEN, 32)
-      .Bool(CKA_TOKEN, false)
-      .Bool(CKA_PRIVATE, true)
-      .Bool(CKA_SENSITIVE, true)
-      .Bool(CKA_EXTRACTABLE, false)
-      .Bool(CKA_ENCRYPT, is_aes)
-      .Bool(CKA_DECRYPT, is_aes)
-      .Bool(CKA_SIGN, is_mac)
-      .Bool(CKA_VERIFY, is_mac)
-      .Bool(CKA_WRAP, false)
-      .Bool(CKA_UNWRAP, false)
-      .Bool(CKA_DERIVE, false);
-  return t;
-}
-
+// Derives the key of `purpose` for `epoch`, locked down as far as the
+// token allows (key_attributes.h), and reads it back.
 Result<CK_OBJECT_HANDLE> Derive(p11::Session &session, CK_OBJECT_HANDLE master,
-                                char purpose, uint64_t epoch) {
+                                char purpose, uint64_t epoch,
+                                std::atomic<unsigned> *refused) {
   std::array<uint8_t, kDerivationDataSize> data =
       DerivationData(purpose, epoch);
   CK_KEY_DERIVATION_STRING_DATA params{data.data(),
                                        static_cast<CK_ULONG>(data.size())};
   CK_MECHANISM mechanism{CKM_AES_ECB_ENCRYPT_DATA, &params, sizeof(params)};
-  p11::Template t = DerivedKeyTemplate(purpose);
-  CK_OBJECT_HANDLE out = CK_INVALID_HANDLE;
-  Status s = P11_CALL(session, C_DeriveKey, session.handle(), &mechanism,
-                      master, t.data(), t.size(), &out);
-  if (!s.ok()) return s;
-  return out;
+  KeySpec spec;
+  spec.kind =
+      purpose == kPurposeEncrypt ? KeyKind::kEpochAes : KeyKind::kEpochMac;
+  Result<CreatedKey> key = CreateKey(
+      spec,
+      [&](p11::Template &t, CK_OBJECT_HANDLE *out) {
+        return P11_CALL(session, C_DeriveKey, session.handle(), &mechanism,
+                        master, t.data(), t.size(), out);
+      },
+      refused);
+  if (!key.ok()) return key.status();
+  p11::ScopedObject owner(session, key->handle);
+  Result<Protections> verified =
+      VerifyKey(session, key->handle, spec,
+                std::string("derived key '") + purpose + "' of epoch " +
+                    std::to_string(epoch),
+                key->lockdown);
+  if (!verified.ok()) return verified.status();
+  return owner.Release();
 }
 
 }  // namespace
 
 Result<DerivedKeys> DeriveEpochKeys(p11::Session &session,
-                                    CK_OBJECT_HANDLE master, uint64_t epoch) {
+                                    CK_OBJECT_HANDLE master, uint64_t epoch,
+                                    std::atomic<unsigned> *refused) {
   Result<CK_OBJECT_HANDLE> aes =
-      Derive(session, master, kPurposeEncrypt, epoch);
+      Derive(session, master, kPurposeEncrypt, epoch, refused);
   if (!aes.ok()) return aes.status();
   p11::ScopedObject aes_owner(session, *aes);
-  Result<CK_OBJECT_HANDLE> hmac = Derive(session, master, kPurposeMac, epoch);
+  Result<CK_OBJECT_HANDLE> hmac =
+      Derive(session, master, kPurposeMac, epoch, refused);
   if (!hmac.ok()) return hmac.status();
   return DerivedKeys{aes_owner.Release(), *hmac};
 }
@@ -61,9 +58,11 @@ void DestroyDerivedKeys(p11::Session &session, const DerivedKeys &keys) {
 }
 
 Result<std::array<uint8_t, kCheckValueSize>> ComputeCheckValue(
-    p11::Session &session, CK_OBJECT_HANDLE master) {
-  Result<CK_OBJECT_HANDLE> key =
-      Derive(session, master, kPurposeCheck, kCheckEpoch);
+    p11::Session &session, CK_OBJECT_HANDLE master,
+    std::atomic<unsigned> *refused) {
+  std::atomic<unsigned> local{0};
+  Result<CK_OBJECT_HANDLE> key = Derive(
+      session, master, kPurposeCheck, kCheckEpoch, refused ? refused : &local);
   if (!key.ok()) return key.status();
   p11::ScopedObject owner(session, *key);
   CK_MECHANISM mechanism{CKM_SHA256_HMAC, nullptr, 0};

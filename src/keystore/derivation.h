@@ -2,6 +2,7 @@
 #pragma once
 
 #include <array>
+#include <atomic>
 
 #include "keystore/key_name.h"
 #include "pkcs11/token.h"
@@ -16,11 +17,13 @@ struct DerivedKeys {
 
 // DeriveEpochKeys derives the 'E' and 'M' keys of `epoch` from `master` as
 // session objects (CKA_TOKEN=FALSE, sensitive, non-extractable) of
-// `session`, which must be the token's long-lived object session. On
-// failure nothing is left behind.
-[[nodiscard]] Result<DerivedKeys> DeriveEpochKeys(p11::Session &session,
-                                                  CK_OBJECT_HANDLE master,
-                                                  uint64_t epoch);
+// `session`, which must be the token's long-lived object session, with
+// CKA_ALLOWED_MECHANISMS unless the token refuses it (recorded in
+// `*refused`, see CreateKey), and reads them back (VerifyKey). On failure
+// nothing is left behind.
+[[nodiscard]] Result<DerivedKeys> DeriveEpochKeys(
+    p11::Session &session, CK_OBJECT_HANDLE master, uint64_t epoch,
+    std::atomic<unsigned> *refused);
 
 // DestroyDerivedKeys destroys both keys (best effort).
 void DestroyDerivedKeys(p11::Session &session, const DerivedKeys &keys);
@@ -28,7 +31,9 @@ void DestroyDerivedKeys(p11::Session &session, const DerivedKeys &keys);
 // ComputeCheckValue returns the first 8 bytes of HMAC-SHA256 under the
 // master's 'C' key (epoch 0) over "hsmstek check". The 'C' key is a
 // temporary session object, destroyed before returning.
+// `refused` as for DeriveEpochKeys (nullptr: not remembered).
 [[nodiscard]] Result<std::array<uint8_t, kCheckValueSize>> ComputeCheckValue(
-    p11::Session &session, CK_OBJECT_HANDLE master);
+    p11::Session &session, CK_OBJECT_HANDLE master,
+    std::atomic<unsigned> *refused = nullptr);
 
 }  // namespace hsmstek::keystore

@@ -68,56 +68,29 @@ std::vector<MasterState> ComputeStates(const std::vector<Master> &masters,
 
 Status VerifyMasterAttributes(p11::Session &session, CK_OBJECT_HANDLE key,
                               bool replicable, std::string_view what) {
-  static constexpr CK_ATTRIBUTE_TYPE kTypes[] = {
-      CKA_TOKEN,  CKA_PRIVATE, CKA_SENSITIVE, CKA_EXTRACTABLE,
-      CKA_DERIVE, CKA_ENCRYPT, CKA_DECRYPT,   CKA_SIGN,
-      CKA_VERIFY, CKA_WRAP,    CKA_UNWRAP,    CKA_WRAP_WITH_TRUSTED};
-  static constexpr const char *kNames[] = {
-      "CKA_TOKEN",  "CKA_PRIVATE", "CKA_SENSITIVE", "CKA_EXTRACTABLE",
-      "CKA_DERIVE", "CKA_ENCRYPT", "CKA_DECRYPT",   "CKA_SIGN",
-      "CKA_VERIFY", "CKA_WRAP",    "CKA_UNWRAP",    "CKA_WRAP_WITH_TRUSTED"};
-  Result<std::vector<std::optional<bool>>> values =
-      p11::ReadBools(session, key, kTypes);
-  if (!values.ok()) return values.status();
-  const auto &v = *values;
-  auto weak = [&](size_t i, const char *why) {
-    return PermissionDenied(std::string(what) + " is weaker than required: " +
-                            kNames[i] + " " + why);
-  };
-  // Required TRUE.
-  for (size_t i : {0u, 1u, 2u, 4u}) {
-    if (v[i] != true) return weak(i, "is not TRUE");
-  }
-  // Usages other than derivation must be FALSE (absent counts as FALSE).
-  for (size_t i = 5; i <= 10; ++i) {
-    if (v[i] == true) return weak(i, "is TRUE (a master only derives)");
-  }
-  if (v[3] == true) {
-    if (!replicable) return weak(3, "is TRUE but the store is not replicable");
-    if (v[11] != true) {
-      return weak(11,
-                  "is not TRUE: a replicable master may only be wrapped "
-                  "by a trusted key");
+  KeySpec spec;
+  spec.kind = KeyKind::kMaster;
+  spec.replicable = replicable;
+  return VerifyKey(session, key, spec, what).status();
+}
+
+size_t MostRestrictive(const std::vector<Policy> &policies) {
+  auto stricter = [](const Policy &a, const Policy &b) {
+    if (a.retire_at != b.retire_at) {
+      if (!b.retire_at) return true;
+      if (!a.retire_at) return false;
+      return *a.retire_at < *b.retire_at;
     }
+    if (a.decrypt_window_s != b.decrypt_window_s) {
+      return a.decrypt_window_s < b.decrypt_window_s;
+    }
+    return a.not_before > b.not_before;
+  };
+  size_t best = 0;
+  for (size_t i = 1; i < policies.size(); ++i) {
+    if (stricter(policies[i], policies[best])) best = i;
   }
-  Result<CK_ULONG> key_type = p11::ReadUlong(session, key, CKA_KEY_TYPE);
-  if (!key_type.ok()) return key_type.status();
-  Result<CK_ULONG> length = p11::ReadUlong(session, key, CKA_VALUE_LEN);
-  if (!length.ok()) return length.status();
-  // SoftHSM 2.6 records CKA_VALUE_LEN 0 for an unwrapped key and refuses the
-  // attribute in an unwrap template; such a key (CKA_LOCAL FALSE) was proved
-  // equal to the exporter's 32-byte master by its check value at import.
-  bool unrecorded_length = false;
-  if (*length == 0) {
-    Result<std::vector<std::optional<bool>>> local =
-        p11::ReadBools(session, key, std::array{CKA_LOCAL});
-    if (!local.ok()) return local.status();
-    unrecorded_length = (*local)[0] == false;
-  }
-  if (*key_type != CKK_AES || (*length != 32 && !unrecorded_length)) {
-    return PermissionDenied(std::string(what) + " is not a 32-byte AES key");
-  }
-  return Status::Ok();
+  return best;
 }
 
 namespace {
@@ -140,7 +113,8 @@ Result<std::vector<std::pair<Bytes, CK_OBJECT_HANDLE>>> FindById(
 }  // namespace
 
 Result<std::vector<Master>> LoadMasters(p11::Session &session,
-                                        std::string_view label) {
+                                        std::string_view label,
+                                        std::vector<SkippedObject> *skipped) {
   p11::Template keys;
   keys.Ulong(CKA_CLASS, CKO_SECRET_KEY)
       .Ulong(CKA_KEY_TYPE, CKK_AES)
@@ -157,30 +131,68 @@ Result<std::vector<Master>> LoadMasters(p11::Session &session,
       FindById(session, policies, kDataIdAttribute);
   if (!policy_objects.ok()) return policy_objects.status();
 
+  auto skip = [skipped](std::string what, std::string reason) {
+    if (skipped != nullptr)
+      skipped->push_back({std::move(what), std::move(reason)});
+  };
   std::vector<Master> masters;
   for (const auto &[id, handle] : *key_objects) {
-    if (id.size() != sizeof(StoreId)) continue;  // a legacy key (16-byte id)
+    if (id.size() == kKeyNameSize) continue;  // a legacy key
+    std::string what = "master " + HexEncode(id);
+    if (id.size() != sizeof(StoreId)) {
+      skip("key " + HexEncode(id),
+           "a key with the store's label that is "
+           "neither a master nor a legacy key");
+      continue;
+    }
     Master m;
     std::copy(id.begin(), id.end(), m.id.begin());
     m.key = handle;
-    std::string what =
-        "master " + HexEncode(id) + " of \"" + std::string(label) + "\"";
-    auto policy_it =
-        std::find_if(policy_objects->begin(), policy_objects->end(),
-                     [&id = id](const auto &p) { return p.first == id; });
-    if (policy_it == policy_objects->end()) {
-      return FailedPrecondition(what + " has no policy object");
+    std::vector<Policy> policies;
+    std::vector<CK_OBJECT_HANDLE> handles;
+    std::string unreadable;
+    for (const auto &[policy_id, policy_handle] : *policy_objects) {
+      if (policy_id != id) continue;
+      Result<Bytes> text = p11::ReadDataValue(session, policy_handle);
+      if (!text.ok()) return text.status().WithContext(what);
+      Result<Policy> policy = ParsePolicy(std::string_view(
+          reinterpret_cast<const char *>(text->data()), text->size()));
+      if (!policy.ok()) {
+        unreadable = policy.status().message();
+        continue;
+      }
+      policies.push_back(*policy);
+      handles.push_back(policy_handle);
     }
-    m.policy_object = policy_it->second;
-    Result<Bytes> text = p11::ReadDataValue(session, m.policy_object);
-    if (!text.ok()) return text.status().WithContext(what);
-    Result<Policy> policy = ParsePolicy(std::string_view(
-        reinterpret_cast<const char *>(text->data()), text->size()));
-    if (!policy.ok()) return policy.status().WithContext(what);
-    m.policy = *policy;
-    Status attrs =
-        VerifyMasterAttributes(session, handle, m.policy.replicable, what);
-    if (!attrs.ok()) return attrs;
+    // An unreadable policy next to readable ones may be the one that
+    // retires the master: vouch for none of them.
+    if (!unreadable.empty()) {
+      skip(what, "unreadable policy (" + unreadable +
+                     "; a newer hsmstek may have written it)");
+      continue;
+    }
+    if (policies.empty()) {
+      skip(what, "no policy object (a provision interrupted half-way?)");
+      continue;
+    }
+    const size_t chosen = MostRestrictive(policies);
+    m.policy = policies[chosen];
+    m.policy_object = handles[chosen];
+    for (size_t i = 0; i < handles.size(); ++i) {
+      if (i != chosen) m.extra_policy_objects.push_back(handles[i]);
+    }
+    KeySpec spec;
+    spec.kind = KeyKind::kMaster;
+    spec.replicable = m.policy.replicable;
+    Result<Protections> verified = VerifyKey(session, handle, spec, what);
+    if (!verified.ok()) {
+      if (verified.status().code() != ErrorCode::kPermissionDenied) {
+        return verified.status();
+      }
+      skip(what, verified.status().message());
+      continue;
+    }
+    m.protections = *verified;
     Result<std::vector<std::optional<bool>>> extractable =
         p11::ReadBools(session, handle, std::array{CKA_EXTRACTABLE});
     if (!extractable.ok()) return extractable.status();
@@ -217,8 +229,13 @@ Result<std::pair<int64_t, std::string>> ParseLegacyInfo(std::string_view text) {
   return std::make_pair(*expires, format);
 }
 
-Result<std::vector<LegacyKeyObjects>> LoadLegacyKeys(p11::Session &session,
-                                                     std::string_view label) {
+Result<std::vector<LegacyKeyObjects>> LoadLegacyKeys(
+    p11::Session &session, std::string_view label,
+    std::vector<SkippedObject> *skipped) {
+  auto skip = [skipped](std::string what, std::string reason) {
+    if (skipped != nullptr)
+      skipped->push_back({std::move(what), std::move(reason)});
+  };
   p11::Template infos;
   infos.Ulong(CKA_CLASS, CKO_DATA)
       .String(CKA_APPLICATION, kLegacyApplication)
@@ -239,11 +256,14 @@ Result<std::vector<LegacyKeyObjects>> LoadLegacyKeys(p11::Session &session,
     Result<std::pair<int64_t, std::string>> parsed =
         ParseLegacyInfo(std::string_view(
             reinterpret_cast<const char *>(text->data()), text->size()));
+    const std::string what = "legacy key " + HexEncode(id);
     if (!parsed.ok()) {
-      return parsed.status().WithContext("legacy key " + HexEncode(id));
+      skip(what, "unreadable info object (" + parsed.status().message() + ")");
+      continue;
     }
     legacy.expires = parsed->first;
     legacy.format = parsed->second;
+    std::string problem;
     for (CK_KEY_TYPE type : {CKK_AES, CKK_GENERIC_SECRET}) {
       p11::Template t;
       t.Ulong(CKA_CLASS, CKO_SECRET_KEY)
@@ -254,10 +274,26 @@ Result<std::vector<LegacyKeyObjects>> LoadLegacyKeys(p11::Session &session,
           p11::FindObjects(session, t, 2);
       if (!found.ok()) return found.status();
       if (found->size() != 1) {
-        return FailedPrecondition("legacy key " + HexEncode(id) +
-                                  " is incomplete in the token");
+        problem = "incomplete in the token";
+        break;
       }
+      KeySpec spec;
+      spec.kind = type == CKK_AES ? KeyKind::kLegacyAes : KeyKind::kLegacyMac;
+      Result<Protections> verified =
+          VerifyKey(session, (*found)[0], spec, what);
+      if (!verified.ok()) {
+        if (verified.status().code() != ErrorCode::kPermissionDenied) {
+          return verified.status();
+        }
+        problem = verified.status().message();
+        break;
+      }
+      if (type == CKK_AES) legacy.protections = *verified;
       (type == CKK_AES ? legacy.aes : legacy.hmac) = (*found)[0];
+    }
+    if (!problem.empty()) {
+      skip(what, problem);
+      continue;
     }
     Result<CK_ULONG> len = p11::ReadUlong(session, legacy.aes, CKA_VALUE_LEN);
     if (!len.ok()) return len.status();

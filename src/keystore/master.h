@@ -15,6 +15,7 @@
 #include <string_view>
 #include <vector>
 
+#include "keystore/key_attributes.h"
 #include "keystore/key_name.h"
 #include "keystore/policy.h"
 #include "pkcs11/token.h"
@@ -40,7 +41,19 @@ struct Master {
   Policy policy;
   CK_OBJECT_HANDLE key = CK_INVALID_HANDLE;
   CK_OBJECT_HANDLE policy_object = CK_INVALID_HANDLE;
+  // More policy objects for this master (a policy update that failed
+  // half-way): `policy` is the most restrictive of all; UpdatePolicy and
+  // DestroyMaster remove these too.
+  std::vector<CK_OBJECT_HANDLE> extra_policy_objects;
   bool extractable = false;
+  Protections protections;
+};
+
+// An object of the store that could not be used, and why (shown by
+// `hsmstek status`; the rest of the store keeps serving).
+struct SkippedObject {
+  std::string what;    // "master 0123456789abcdef", "legacy key ..."
+  std::string reason;  // "no policy object", ...
 };
 
 // An imported legacy key pair (decrypt-only until `expires`).
@@ -52,6 +65,7 @@ struct LegacyKeyObjects {
   int64_t expires = 0;
   std::string format;  // "nginx" or "haproxy"
   size_t aes_key_bytes = 0;
+  Protections protections;  // of the AES key (the HMAC key is checked too)
 };
 
 struct MasterState {
@@ -65,25 +79,35 @@ struct MasterState {
 std::vector<MasterState> ComputeStates(const std::vector<Master> &masters,
                                        int64_t now);
 
-// LoadMasters finds every master of `label` with its policy. A master
-// without a policy, with an unreadable policy, or whose read-back
-// attributes are weaker than SPEC §4 is an error naming its store id: the
-// store refuses to run on a key it cannot vouch for.
-[[nodiscard]] Result<std::vector<Master>> LoadMasters(p11::Session &session,
-                                                      std::string_view label);
+// LoadMasters finds every master of `label` with its policy. A master it
+// cannot vouch for — no policy object, a policy it cannot read (e.g. a
+// newer "hsmstek-policy 2"), read-back attributes weaker than SPEC §4 —
+// is left out and, when `skipped` is given, listed there with the reason;
+// the other masters load. Several policy objects for one master resolve to
+// the most restrictive (MostRestrictive). Errors are token trouble only.
+[[nodiscard]] Result<std::vector<Master>> LoadMasters(
+    p11::Session &session, std::string_view label,
+    std::vector<SkippedObject> *skipped = nullptr);
 
-// VerifyMasterAttributes reads back the master's boolean attributes and
+// MostRestrictive returns the index of the policy that gives the least:
+// the earliest retire-at (any before none), then the shortest decrypt
+// window, then the latest activation. `policies` is not empty.
+size_t MostRestrictive(const std::vector<Policy> &policies);
+
+// VerifyMasterAttributes is VerifyKey (key_attributes.h) for a master:
 // refuses (kPermissionDenied) a key that is not sensitive, is extractable
-// without being replicable under a trusted wrapping key, or has any usage
-// but CKA_DERIVE.
+// without being replicable under a trusted wrapping key, has any usage but
+// CKA_DERIVE, or allows another mechanism than the derivation.
 [[nodiscard]] Status VerifyMasterAttributes(p11::Session &session,
                                             CK_OBJECT_HANDLE key,
                                             bool replicable,
                                             std::string_view what);
 
-// LoadLegacyKeys finds the imported legacy keys of `label`.
+// LoadLegacyKeys finds the imported legacy keys of `label`, read back and
+// verified; an incomplete or weaker one is skipped like a master.
 [[nodiscard]] Result<std::vector<LegacyKeyObjects>> LoadLegacyKeys(
-    p11::Session &session, std::string_view label);
+    p11::Session &session, std::string_view label,
+    std::vector<SkippedObject> *skipped = nullptr);
 
 // Text of a legacy key's info object ("hsmstek-legacy 1", expires, format).
 std::string SerializeLegacyInfo(int64_t expires, std::string_view format);

@@ -5,32 +5,15 @@
 
 #include <algorithm>
 
+#include "keystore/key_attributes.h"
 #include "pkcs11/object.h"
 
 namespace hsmstek::keystore {
 
 p11::Template MasterTemplate(std::string_view label, const StoreId &id,
                              bool replicable, bool for_unwrap) {
-  p11::Template t;
-  t.Ulong(CKA_CLASS, CKO_SECRET_KEY).Ulong(CKA_KEY_TYPE, CKK_AES);
-  // C_UnwrapKey takes the length from the wrapped value.
-  if (!for_unwrap) t.Ulong(CKA_VALUE_LEN, 32);
-  t.Bool(CKA_TOKEN, true)
-      .Bool(CKA_PRIVATE, true)
-      .Bool(CKA_SENSITIVE, true)
-      .Bool(CKA_EXTRACTABLE, replicable)
-      .Bool(CKA_DERIVE, true)
-      .Bool(CKA_ENCRYPT, false)
-      .Bool(CKA_DECRYPT, false)
-      .Bool(CKA_SIGN, false)
-      .Bool(CKA_VERIFY, false)
-      .Bool(CKA_WRAP, false)
-      .Bool(CKA_UNWRAP, false)
-      .Bool(CKA_MODIFIABLE, false)
-      .String(CKA_LABEL, label)
-      .Data(CKA_ID, id);
-  if (replicable) t.Bool(CKA_WRAP_WITH_TRUSTED, true);
-  return t;
+  KeySpec spec{KeyKind::kMaster, label, id, replicable, for_unwrap};
+  return KeyTemplate(spec, 0);
 }
 
 Result<CK_OBJECT_HANDLE> StorePolicyObject(p11::Session &session,
@@ -64,16 +47,21 @@ Result<StoreId> CreateMaster(p11::Session &session, std::string_view label,
   if (RAND_bytes(id.data(), static_cast<int>(id.size())) != 1) {
     return Internal("RAND_bytes failed");
   }
-  p11::Template t = MasterTemplate(label, id, policy.replicable, false);
+  KeySpec spec{KeyKind::kMaster, label, id, policy.replicable, false};
   CK_MECHANISM mechanism{CKM_AES_KEY_GEN, nullptr, 0};
-  CK_OBJECT_HANDLE key = CK_INVALID_HANDLE;
-  Status s = P11_CALL(session, C_GenerateKey, session.handle(), &mechanism,
-                      t.data(), t.size(), &key);
-  if (!s.ok()) return s.WithContext("generating the master");
-  p11::ScopedObject key_owner(session, key);
-  Status attrs = VerifyMasterAttributes(session, key, policy.replicable,
-                                        "new master " + HexEncode(id));
-  if (!attrs.ok()) return attrs;
+  std::atomic<unsigned> refused{0};
+  Result<CreatedKey> key = CreateKey(
+      spec,
+      [&](p11::Template &t, CK_OBJECT_HANDLE *out) {
+        return P11_CALL(session, C_GenerateKey, session.handle(), &mechanism,
+                        t.data(), t.size(), out);
+      },
+      &refused);
+  if (!key.ok()) return key.status().WithContext("generating the master");
+  p11::ScopedObject key_owner(session, key->handle);
+  Result<Protections> attrs = VerifyKey(
+      session, key->handle, spec, "new master " + HexEncode(id), key->lockdown);
+  if (!attrs.ok()) return attrs.status();
   Result<CK_OBJECT_HANDLE> policy_object =
       StorePolicyObject(session, label, id, policy);
   if (!policy_object.ok()) return policy_object.status();
@@ -94,6 +82,12 @@ Status UpdatePolicy(p11::Session &session, const Master &master,
                       master.policy_object);
   if (!s.ok()) return s.WithContext("replacing the policy object");
   owner.Release();
+  // Leftovers of an earlier update that failed half-way: the new policy
+  // is now the only one (a failure here leaves them, and readers still
+  // take the most restrictive).
+  for (CK_OBJECT_HANDLE h : master.extra_policy_objects) {
+    (void)P11_CALL(session, C_DestroyObject, session.handle(), h);
+  }
   return Status::Ok();
 }
 
@@ -103,6 +97,10 @@ Status DestroyMaster(p11::Session &session, const Master &master) {
   s = P11_CALL(session, C_DestroyObject, session.handle(),
                master.policy_object);
   if (!s.ok()) return s.WithContext("destroying the policy object");
+  for (CK_OBJECT_HANDLE h : master.extra_policy_objects) {
+    s = P11_CALL(session, C_DestroyObject, session.handle(), h);
+    if (!s.ok()) return s.WithContext("destroying a duplicate policy object");
+  }
   return Status::Ok();
 }
 
@@ -119,35 +117,30 @@ Result<CK_OBJECT_HANDLE> CreateLegacySecret(p11::Session &session,
   SecretBuffer padded(is_aes ? 0 : std::max<size_t>(key.size(), 32));
   if (!is_aes) std::copy(key.data(), key.data() + key.size(), padded.data());
   const SecretBuffer &value = is_aes ? key : padded;
-  p11::Template t;
-  t.Ulong(CKA_CLASS, CKO_SECRET_KEY)
-      .Ulong(CKA_KEY_TYPE, is_aes ? CKK_AES : CKK_GENERIC_SECRET)
-      .Bool(CKA_TOKEN, true)
-      .Bool(CKA_PRIVATE, true)
-      .Bool(CKA_SENSITIVE, true)
-      .Bool(CKA_EXTRACTABLE, false)
-      .Bool(CKA_MODIFIABLE, false)
-      .Bool(CKA_ENCRYPT, false)
-      .Bool(CKA_DECRYPT, is_aes)
-      .Bool(CKA_SIGN, !is_aes)
-      .Bool(CKA_VERIFY, !is_aes)
-      .Bool(CKA_WRAP, false)
-      .Bool(CKA_UNWRAP, false)
-      .Bool(CKA_DERIVE, false)
-      .String(CKA_LABEL, label)
-      .Data(CKA_ID, name)
-      .Data(CKA_VALUE, value.span());
-  CK_OBJECT_HANDLE h = CK_INVALID_HANDLE;
-  Status s = P11_CALL(session, C_CreateObject, session.handle(), t.data(),
-                      t.size(), &h);
-  // The template held a copy of the key bytes: wipe it now.
-  for (const CK_ATTRIBUTE &a : t.attributes()) {
-    if (a.type == CKA_VALUE && a.pValue != nullptr) {
-      OPENSSL_cleanse(a.pValue, a.ulValueLen);
-    }
-  }
-  if (!s.ok()) return s;
-  return h;
+  KeySpec spec{is_aes ? KeyKind::kLegacyAes : KeyKind::kLegacyMac, label, name,
+               false, false};
+  std::atomic<unsigned> refused{0};
+  Result<CreatedKey> created = CreateKey(
+      spec,
+      [&](p11::Template &t, CK_OBJECT_HANDLE *out) {
+        Status s = P11_CALL(session, C_CreateObject, session.handle(), t.data(),
+                            t.size(), out);
+        // The template held a copy of the key bytes: wipe it now.
+        for (const CK_ATTRIBUTE &a : t.attributes()) {
+          if (a.type == CKA_VALUE && a.pValue != nullptr) {
+            OPENSSL_cleanse(a.pValue, a.ulValueLen);
+          }
+        }
+        return s;
+      },
+      &refused, [&](p11::Template &t) { t.Data(CKA_VALUE, value.span()); });
+  if (!created.ok()) return created.status();
+  p11::ScopedObject owner(session, created->handle);
+  Result<Protections> attrs =
+      VerifyKey(session, created->handle, spec,
+                "new legacy key " + HexEncode(name), created->lockdown);
+  if (!attrs.ok()) return attrs.status();
+  return owner.Release();
 }
 
 }  // namespace

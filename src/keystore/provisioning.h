@@ -48,7 +48,9 @@ namespace hsmstek::keystore {
 [[nodiscard]] Status DestroyLegacyKey(p11::Session &session,
                                       const LegacyKeyObjects &legacy);
 
-// The SPEC §4 template of a master, for generation and for unwrapping.
+// The SPEC §4 template of a master without the lock-down attributes
+// (KeyTemplate with none; tests create known masters with it). Creating
+// a master goes through CreateKey (key_attributes.h).
 p11::Template MasterTemplate(std::string_view label, const StoreId &id,
                              bool replicable, bool for_unwrap);
 

@@ -155,25 +155,8 @@ p11::Template PrivateUnwrapKeyTemplate(std::string_view label, ByteSpan id) {
 }
 
 // What an unwrap key forces on the keys it unwraps (CKA_UNWRAP_TEMPLATE):
-// a master as SPEC §4 has it, never readable, wrappable only by a trusted
-// key. CKA_TOKEN and CKA_EXTRACTABLE stay free (ImportMaster unwraps into
-// a session object first; replicable masters are extractable).
-p11::Template UnwrapTemplate() {
-  p11::Template t;
-  t.Ulong(CKA_CLASS, CKO_SECRET_KEY)
-      .Ulong(CKA_KEY_TYPE, CKK_AES)
-      .Bool(CKA_PRIVATE, true)
-      .Bool(CKA_SENSITIVE, true)
-      .Bool(CKA_WRAP_WITH_TRUSTED, true)
-      .Bool(CKA_DERIVE, true)
-      .Bool(CKA_ENCRYPT, false)
-      .Bool(CKA_DECRYPT, false)
-      .Bool(CKA_SIGN, false)
-      .Bool(CKA_VERIFY, false)
-      .Bool(CKA_WRAP, false)
-      .Bool(CKA_UNWRAP, false);
-  return t;
-}
+// see MasterUnwrapConstraints (key_attributes.h).
+p11::Template UnwrapTemplate() { return MasterUnwrapConstraints(); }
 
 const Master *FindMasterById(const std::vector<Master> &masters,
                              const StoreId &id) {
@@ -693,34 +676,39 @@ Status ImportMaster(p11::Session &session, std::string_view label,
   // before the check value has proved the key. SoftHSM 2.6 refuses
   // CKA_MODIFIABLE in an unwrap template (CKR_ATTRIBUTE_READ_ONLY); the copy
   // below sets it.
-  p11::Template spec =
-      MasterTemplate(label, bundle.store_id, bundle.policy.replicable, true);
-  p11::Template t;
-  for (const CK_ATTRIBUTE &a : spec.attributes()) {
-    if (a.type == CKA_MODIFIABLE) continue;
-    if (a.type == CKA_TOKEN) {
-      t.Bool(CKA_TOKEN, false);
-      continue;
-    }
-    t.Data(a.type, ByteSpan(static_cast<const uint8_t *>(a.pValue),
-                            static_cast<size_t>(a.ulValueLen)));
-  }
-  // Our unwrap keys pin CKA_WRAP_WITH_TRUSTED (UnwrapTemplate); for a
-  // non-extractable master it changes nothing.
-  if (!bundle.policy.replicable) t.Bool(CKA_WRAP_WITH_TRUSTED, true);
+  KeySpec spec{KeyKind::kMaster, label, bundle.store_id,
+               bundle.policy.replicable, /*for_unwrap=*/true};
   OaepParams p;
   MechanismFor(bundle.mechanism, p);
-  CK_OBJECT_HANDLE unwrapped = CK_INVALID_HANDLE;
   Bytes wrapped = bundle.wrapped;  // C_UnwrapKey takes a non-const pointer
-  Status s =
-      P11_CALL(session, C_UnwrapKey, session.handle(), &p.mechanism, key.handle,
-               wrapped.data(), static_cast<CK_ULONG>(wrapped.size()), t.data(),
-               t.size(), &unwrapped);
-  if (!s.ok()) {
-    return s.WithContext("unwrapping master " + id_hex + " with " +
-                         DescribeKey(key) +
-                         " (a damaged bundle, or one wrapped for another key)");
+  std::atomic<unsigned> refused_lockdown{0};
+  Result<CreatedKey> created = CreateKey(
+      spec,
+      [&](p11::Template &master, CK_OBJECT_HANDLE *out) {
+        p11::Template t;
+        for (const CK_ATTRIBUTE &a : master.attributes()) {
+          if (a.type == CKA_TOKEN) {
+            t.Bool(CKA_TOKEN, false);
+            continue;
+          }
+          t.Data(a.type, ByteSpan(static_cast<const uint8_t *>(a.pValue),
+                                  static_cast<size_t>(a.ulValueLen)));
+        }
+        // Our unwrap keys pin CKA_WRAP_WITH_TRUSTED (UnwrapTemplate); for a
+        // non-extractable master it changes nothing.
+        if (!bundle.policy.replicable) t.Bool(CKA_WRAP_WITH_TRUSTED, true);
+        return P11_CALL(session, C_UnwrapKey, session.handle(), &p.mechanism,
+                        key.handle, wrapped.data(),
+                        static_cast<CK_ULONG>(wrapped.size()), t.data(),
+                        t.size(), out);
+      },
+      &refused_lockdown);
+  if (!created.ok()) {
+    return created.status().WithContext(
+        "unwrapping master " + id_hex + " with " + DescribeKey(key) +
+        " (a damaged bundle, or one wrapped for another key)");
   }
+  CK_OBJECT_HANDLE unwrapped = created->handle;
   p11::ScopedObject session_copy(session, unwrapped);
 
   Result<std::array<uint8_t, kCheckValueSize>> check =
@@ -736,13 +724,13 @@ Status ImportMaster(p11::Session &session, std::string_view label,
   p11::Template persist;
   persist.Bool(CKA_TOKEN, true).Bool(CKA_MODIFIABLE, false);
   CK_OBJECT_HANDLE stored = CK_INVALID_HANDLE;
-  s = P11_CALL(session, C_CopyObject, session.handle(), unwrapped,
-               persist.data(), persist.size(), &stored);
+  Status s = P11_CALL(session, C_CopyObject, session.handle(), unwrapped,
+                      persist.data(), persist.size(), &stored);
   if (!s.ok()) return s.WithContext("storing master " + id_hex);
   p11::ScopedObject stored_owner(session, stored);
-  Status attrs = VerifyMasterAttributes(
-      session, stored, bundle.policy.replicable, "imported master " + id_hex);
-  if (!attrs.ok()) return attrs;
+  Result<Protections> attrs = VerifyKey(
+      session, stored, spec, "imported master " + id_hex, created->lockdown);
+  if (!attrs.ok()) return attrs.status();
   Result<CK_OBJECT_HANDLE> policy =
       StorePolicyObject(session, label, bundle.store_id, bundle.policy);
   if (!policy.ok()) return policy.status();

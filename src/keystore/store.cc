@@ -1,6 +1,7 @@
 #include "keystore/store.h"
 
 #include <algorithm>
+#include <climits>
 
 #include "common/log.h"
 #include "pkcs11/object.h"
@@ -97,23 +98,66 @@ Result<std::shared_ptr<const KeyStore::View>> KeyStore::CurrentView(
     std::lock_guard<std::mutex> lock(mu_);
     // Another thread may have reloaded while we waited.
     if (!force_reload && view_ != view && fresh(view_)) return view_;
+    view = view_;
+  }
+  // A view whose handles are still good: served while a reload backs off.
+  auto usable = [this](const std::shared_ptr<const View> &v) {
+    return v && token_->state() == p11::TokenState::kConnected &&
+           v->generation == token_->generation();
+  };
+  if (!force_reload && !ReloadDueLocked()) {
+    if (usable(view)) return view;
+    return last_reload_error_;
   }
   Status status = ReloadLocked();
-  if (!status.ok()) return status;
+  if (!status.ok()) {
+    // Not again on every handshake: dozens of token calls each time.
+    reload_backoff_.Failed(options_.clock->NowUnix(),
+                           options_.refresh_interval_s);
+    last_reload_error_ = status;
+    failed_generation_ = token_->generation();
+    if (!force_reload && usable(view)) return view;
+    return status;
+  }
+  reload_backoff_.Succeeded();
   std::lock_guard<std::mutex> lock(mu_);
   return view_;
+}
+
+bool KeyStore::ReloadDueLocked() const {
+  if (last_reload_error_.ok()) return true;
+  // A reconnect since the failure (a new generation, or one to come) may
+  // have fixed it: try at once, the token backs off its own connects.
+  if (token_->state() != p11::TokenState::kConnected ||
+      token_->generation() != failed_generation_) {
+    return true;
+  }
+  return reload_backoff_.Due(options_.clock->NowUnix());
+}
+
+void KeyStore::LogSkippedLocked(const std::vector<SkippedObject> &skipped) {
+  for (const SkippedObject &o : skipped) {
+    std::string line = "hsmstek: store \"" + label_ + "\": " + o.what +
+                       " left out: " + o.reason +
+                       " (the rest of the store serves; see hsmstek status)";
+    if (logged_skips_.insert(line).second) log::Warning(line);
+  }
 }
 
 Status KeyStore::ReloadLocked() {
   Result<p11::Session> session = token_->Acquire();
   if (!session.ok()) return session.status();
-  Result<std::vector<Master>> masters = LoadMasters(*session, label_);
+  std::vector<SkippedObject> skipped;
+  Result<std::vector<Master>> masters = LoadMasters(*session, label_, &skipped);
   if (!masters.ok()) return masters.status();
   Result<std::vector<LegacyKeyObjects>> legacy =
-      LoadLegacyKeys(*session, label_);
+      LoadLegacyKeys(*session, label_, &skipped);
   if (!legacy.ok()) return legacy.status();
+  LogSkippedLocked(skipped);
+  last_reload_error_ = Status::Ok();
 
   auto view = std::make_shared<View>();
+  view->skipped = std::move(skipped);
   view->generation = session->generation();
   view->loaded_at = options_.clock->NowUnix();
   view->masters = std::move(*masters);
@@ -150,12 +194,22 @@ Result<TicketKeys> KeyStore::KeysFor(const View &view, const Master &master,
       return from_entry(it->second);
     }
   }
+  std::vector<DerivedKeys> doomed;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    doomed = MakeRoomLocked(view, options_.clock->NowUnix());
+  }
   DerivedKeys derived;
   Status status = token_->WithObjectSession([&](p11::Session &session) {
     if (session.generation() != view.generation) {
       return Unavailable("token reconnected; reloading the store");
     }
-    Result<DerivedKeys> keys = DeriveEpochKeys(session, master.key, epoch);
+    // Destroyed at once, not a maintenance pass later: the bound holds in
+    // the token. A ticket operation that just took one of these handles
+    // fails soft into a full handshake.
+    for (const DerivedKeys &d : doomed) DestroyDerivedKeys(session, d);
+    Result<DerivedKeys> keys =
+        DeriveEpochKeys(session, master.key, epoch, &refused_lockdown_);
     if (!keys.ok()) return keys.status();
     derived = *keys;
     return Status::Ok();
@@ -266,6 +320,52 @@ DecryptLookup KeyStore::KeysForDecrypt(const KeyName &name) {
   return out;
 }
 
+std::vector<DerivedKeys> KeyStore::MakeRoomLocked(const View &view,
+                                                  int64_t now) {
+  std::vector<DerivedKeys> out;
+  // Pairs already evicted but not yet destroyed count against the bound.
+  size_t used = cache_.size();
+  for (const Evicted &e : evicted_) {
+    if (e.generation == view.generation) ++used;
+  }
+  if (used + 1 <= kMaxDerivedPairs) return out;
+  for (auto it = evicted_.begin(); it != evicted_.end();) {
+    if (used + 1 <= kMaxDerivedPairs) break;
+    if (it->generation == view.generation) {
+      out.push_back(it->keys);
+      --used;
+    }
+    it = evicted_.erase(it);
+  }
+  if (used + 1 <= kMaxDerivedPairs) return out;
+  std::vector<MasterState> states = ComputeStates(view.masters, now);
+  std::vector<NameBytes> names;
+  std::vector<CachedEpoch> entries;
+  for (const auto &[name, e] : cache_) {
+    CachedEpoch c;
+    const Master *m = FindMaster(view.masters, e.master);
+    if (m != nullptr && e.generation == view.generation) {
+      const KeyState state = states[m - view.masters.data()].state;
+      const uint64_t n = EpochAt(now, m->policy.period_s);
+      c.epoch_start = EpochStart(e.epoch, m->policy.period_s);
+      c.pinned = (state == KeyState::kActive && e.epoch >= n) ||
+                 (state == KeyState::kPending &&
+                  e.epoch == EpochAt(m->policy.not_before, m->policy.period_s));
+    } else {
+      c.epoch_start = INT64_MIN;  // dead or unknown: first to go
+    }
+    names.push_back(name);
+    entries.push_back(c);
+  }
+  for (size_t i : EvictionOrder(entries, kMaxDerivedPairs - 1)) {
+    auto it = cache_.find(names[i]);
+    if (it->second.generation == view.generation)
+      out.push_back(it->second.keys);
+    cache_.erase(it);
+  }
+  return out;
+}
+
 void KeyStore::EvictLocked(const View &view, int64_t now) {
   for (auto it = cache_.begin(); it != cache_.end();) {
     const CacheEntry &e = it->second;
@@ -368,6 +468,7 @@ Result<StoreSnapshot> KeyStore::Describe() {
     info.current_epoch = EpochAt(out.now, m.policy.period_s);
     info.current_name = MakeKeyName(m.id, info.current_epoch);
     info.next_rotation = EpochStart(info.current_epoch + 1, m.policy.period_s);
+    info.protections = m.protections;
     out.masters.push_back(info);
   }
   std::sort(out.masters.begin(), out.masters.end(),
@@ -375,9 +476,10 @@ Result<StoreSnapshot> KeyStore::Describe() {
               return a.policy.not_before > b.policy.not_before;
             });
   for (const LegacyKeyObjects &l : v.legacy) {
-    out.legacy.push_back(
-        LegacyInfo{l.name, l.expires, l.format, l.aes_key_bytes});
+    out.legacy.push_back(LegacyInfo{l.name, l.expires, l.format,
+                                    l.aes_key_bytes, l.protections});
   }
+  out.skipped = v.skipped;
   return out;
 }
 
@@ -395,7 +497,7 @@ Result<std::array<uint8_t, kCheckValueSize>> KeyStore::CheckValue(
   if (session->generation() != (*view)->generation) {
     return Unavailable("token reconnected; try again");
   }
-  return ComputeCheckValue(*session, master->key);
+  return ComputeCheckValue(*session, master->key, &refused_lockdown_);
 }
 
 void KeyStore::EnsureMaintenanceThread() {

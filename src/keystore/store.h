@@ -20,6 +20,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <set>
 #include <string>
 #include <thread>
 #include <vector>
@@ -27,6 +28,7 @@
 #include "common/clock.h"
 #include "keystore/derivation.h"
 #include "keystore/master.h"
+#include "keystore/store_limits.h"
 #include "pkcs11/token.h"
 
 namespace hsmstek::keystore {
@@ -81,6 +83,7 @@ struct MasterInfo {
   uint64_t current_epoch = 0;
   KeyName current_name;
   int64_t next_rotation = 0;  // start of the next epoch
+  Protections protections;    // as read back
 };
 
 struct LegacyInfo {
@@ -88,6 +91,7 @@ struct LegacyInfo {
   int64_t expires = 0;
   std::string format;
   size_t aes_key_bytes = 0;
+  Protections protections;
 };
 
 struct StoreSnapshot {
@@ -95,6 +99,8 @@ struct StoreSnapshot {
   int64_t now = 0;
   std::vector<MasterInfo> masters;
   std::vector<LegacyInfo> legacy;
+  // Objects with the store's label that were left out, and why.
+  std::vector<SkippedObject> skipped;
 };
 
 class KeyStore {
@@ -143,6 +149,13 @@ class KeyStore {
   uint64_t reloads() const { return reloads_.load(); }
   // Number of cached epoch keys (for tests of the bound).
   size_t cached_keys() const;
+  // CKA_ALLOWED_MECHANISMS on the keys this store derives: kApplied, or
+  // kUnsupported once the token refused it.
+  Protection derived_allowed_mechanisms() const {
+    return (refused_lockdown_.load() & kLockAllowedMechanisms)
+               ? Protection::kUnsupported
+               : Protection::kApplied;
+  }
 
  private:
   struct View {
@@ -150,6 +163,7 @@ class KeyStore {
     int64_t loaded_at = 0;
     std::vector<Master> masters;
     std::vector<LegacyKeyObjects> legacy;
+    std::vector<SkippedObject> skipped;
   };
   struct CacheEntry {
     DerivedKeys keys;
@@ -166,6 +180,13 @@ class KeyStore {
   // reloading when stale, disconnected or due.
   Result<std::shared_ptr<const View>> CurrentView(bool force_reload);
   Status ReloadLocked();
+  // Whether a reload may run now (load_mu_ held): not during the back-off
+  // after a failed one, unless the token reconnected since.
+  bool ReloadDueLocked() const;
+  void LogSkippedLocked(const std::vector<SkippedObject> &skipped);
+  // Makes room for one more derived pair under kMaxDerivedPairs (mu_
+  // held); returns the pairs to destroy now.
+  std::vector<DerivedKeys> MakeRoomLocked(const View &view, int64_t now);
   Result<TicketKeys> KeysFor(const View &view, const Master &master,
                              uint64_t epoch);
   void EvictLocked(const View &view, int64_t now);
@@ -196,6 +217,14 @@ class KeyStore {
 
   std::atomic<uint64_t> derivations_{0};
   std::atomic<uint64_t> reloads_{0};
+  // Lock-down attributes the token refused on derived keys (CreateKey).
+  std::atomic<unsigned> refused_lockdown_{0};
+
+  // Guarded by load_mu_.
+  ReloadBackoff reload_backoff_;
+  Status last_reload_error_;
+  uint64_t failed_generation_ = 0;
+  std::set<std::string> logged_skips_;  // logged once each
 
   std::mutex thread_mu_;
   std::condition_variable thread_cv_;

@@ -5,6 +5,7 @@
 #include <cstring>
 
 #include "common/log.h"
+#include "common/log_limit.h"
 #include "provider/provider.h"
 #include "tls/iv_pool.h"
 
@@ -113,7 +114,11 @@ int Seal(SSL *ssl, TicketContext &context, unsigned char key_name[16],
         keys.status().ckr() != 0) {
       context.stats->TokenError();
     }
-    log::Warning("hsmstek: no ticket issued: " + keys.status().message());
+    // Remote clients drive this path: one message per cause a minute.
+    log::EmitLimited(log::Level::kWarning,
+                     "seal " + log::CauseOf(keys.status()),
+                     "hsmstek: no ticket issued: " + keys.status().message(),
+                     context.store->clock().NowUnix());
     return kNoTicket;
   }
   if (!NextTicketIv(iv)) return kNoTicket;
@@ -154,7 +159,10 @@ int Open(SSL *ssl, TicketContext &context, const unsigned char key_name[16],
     case keystore::DecryptVerdict::kUnavailable:
     default:
       context.stats->TokenError();
-      log::Warning("hsmstek: ticket not accepted: " + lookup.error.message());
+      log::EmitLimited(
+          log::Level::kWarning, "open " + log::CauseOf(lookup.error),
+          "hsmstek: ticket not accepted: " + lookup.error.message(),
+          context.store->clock().NowUnix());
       return kNoTicket;
   }
   context.stats->BeginOpen(result == kTicketRenew);

@@ -685,6 +685,43 @@ TEST_F(CliTest, StatusJsonDescribesMastersAndLegacyKeys) {
   }
 }
 
+// The operator sees which protections the token gave each key, and the
+// objects left out with their reasons, in both forms.
+TEST_F(CliTest, StatusShowsProtectionsAndLeftOutObjects) {
+  const std::string uri = Uri(kMain, "prot");
+  ASSERT_EQ(Cli({"provision", uri}).code, 0);
+  {
+    // An orphan master: a provision killed before its policy was stored.
+    p11::Session s = UserSession(kMain);
+    StoreId orphan = {5, 5, 5, 5, 5, 5, 5, 5};
+    p11::Template t = MasterTemplate("prot", orphan, false, false);
+    CK_MECHANISM gen{CKM_AES_KEY_GEN, nullptr, 0};
+    CK_OBJECT_HANDLE h;
+    ASSERT_TRUE(
+        P11_CALL(s, C_GenerateKey, s.handle(), &gen, t.data(), t.size(), &h)
+            .ok());
+  }
+  Json j = StatusJson(kMain, "prot");
+  ASSERT_EQ(j["stores"].size(), 1u);
+  // SoftHSM 2.6: allowed mechanisms yes, derive template unknown to it.
+  EXPECT_EQ(j["stores"][0]["protections"]["allowed_mechanisms"], "applied");
+  EXPECT_EQ(j["stores"][0]["protections"]["derive_template"], "unsupported");
+  EXPECT_EQ(j["derived_protections"]["allowed_mechanisms"], "applied");
+  ASSERT_EQ(j["skipped"].size(), 1u);
+  EXPECT_EQ(j["skipped"][0]["object"], "master 0505050505050505");
+  EXPECT_NE(
+      j["skipped"][0]["reason"].get<std::string>().find("no policy object"),
+      std::string::npos);
+  RunResult table = Cli({"status", uri});
+  ASSERT_EQ(table.code, 0) << Describe(table);
+  for (const char *needle : {"allowed-mechanisms applied",
+                             "derive-template unsupported by the token",
+                             "master 0505050505050505: no policy object"}) {
+    EXPECT_NE(table.out.find(needle), std::string::npos) << needle << "\n"
+                                                         << table.out;
+  }
+}
+
 // ---------------------------------------------------------------------------
 // rotate, retire, destroy
 

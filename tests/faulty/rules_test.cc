@@ -20,6 +20,7 @@ TEST(FaultyRules, ParsesEveryDirective) {
       "delay C_Sign 5ms\n"
       "delay * 250us\n"
       "delay C_Login 1s\n"
+      "refuse CKA_DERIVE_TEMPLATE\n"
       "remove\n"
       "remove slot 12345\n"
       "remove token my token  \n");
@@ -37,6 +38,8 @@ TEST(FaultyRules, ParsesEveryDirective) {
   EXPECT_EQ(r.rules.delays[0].delay, std::chrono::milliseconds(5));
   EXPECT_EQ(r.rules.delays[1].delay, std::chrono::microseconds(250));
   EXPECT_EQ(r.rules.delays[2].delay, std::chrono::seconds(1));
+  ASSERT_EQ(r.rules.refuses.size(), 1u);
+  EXPECT_EQ(r.rules.refuses[0].attribute, CKA_DERIVE_TEMPLATE);
   ASSERT_EQ(r.rules.removes.size(), 3u);
   EXPECT_EQ(r.rules.removes[0].kind, RemoveRule::Kind::kAll);
   EXPECT_EQ(r.rules.removes[1].kind, RemoveRule::Kind::kSlot);
@@ -70,8 +73,12 @@ INSTANTIATE_TEST_SUITE_P(
     Grammar, FaultyRulesBad,
     ::testing::Values(
         BadCase{"fial C_Sign after 0 with CKR_DEVICE_ERROR",
-                "line 1: unknown directive 'fial' (fail, delay, remove, "
-                "insert or # comment)"},
+                "line 1: unknown directive 'fial' (fail, delay, refuse, "
+                "remove, insert or # comment)"},
+        BadCase{"refuse CKA_DERIVE_TEMPLAT",
+                "line 1: unknown attribute 'CKA_DERIVE_TEMPLAT' (use a CKA_* "
+                "name)"},
+        BadCase{"refuse", "line 1: expected 'refuse <CKA_NAME>'"},
         BadCase{"# ok\nfail C_Sing after 0 with CKR_DEVICE_ERROR",
                 "line 2: unknown function 'C_Sing' (use a C_* name of "
                 "PKCS#11 v2.40 or '*')"},

@@ -110,10 +110,11 @@ static ngx_int_t ngx_http_hsmstek_effective(ngx_http_core_srv_conf_t *cscf) {
  * store up on the current context. So:
  *  - a virtual server without hsmstek_tickets gets the default server's
  *    store installed too: "the default server decides";
- *  - any other difference is warned about: with no store on the default
- *    server, nginx's own ticket keys would serve the virtual server; with
- *    "off" on the virtual server it gets no tickets at all; with two stores
- *    the result depends on the library, so the same store is required. */
+ *  - a store on the virtual server but none on the default server is a
+ *    configuration error: nginx's own ticket keys would serve it;
+ *  - any other difference is warned about: with "off" on the virtual
+ *    server it gets no tickets at all; with two stores the result depends
+ *    on the library, so the same store is required. */
 static ngx_int_t ngx_http_hsmstek_sni(ngx_conf_t *cf,
                                       ngx_http_core_main_conf_t *cmcf,
                                       ngx_hsmstek_main_conf_t *mcf) {
@@ -172,14 +173,22 @@ static ngx_int_t ngx_http_hsmstek_sni(ngx_conf_t *cf,
           continue;
         }
         if (dflt_store < 0) {
-          ngx_log_error(NGX_LOG_WARN, cf->log, 0,
+          /* OpenSSL would run the default server's ticket keys, i.e.
+           * nginx's own in-memory keys, for a server that asked for the
+           * token: a configuration error, never a warning. */
+          ngx_log_error(NGX_LOG_EMERG, cf->log, 0,
                         "hsmstek: the server in %s:%ui uses store \"%V\", "
                         "but on %V its default server in %s:%ui has none: "
-                        "connections that reach it by SNI get session "
+                        "connections that reach it by SNI would get session "
                         "tickets under nginx's own keys; set "
-                        "\"hsmstek_tickets\" on the default server",
+                        "\"hsmstek_tickets %V\" on the default server in "
+                        "%s:%ui, or \"ssl_session_tickets off\" on the "
+                        "server in %s:%ui",
                         v->file_name, v->line, &stores[store].name,
-                        &addrs[a].opt.addr_text, dflt->file_name, dflt->line);
+                        &addrs[a].opt.addr_text, dflt->file_name, dflt->line,
+                        &stores[store].name, dflt->file_name, dflt->line,
+                        v->file_name, v->line);
+          return NGX_ERROR;
         } else if (store < 0) {
           ngx_log_error(NGX_LOG_WARN, cf->log, 0,
                         "hsmstek: the server in %s:%ui has "

@@ -1,0 +1,182 @@
+// Key lock-down and per-master loading seen through the fault-injecting
+// module: the templates hsmstek sends (trace), the fallback on a token that
+// refuses an attribute (`refuse` rule), and how often a store with bad
+// objects reloads under traffic.
+#include <openssl/ssl.h>
+
+#include <fstream>
+
+#include "common/log.h"
+#include "fault_fixture.h"
+#include "faulty/testing.h"
+#include "keystore/key_attributes.h"
+#include "pkcs11/object.h"
+
+namespace hsmstek::testing {
+namespace {
+
+// The trace lines of `function` since `mark`, raw ("<pid> C_X CKR_Y ...").
+std::vector<std::string> RawTrace(size_t mark_bytes) {
+  std::ifstream in(TracePath());
+  in.seekg(static_cast<std::streamoff>(mark_bytes));
+  std::vector<std::string> out;
+  std::string line;
+  while (std::getline(in, line)) out.push_back(line);
+  return out;
+}
+
+size_t TraceBytes() {
+  std::ifstream in(TracePath(), std::ios::ate);
+  return in ? static_cast<size_t>(in.tellg()) : 0;
+}
+
+class LockdownTest : public FaultTest {
+ protected:
+  static void SetUpTestSuite() { EnsureFaultStore("lockdown-base"); }
+
+  // Provisions a master in store `label` and returns the C_GenerateKey
+  // lines of the trace and the store's view of it.
+  std::vector<std::string> Provision(const std::string &label) {
+    const size_t mark = TraceBytes();
+    keystore::StoreOptions options;
+    options.background_maintenance = false;
+    options.token.read_write = true;
+    auto store = keystore::KeyStore::Open(
+        SoftHsm::Get().Uri(kFaultToken, label), options);
+    EXPECT_TRUE(store.ok());
+    if (!store.ok()) return {};
+    Result<p11::Session> s = (*store)->token()->Acquire();
+    EXPECT_TRUE(s.ok());
+    keystore::Policy p;
+    p.period_s = kHour;
+    p.decrypt_window_s = kDay;
+    p.not_before = kStart - kDay;
+    p.created_at = p.not_before;
+    Result<keystore::StoreId> id = keystore::CreateMaster(*s, label, p);
+    EXPECT_TRUE(id.ok()) << id.status().message();
+    std::vector<std::string> out;
+    for (const std::string &l : RawTrace(mark)) {
+      if (l.find(" C_GenerateKey ") != std::string::npos) out.push_back(l);
+    }
+    return out;
+  }
+};
+
+TEST_F(LockdownTest, MasterTemplatesCarryBothAttributes) {
+  std::vector<std::string> calls = Provision("lockdown-full");
+  ASSERT_FALSE(calls.empty());
+  // The first attempt asks for both; SoftHSM 2.6 refuses the derive
+  // template, and the retry keeps the allowed mechanisms.
+  EXPECT_NE(calls.front().find("CKA_DERIVE_TEMPLATE"), std::string::npos)
+      << calls.front();
+  EXPECT_NE(calls.front().find("CKA_ALLOWED_MECHANISMS"), std::string::npos)
+      << calls.front();
+  EXPECT_NE(calls.back().find(" CKR_OK "), std::string::npos) << calls.back();
+  EXPECT_NE(calls.back().find("CKA_ALLOWED_MECHANISMS"), std::string::npos)
+      << calls.back();
+}
+
+TEST_F(LockdownTest, FallsBackAndReportsWhereTheTokenRefuses) {
+  SetRules("refuse CKA_ALLOWED_MECHANISMS\nrefuse CKA_DERIVE_TEMPLATE\n");
+  std::vector<std::string> calls = Provision("lockdown-refused");
+  ASSERT_GE(calls.size(), 2u);
+  EXPECT_NE(calls.front().find("CKR_ATTRIBUTE_TYPE_INVALID"), std::string::npos)
+      << calls.front();
+  EXPECT_NE(calls.back().find(" CKR_OK "), std::string::npos) << calls.back();
+  EXPECT_EQ(calls.back().find("CKA_ALLOWED_MECHANISMS"), std::string::npos)
+      << calls.back();
+  auto store = OpenStore("lockdown-refused");
+  ASSERT_TRUE(store->Load().ok());
+  ASSERT_TRUE(store->KeysForEncrypt().ok());
+  Result<keystore::StoreSnapshot> snap = store->Describe();
+  ASSERT_TRUE(snap.ok());
+  ASSERT_EQ(snap->masters.size(), 1u);
+  EXPECT_EQ(snap->masters[0].protections.allowed_mechanisms,
+            keystore::Protection::kUnsupported);
+  EXPECT_EQ(snap->masters[0].protections.derive_template,
+            keystore::Protection::kUnsupported);
+  EXPECT_EQ(store->derived_allowed_mechanisms(),
+            keystore::Protection::kUnsupported);
+}
+
+// An orphan master next to a good one: before, every handshake re-ran the
+// whole reload (the load failed); now the orphan is left out once.
+TEST_F(LockdownTest, BadObjectsCostNoReloadPerHandshake) {
+  EnsureFaultStore("orphans");
+  {
+    keystore::StoreOptions options;
+    options.background_maintenance = false;
+    options.token.read_write = true;
+    auto admin = keystore::KeyStore::Open(
+        SoftHsm::Get().Uri(kFaultToken, "orphans"), options);
+    ASSERT_TRUE(admin.ok());
+    Result<p11::Session> s = (*admin)->token()->Acquire();
+    ASSERT_TRUE(s.ok());
+    keystore::StoreId id = {4, 4, 4, 4, 4, 4, 4, 4};
+    p11::Template t = keystore::MasterTemplate("orphans", id, false, false);
+    CK_MECHANISM gen{CKM_AES_KEY_GEN, nullptr, 0};
+    CK_OBJECT_HANDLE h;
+    ASSERT_TRUE(
+        P11_CALL(*s, C_GenerateKey, s->handle(), &gen, t.data(), t.size(), &h)
+            .ok());
+  }
+  auto context = ContextFor(OpenStore("orphans"));
+  auto server = ServerCtx(context, TLS1_3_VERSION);
+  auto client = NewClientCtx(TLS1_3_VERSION);
+  const size_t mark = TraceMark();
+  HandshakeResult first = Handshake(client.get(), server.get());
+  ASSERT_TRUE(first.ok);
+  UniqueSslSession offer = Reoffer(first.session.get());
+  int resumed = 0;
+  for (int i = 0; i < 100; ++i) {
+    HandshakeResult r = Handshake(client.get(), server.get(), offer.get());
+    ASSERT_TRUE(r.ok) << r.error;
+    resumed += r.reused ? 1 : 0;
+    offer = Reoffer(r.session.get());
+  }
+  EXPECT_EQ(resumed, 100);
+  // A reload is one C_FindObjectsInit for masters, one for policies, one
+  // for legacy infos: one load, not one per handshake.
+  EXPECT_LE(Count(TraceSince(mark), "C_FindObjectsInit"), 3u);
+}
+
+// A reload that fails without a reconnect (here every C_FindObjectsInit
+// answers CKR_FUNCTION_FAILED) backs off on the store's clock: handshakes
+// meanwhile are full, and do not each re-run it.
+TEST_F(LockdownTest, AFailedReloadBacksOff) {
+  EnsureFaultStore("backoff");
+  auto store = OpenStore("backoff");
+  auto context = ContextFor(store);
+  auto server = ServerCtx(context, TLS1_3_VERSION);
+  auto client = NewClientCtx(TLS1_3_VERSION);
+  SetRules("fail C_FindObjectsInit after 0 always with CKR_FUNCTION_FAILED\n");
+  // Warnings from the handshake path are rate-limited per cause.
+  int warnings = 0;
+  log::SetSink(
+      [](int level, const char *msg, void *arg) {
+        if (level == static_cast<int>(log::Level::kWarning) &&
+            std::string_view(msg).find("no ticket issued") !=
+                std::string_view::npos) {
+          ++*static_cast<int *>(arg);
+        }
+      },
+      &warnings);
+  const size_t mark = TraceMark();
+  for (int i = 0; i < 100; ++i) {
+    HandshakeResult r = Handshake(client.get(), server.get());
+    ASSERT_TRUE(r.ok) << r.error;
+    EXPECT_FALSE(r.reused);
+  }
+  log::SetSink(nullptr, nullptr);
+  EXPECT_LE(Count(TraceSince(mark), "C_FindObjectsInit"), 2u);
+  EXPECT_EQ(warnings, 1);
+  // The fault clears and the back-off passes: tickets again.
+  SetRules("");
+  clock_.Advance(60);
+  HandshakeResult r = Handshake(client.get(), server.get());
+  ASSERT_TRUE(r.ok);
+  EXPECT_FALSE(TicketOfResult(r).empty());
+}
+
+}  // namespace
+}  // namespace hsmstek::testing
