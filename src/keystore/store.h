@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "common/clock.h"
+#include "common/fork_registry.h"
 #include "keystore/derivation.h"
 #include "keystore/master.h"
 #include "pkcs11/token.h"
@@ -97,7 +98,7 @@ struct StoreSnapshot {
   std::vector<LegacyInfo> legacy;
 };
 
-class KeyStore {
+class KeyStore final : public atfork::Participant {
  public:
   // Opens the store named by `uri` (an RFC 7512 URI whose `object` is the
   // store label). Fails at once on a bad URI, a missing `object`, or a
@@ -107,6 +108,14 @@ class KeyStore {
 
   ~KeyStore();
   KeyStore(const KeyStore &) = delete;
+
+  // Fork participant: load_mu_ (rank kStoreLoad), mu_ and thread_mu_
+  // (kLeaf) are held across fork. The child forgets the parent's
+  // maintenance thread (the next use starts its own); its view and cached
+  // handles are already stale through the token's new generation.
+  void ForkPrepare(atfork::Rank rank) override;
+  void ForkParent(atfork::Rank rank) override;
+  void ForkChild(atfork::Rank rank) override;
   KeyStore &operator=(const KeyStore &) = delete;
 
   // Connects if needed and (re)reads masters and legacy keys now.

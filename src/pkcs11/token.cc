@@ -63,9 +63,52 @@ Token::Token(TokenUri uri, TokenOptions options,
              std::vector<std::shared_ptr<Module>> candidates)
     : uri_(std::move(uri)),
       options_(std::move(options)),
-      candidates_(std::move(candidates)) {}
+      candidates_(std::move(candidates)) {
+  atfork::Register(this);
+}
 
-Token::~Token() { Disconnect(); }
+Token::~Token() {
+  atfork::Unregister(this);
+  Disconnect();
+}
+
+void Token::ForkPrepare(atfork::Rank rank) {
+  if (rank == atfork::Rank::kTokenObject) object_mu_.lock();
+  if (rank == atfork::Rank::kTokenState) mu_.lock();
+}
+
+void Token::ForkParent(atfork::Rank rank) {
+  if (rank == atfork::Rank::kTokenState) mu_.unlock();
+  if (rank == atfork::Rank::kTokenObject) object_mu_.unlock();
+}
+
+void Token::ForkChild(atfork::Rank rank) {
+  if (rank == atfork::Rank::kTokenState) {
+    // Before anything can read state() or generation(): the store then sees
+    // its view and cached handles as stale and reloads, which reconnects.
+    if (state_ != TokenState::kDisconnected || !idle_.empty() ||
+        object_session_ != CK_INVALID_HANDLE || held_module_) {
+      ForgetParentLocked();
+    }
+    mu_.unlock();
+  }
+  if (rank == atfork::Rank::kTokenObject) object_mu_.unlock();
+}
+
+void Token::ForgetParentLocked() {
+  // Nothing of the parent's is ours to close, and its leases belong to
+  // threads that do not exist here. The child needs its own C_Initialize
+  // before any call (its module starts with no token counted); a new
+  // generation makes every handle of the parent stale.
+  idle_.clear();
+  object_session_ = CK_INVALID_HANDLE;
+  object_session_in_use_ = CK_INVALID_HANDLE;
+  object_session_retired_ = false;
+  leased_ = 0;
+  held_module_.reset();
+  state_ = TokenState::kDisconnected;
+  generation_.fetch_add(1);
+}
 
 Result<std::shared_ptr<Token>> Token::Create(const TokenUri &uri,
                                              TokenOptions options) {
@@ -386,18 +429,7 @@ void Token::ReportFault(CK_RV rv, uint64_t gen) {
 
 void Token::DisconnectLocked(bool close_handles) {
   if (ForkedSinceConnect()) {
-    // Nothing of the parent's is ours to close, and its leases belong to
-    // threads that do not exist here. The child needs its own C_Initialize
-    // before any call (its module starts with no token counted); a new
-    // generation makes every handle of the parent stale.
-    idle_.clear();
-    object_session_ = CK_INVALID_HANDLE;
-    object_session_in_use_ = CK_INVALID_HANDLE;
-    object_session_retired_ = false;
-    leased_ = 0;
-    held_module_.reset();
-    state_ = TokenState::kDisconnected;
-    generation_.fetch_add(1);
+    ForgetParentLocked();
     return;
   }
   if (close_handles && module_) {
