@@ -2,7 +2,10 @@
 
 #include <algorithm>
 
+#include "common/barrier.h"
+#include "common/bytes.h"
 #include "common/log.h"
+#include "common/test_seam.h"
 #include "pkcs11/object.h"
 
 namespace hsmstek::keystore {
@@ -106,6 +109,8 @@ Status KeyStore::Load() {
 
 Result<std::shared_ptr<const KeyStore::View>> KeyStore::CurrentView(
     bool force_reload) {
+  // The ticket path's allocations (views, cache entries) start here.
+  seam::Hit(seam::Point::kStoreLookup);
   auto fresh = [this](const std::shared_ptr<const View> &v) {
     // State before generation: a reconnect completing between the two
     // reads then shows as a newer generation. In the other order the old
@@ -346,7 +351,11 @@ void KeyStore::DestroyEvicted(uint64_t pass) {
 
 void KeyStore::Maintain() {
   Result<std::shared_ptr<const View>> view = CurrentView(false);
-  if (!view.ok()) return;
+  if (!view.ok()) {
+    ReportBackground(view.status());
+    return;
+  }
+  Status first_error;
   const View &v = **view;
   const int64_t now = options_.clock->NowUnix();
   std::vector<MasterState> states = ComputeStates(v.masters, now);
@@ -356,13 +365,18 @@ void KeyStore::Maintain() {
     if (states[i].state == KeyState::kActive) {
       // The next epoch's keys exist before the boundary: no handshake pays
       // for a derivation.
-      (void)KeysFor(v, m, n);
-      (void)KeysFor(v, m, n + 1);
+      for (uint64_t epoch : {n, n + 1}) {
+        Result<TicketKeys> keys = KeysFor(v, m, epoch);
+        if (!keys.ok() && first_error.ok()) first_error = keys.status();
+      }
     } else if (states[i].state == KeyState::kPending &&
                m.policy.not_before - now <= m.policy.period_s) {
-      (void)KeysFor(v, m, EpochAt(m.policy.not_before, m.policy.period_s));
+      Result<TicketKeys> keys =
+          KeysFor(v, m, EpochAt(m.policy.not_before, m.policy.period_s));
+      if (!keys.ok() && first_error.ok()) first_error = keys.status();
     }
   }
+  ReportBackground(first_error);
   // Evicted handles are destroyed one pass later, not at once: a ticket
   // operation on another thread may have just taken one (it has a whole
   // maintenance interval to finish). One later still fails on the destroyed
@@ -441,9 +455,35 @@ void KeyStore::EnsureMaintenanceThread() {
   if (thread_ != nullptr && thread_fork_count_ == forks) return;
   // In a forked child the parent's thread does not exist: leak its object
   // (joining would hang) and start our own.
+  // Runs on the ticket path (the first use, and again in a forked child):
+  // a failed start (std::system_error, std::bad_alloc) must not leave
+  // here. Tickets work without the thread; the next use tries again.
+  try {
+    seam::Hit(seam::Point::kStoreThreadStart);
+    auto thread = std::make_unique<std::thread>([this] { MaintenanceLoop(); });
+    thread_ = thread.release();
+  } catch (...) {
+    exceptions_.fetch_add(1);
+    barrier::ReportCaught("store maintenance thread start");
+    return;
+  }
   thread_fork_count_ = forks;
-  thread_ = new std::thread([this] { MaintenanceLoop(); });
   thread_running_for_.store(forks + 1, std::memory_order_release);
+}
+
+void KeyStore::ReportBackground(const Status &status) {
+  std::string message = status.ok() ? std::string()
+                                    : "store " + QuoteForMessage(label_) +
+                                          ": maintenance: " + status.message();
+  std::lock_guard<std::mutex> lock(thread_mu_);
+  // Once per cause: a token that stays away must not flood the log.
+  if (message == last_background_error_) return;
+  last_background_error_ = message;
+  if (status.ok()) {
+    log::Info("store " + QuoteForMessage(label_) + ": maintenance recovered");
+  } else {
+    log::Warning(message);
+  }
 }
 
 void KeyStore::MaintenanceLoop() {

@@ -150,6 +150,8 @@ class KeyStore final : public atfork::Participant {
   // Counters since open.
   uint64_t derivations() const { return derivations_.load(); }
   uint64_t reloads() const { return reloads_.load(); }
+  // Exceptions stopped inside the store (a failed maintenance thread start).
+  uint64_t exceptions() const { return exceptions_.load(); }
   // Number of cached epoch keys (for tests of the bound).
   size_t cached_keys() const;
 
@@ -180,7 +182,10 @@ class KeyStore final : public atfork::Participant {
   void EvictLocked(const View &view, int64_t now);
   // Destroys evicted key pairs that have waited a full maintenance pass.
   void DestroyEvicted(uint64_t pass);
+  // Starts the maintenance thread if this process has none. Never throws.
   void EnsureMaintenanceThread();
+  // Logs a maintenance error once per cause (and the recovery once).
+  void ReportBackground(const Status &status);
   void MaintenanceLoop();
 
   const std::string label_;
@@ -205,12 +210,14 @@ class KeyStore final : public atfork::Participant {
 
   std::atomic<uint64_t> derivations_{0};
   std::atomic<uint64_t> reloads_{0};
+  std::atomic<uint64_t> exceptions_{0};
 
   std::mutex thread_mu_;
   std::condition_variable thread_cv_;
   bool stop_ = false;
   std::thread *thread_ = nullptr;  // leaked in a forked child, see .cc
   uint64_t thread_fork_count_ = 0;
+  std::string last_background_error_;  // guarded by thread_mu_
   // ForkCount()+1 of the process that runs the maintenance thread (0: none
   // yet): lets EnsureMaintenanceThread skip thread_mu_ on every ticket.
   std::atomic<uint64_t> thread_running_for_{0};
