@@ -1,6 +1,7 @@
 #include "keystore/store.h"
 
 #include <algorithm>
+#include <new>
 
 #include "common/barrier.h"
 #include "common/bytes.h"
@@ -75,6 +76,11 @@ void KeyStore::ForkChild(atfork::Rank rank) {
     // (joining would hang) and the next use starts the child's own.
     thread_ = nullptr;
     thread_running_for_.store(0);
+    // The parent's thread may have been waiting on thread_cv_: the copy
+    // counts a waiter that does not exist here, and destroying or
+    // signalling it could block forever. A fresh one replaces it (not
+    // destroyed: that is what would block; it owns no resources).
+    new (&thread_cv_) std::condition_variable();
     thread_mu_.unlock();
     mu_.unlock();
   }

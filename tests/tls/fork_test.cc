@@ -3,10 +3,13 @@
 // resumes (the token reconnects before any cached handle of the parent is
 // used), each child issues and resumes its own tickets, and the parent,
 // whose state nothing in a child touched, still resumes afterwards.
+#include <poll.h>
+#include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "tls_fixture.h"
@@ -133,6 +136,48 @@ TEST_F(ForkTest, EveryChildsFirstResumptionResumesAndTheParentStillDoes) {
   EXPECT_TRUE(Resumes(client12.get(), server12.get(), full12.session.get()));
   EXPECT_TRUE(IssuesAndResumes(client12.get(), server12.get()));
   EXPECT_EQ(context->stats->Snapshot().token_errors, 0u);
+}
+
+// A worker that exits closes its store: that must not wait for the
+// parent's maintenance thread, which at fork time sat in its condition
+// variable (the child's copy counts a waiter that does not exist there).
+TEST_F(ForkTest, ChildClosesItsStoreWhileTheParentsThreadWaits) {
+  ProvisionedStore("fork", "close");
+  keystore::StoreOptions options;
+  options.clock = &clock_;
+  options.background_maintenance = true;
+  auto opened =
+      keystore::KeyStore::Open(SoftHsm::Get().Uri("fork", "close"), options);
+  ASSERT_TRUE(opened.ok()) << opened.status().message();
+  std::shared_ptr<keystore::KeyStore> store = std::move(*opened);
+  ASSERT_TRUE(store->Load().ok());
+  // The thread's first pass derives this epoch's and the next one's keys;
+  // then it waits a second for the next pass.
+  while (store->derivations() < 2) std::this_thread::yield();
+
+  constexpr int kBoundMs = 5000;  // a hang is forever; this is generous
+  for (int i = 0; i < kChildren; ++i) {
+    int fds[2];
+    ASSERT_EQ(pipe(fds), 0);
+    pid_t pid = ::fork();
+    ASSERT_GE(pid, 0);
+    if (pid == 0) {
+      close(fds[0]);
+      store.reset();  // the child's last reference
+      char done = 0;
+      (void)!write(fds[1], &done, 1);
+      _exit(0);
+    }
+    close(fds[1]);
+    pollfd p{fds[0], POLLIN, 0};
+    char done = 1;
+    bool closed = poll(&p, 1, kBoundMs) == 1 && read(fds[0], &done, 1) == 1;
+    if (!closed) kill(pid, SIGKILL);
+    close(fds[0]);
+    int status = 0;
+    ASSERT_EQ(waitpid(pid, &status, 0), pid);
+    EXPECT_TRUE(closed) << "child " << i << " hung closing its store";
+  }
 }
 
 }  // namespace
