@@ -204,8 +204,8 @@ Result<TicketKeys> KeyStore::KeysFor(const View &view, const Master &master,
   });
   if (!status.ok()) {
     return status.WithContext("deriving keys of epoch " +
-                              std::to_string(epoch) + " of store \"" + label_ +
-                              "\"");
+                              std::to_string(epoch) + " of store " +
+                              QuoteForMessage(label_));
   }
   derivations_.fetch_add(1);
   CacheEntry entry{derived, view.generation, master.id, epoch};
@@ -226,7 +226,8 @@ Result<TicketKeys> KeyStore::KeysForEncrypt() {
     return KeysFor(**view, masters[i],
                    EpochAt(now, masters[i].policy.period_s));
   }
-  return FailedPrecondition("store \"" + label_ + "\" has no active master");
+  return FailedPrecondition("store " + QuoteForMessage(label_) +
+                            " has no active master");
 }
 
 DecryptLookup KeyStore::KeysForDecrypt(const KeyName &name) {
@@ -440,8 +441,8 @@ Result<std::array<uint8_t, kCheckValueSize>> KeyStore::CheckValue(
   if (!view.ok()) return view.status();
   const Master *master = FindMaster((*view)->masters, id);
   if (master == nullptr) {
-    return NotFound("no master " + HexEncode(id) + " in store \"" + label_ +
-                    "\"");
+    return NotFound("no master " + HexEncode(id) + " in store " +
+                    QuoteForMessage(label_));
   }
   Result<p11::Session> session = token_->Acquire();
   if (!session.ok()) return session.status();

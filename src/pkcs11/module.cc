@@ -6,6 +6,7 @@
 #include <atomic>
 #include <map>
 
+#include "common/bytes.h"
 #include "common/fork_registry.h"
 #include "common/log.h"
 #include "pkcs11/error.h"
@@ -118,14 +119,13 @@ Status Module::EnsureInitialized() {
 
   CK_C_INITIALIZE_ARGS args = {};
   args.flags = CKF_OS_LOCKING_OK;
-  CK_RV rv = fn_->C_Initialize(&args);
-  initialized_by_us_ = rv == CKR_OK;
-  if (rv == CKR_CRYPTOKI_ALREADY_INITIALIZED) {
-    // Another component of this process (an engine, p11-kit) initialised the
-    // module, or the module survived a fork with its own state: both usable.
-    log::Debug("PKCS#11 module " + name_ + " was already initialised");
-  } else if (rv != CKR_OK) {
-    return CkError("C_Initialize", rv, name_);
+  Status init = P11_CHECK(name_, fn_, C_Initialize, &args);
+  initialized_by_us_ = init.ok();
+  // CKR_CRYPTOKI_ALREADY_INITIALIZED: another component of this process (an
+  // engine, p11-kit) initialised the module, or the module survived a fork
+  // with its own state: both usable.
+  if (!init.ok() && init.ckr() != CKR_CRYPTOKI_ALREADY_INITIALIZED) {
+    return init;
   }
   initialized_ = true;
   initialized_fork_count_ = forks;
@@ -138,14 +138,16 @@ bool Module::TryReinitialize(int own_holds) {
       initialized_fork_count_ != ForkCount()) {
     return false;
   }
-  fn_->C_Finalize(nullptr);
+  P11_CLEANUP(fn_, C_Finalize, nullptr);
   CK_C_INITIALIZE_ARGS args = {};
   args.flags = CKF_OS_LOCKING_OK;
-  CK_RV rv = fn_->C_Initialize(&args);
-  initialized_ = rv == CKR_OK || rv == CKR_CRYPTOKI_ALREADY_INITIALIZED;
-  initialized_by_us_ = rv == CKR_OK;
-  log::Info("re-initialised PKCS#11 module " + name_ + ": " +
-            std::string(CkrName(rv)));
+  Status init = P11_CHECK(name_, fn_, C_Initialize, &args);
+  const CK_RV rv = init.ckr();
+  initialized_ = init.ok() || rv == CKR_CRYPTOKI_ALREADY_INITIALIZED;
+  initialized_by_us_ = init.ok();
+  log::Info("re-initialised PKCS#11 module " +
+            QuoteForMessage(name_, kMaxQuotedUri) + ": " +
+            std::string(init.ok() ? "CKR_OK" : CkrName(rv)));
   return initialized_;
 }
 

@@ -229,7 +229,7 @@ Status Token::WithObjectSession(Fn &&fn) {
   object_session.token_ = nullptr;
   std::lock_guard<std::mutex> lock(mu_);
   if (object_session_retired_ && !ForkedSinceConnect()) {
-    functions->C_CloseSession(h);
+    P11_CLEANUP(functions, C_CloseSession, h);
   }
   object_session_in_use_ = CK_INVALID_HANDLE;
   object_session_retired_ = false;
