@@ -55,7 +55,10 @@ common=(-G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DHSMSTEK_BUILD_NGINX=OFF
 export ASAN_OPTIONS="detect_leaks=1:halt_on_error=1:detect_stack_use_after_return=1:check_initialization_order=1:strict_init_order=1"
 export LSAN_OPTIONS="suppressions=$supp/lsan.supp:print_suppressions=0"
 export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1"
-export TSAN_OPTIONS="halt_on_error=1:second_deadlock_stack=1:suppressions=$supp/tsan.supp"
+# die_after_fork=0: the fork tests' children start their store's maintenance
+# thread after a multi-threaded fork, which is what servers do (TSan's
+# default kills such a child).
+export TSAN_OPTIONS="halt_on_error=1:second_deadlock_stack=1:die_after_fork=0:suppressions=$supp/tsan.supp"
 
 summary=$(mktemp)
 trap 'rm -f "$summary"' EXIT
