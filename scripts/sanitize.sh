@@ -9,15 +9,17 @@
 #   tsan  TSan (-DHSMSTEK_SANITIZE=thread) build of the test binaries with
 #         concurrency, each run whole in one process: the 8-thread tests of
 #         the PKCS#11 layer (pkcs11_test), the provider (provider_test), the
-#         TLS path (ticket_test, iv_pool_test), the fault-injecting module's
-#         concurrent counters (faulty_test), the fault tests under load (fault_test:
+#         TLS path (ticket_test, iv_pool_test, fork_test), the
+#         fault-injecting module's concurrent counters (faulty_test), the
+#         fault tests under load and forks mid-derivation (fault_test:
 #         token removal mid-load, slow token with 8 threads, and the whole
 #         fault matrix), the key store and the C API (whose stores run their
 #         background maintenance thread next to the handshakes).
 #   ci    ASan + UBSan of the unit and integration tests (unit_test,
 #         formats_test, pkcs11_test, keystore_test) and of the TLS path
-#         under faults (provider_test, iv_pool_test, ticket_test, c_api_test,
-#         fault_test), each binary run whole: the subset sized for CI
+#         under faults (provider_test, iv_pool_test, ticket_test with the
+#         exception barriers, fork_test, c_api_test, fault_test), each
+#         binary run whole: the subset sized for CI
 #         (docs/TESTING.md). scripts/test.sh runs it after the plain suite.
 #
 #   scripts/sanitize.sh            # asan, then tsan
@@ -53,7 +55,10 @@ common=(-G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DHSMSTEK_BUILD_NGINX=OFF
 export ASAN_OPTIONS="detect_leaks=1:halt_on_error=1:detect_stack_use_after_return=1:check_initialization_order=1:strict_init_order=1"
 export LSAN_OPTIONS="suppressions=$supp/lsan.supp:print_suppressions=0"
 export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1"
-export TSAN_OPTIONS="halt_on_error=1:second_deadlock_stack=1:suppressions=$supp/tsan.supp"
+# die_after_fork=0: the fork tests' children start their store's maintenance
+# thread after a multi-threaded fork, which is what servers do (TSan's
+# default kills such a child).
+export TSAN_OPTIONS="halt_on_error=1:second_deadlock_stack=1:die_after_fork=0:suppressions=$supp/tsan.supp"
 
 summary=$(mktemp)
 trap 'rm -f "$summary"' EXIT
@@ -95,11 +100,11 @@ run_asan() {
 }
 
 ci_targets=(unit_test formats_test pkcs11_test keystore_test provider_test
-  iv_pool_test ticket_test c_api_test fault_test)
+  iv_pool_test ticket_test fork_test c_api_test fault_test)
 ci_binaries=(tests/unit/unit_test tests/unit/formats/formats_test
   tests/integration/pkcs11_test tests/integration/keystore_test
   tests/provider/provider_test tests/tls/iv_pool_test tests/tls/ticket_test
-  tests/api/c_api_test tests/faults/fault_test)
+  tests/tls/fork_test tests/api/c_api_test tests/faults/fault_test)
 
 run_ci() {
   timed "ci: configure" cmake -S . -B "$asan_dir" "${common[@]}" \
@@ -110,11 +115,11 @@ run_ci() {
 }
 
 tsan_targets=(hsmstek_faulty faulty_test pkcs11_test keystore_test
-  provider_test iv_pool_test ticket_test c_api_test fault_test)
+  provider_test iv_pool_test ticket_test fork_test c_api_test fault_test)
 tsan_binaries=(tests/faulty/faulty_test tests/integration/pkcs11_test
   tests/integration/keystore_test tests/provider/provider_test
-  tests/tls/iv_pool_test tests/tls/ticket_test tests/api/c_api_test
-  tests/faults/fault_test)
+  tests/tls/iv_pool_test tests/tls/ticket_test tests/tls/fork_test
+  tests/api/c_api_test tests/faults/fault_test)
 
 run_tsan() {
   timed "tsan: configure" cmake -S . -B "$tsan_dir" "${common[@]}" \

@@ -772,6 +772,11 @@ CK_RV Finalize(CK_VOID_PTR reserved) {
   }
   End(Fn::C_Finalize, rv, d);
   if (rv == CKR_OK) {
+    // Not under another call's End: C_GetFunctionList may run concurrently
+    // (it answers in any state) and would write to a closed, maybe reused,
+    // descriptor. Every call holds `forwarding` shared until it returns.
+    d.forwarding.unlock();
+    std::unique_lock<std::shared_mutex> exclusive(s.forwarding);
     std::lock_guard<std::mutex> lock(s.mu);
     int fd = s.trace_fd.exchange(-1);
     if (fd >= 0) ::close(fd);

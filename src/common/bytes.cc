@@ -40,9 +40,9 @@ Result<Bytes> HexDecode(std::string_view hex) {
   return out;
 }
 
-std::string QuoteForMessage(std::string_view text) {
+std::string QuoteForMessage(std::string_view text, size_t max) {
   static constexpr char kHex[] = "0123456789abcdef";
-  static constexpr size_t kMax = 40;
+  const size_t kMax = max;
   std::string out = "\"";
   for (size_t i = 0; i < text.size() && i < kMax; ++i) {
     auto c = static_cast<unsigned char>(text[i]);

@@ -25,10 +25,12 @@ Result<Bytes> HexDecode(std::string_view hex);
 void StoreBigEndian64(uint64_t v, uint8_t out[8]);
 uint64_t LoadBigEndian64(const uint8_t in[8]);
 
-// QuoteForMessage returns `text` in double quotes for an error message: at
-// most 40 bytes, then "..."; bytes outside printable ASCII (and '"', '\\')
-// as \xNN, so hostile input cannot forge log lines.
-std::string QuoteForMessage(std::string_view text);
+// QuoteForMessage returns `text` in double quotes for an error or log
+// message: at most `max` bytes, then "..."; bytes outside printable ASCII
+// (and '"', '\\') as \xNN, so hostile input (a token label, a URI) cannot
+// forge log lines. Labels use the default; URIs pass kMaxQuotedUri.
+inline constexpr size_t kMaxQuotedUri = 512;
+std::string QuoteForMessage(std::string_view text, size_t max = 40);
 
 // Compares in time independent of where the spans differ. Spans of
 // different length compare unequal (length is not secret).

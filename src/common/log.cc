@@ -1,34 +1,53 @@
 #include "common/log.h"
 
-#include <mutex>
-#include <string>
+#include <atomic>
+#include <cstring>
+#include <new>
 
 namespace hsmstek::log {
 namespace {
 
-std::mutex g_mu;
-Sink g_sink = nullptr;
-void *g_arg = nullptr;
+// The sink and its argument, replaced as a pair. Lock-free so that a fork
+// can never leave a child with a held logging lock; a replaced pair is
+// kept for the process (a host sets its sink a handful of times) because
+// another thread may still be reading it: all entries stay on g_entries.
+struct SinkEntry {
+  Sink sink;
+  void *arg;
+  SinkEntry *next;
+};
+std::atomic<const SinkEntry *> g_sink{nullptr};
+std::atomic<SinkEntry *> g_entries{nullptr};
+
+// Longer messages are cut; the sink needs a NUL-terminated copy and the
+// log path must not allocate (it also reports std::bad_alloc).
+constexpr size_t kMaxMessage = 1024;
 
 }  // namespace
 
 void SetSink(Sink sink, void *arg) {
-  std::lock_guard<std::mutex> lock(g_mu);
-  g_sink = sink;
-  g_arg = arg;
+  SinkEntry *entry = nullptr;
+  if (sink != nullptr) {
+    entry = new (std::nothrow) SinkEntry{sink, arg, g_entries.load()};
+    if (entry == nullptr) return;  // keeps the previous sink
+    while (!g_entries.compare_exchange_weak(entry->next, entry)) {
+    }
+  }
+  g_sink.store(entry, std::memory_order_release);
 }
 
-void Emit(Level level, std::string_view msg) {
-  Sink sink;
-  void *arg;
-  {
-    std::lock_guard<std::mutex> lock(g_mu);
-    sink = g_sink;
-    arg = g_arg;
+void Emit(Level level, std::string_view msg) noexcept {
+  const SinkEntry *entry = g_sink.load(std::memory_order_acquire);
+  if (entry == nullptr) return;
+  char text[kMaxMessage + 4];
+  size_t n = msg.size() <= kMaxMessage ? msg.size() : kMaxMessage;
+  std::memcpy(text, msg.data(), n);
+  if (n < msg.size()) {
+    std::memcpy(text + n, "...", 3);
+    n += 3;
   }
-  if (sink == nullptr) return;
-  std::string text(msg);
-  sink(static_cast<int>(level), text.c_str(), arg);
+  text[n] = '\0';
+  entry->sink(static_cast<int>(level), text, entry->arg);
 }
 
 }  // namespace hsmstek::log

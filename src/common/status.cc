@@ -35,4 +35,9 @@ Status Status::WithContext(std::string_view context) const {
   return Status(code_, std::move(m), ckr_);
 }
 
+Status OkStatusMisuse() {
+  return Status(ErrorCode::kInternal,
+                "internal error: a Result was built from an OK Status");
+}
+
 }  // namespace hsmstek

@@ -53,12 +53,19 @@ class [[nodiscard]] Status {
   std::string message_;
 };
 
+// The error a Result built from an OK Status holds (see Result).
+Status OkStatusMisuse();
+
 // Result<T> holds either a value or a non-OK Status.
 template <typename T>
 class [[nodiscard]] Result {
  public:
   Result(T value) : v_(std::move(value)) {}  // NOLINT: implicit by design
-  Result(Status status) : v_(std::move(status)) {}  // NOLINT: must be non-OK
+  // A Result is a value or an error: built from an OK Status (a bug in the
+  // caller) it holds a kInternal error instead, so ok() and status().ok()
+  // never disagree.
+  Result(Status status)  // NOLINT: implicit by design
+      : v_(status.ok() ? OkStatusMisuse() : std::move(status)) {}
 
   bool ok() const { return std::holds_alternative<T>(v_); }
   const Status &status() const {

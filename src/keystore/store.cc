@@ -2,8 +2,12 @@
 
 #include <algorithm>
 #include <climits>
+#include <new>
 
+#include "common/barrier.h"
+#include "common/bytes.h"
 #include "common/log.h"
+#include "common/test_seam.h"
 #include "pkcs11/object.h"
 
 namespace hsmstek::keystore {
@@ -47,9 +51,45 @@ KeyStore::KeyStore(std::string label, std::shared_ptr<p11::Token> token,
     : label_(std::move(label)),
       token_(std::move(token)),
       options_(std::move(options)),
-      clock_skew_s_(options_.clock_skew_s) {}
+      clock_skew_s_(options_.clock_skew_s) {
+  atfork::Register(this);
+}
+
+void KeyStore::ForkPrepare(atfork::Rank rank) {
+  if (rank == atfork::Rank::kStoreLoad) load_mu_.lock();
+  if (rank == atfork::Rank::kLeaf) {
+    mu_.lock();
+    thread_mu_.lock();
+  }
+}
+
+void KeyStore::ForkParent(atfork::Rank rank) {
+  if (rank == atfork::Rank::kLeaf) {
+    thread_mu_.unlock();
+    mu_.unlock();
+  }
+  if (rank == atfork::Rank::kStoreLoad) load_mu_.unlock();
+}
+
+void KeyStore::ForkChild(atfork::Rank rank) {
+  if (rank == atfork::Rank::kLeaf) {
+    // The parent's thread does not exist here: its object is leaked
+    // (joining would hang) and the next use starts the child's own.
+    thread_ = nullptr;
+    thread_running_for_.store(0);
+    // The parent's thread may have been waiting on thread_cv_: the copy
+    // counts a waiter that does not exist here, and destroying or
+    // signalling it could block forever. A fresh one replaces it (not
+    // destroyed: that is what would block; it owns no resources).
+    new (&thread_cv_) std::condition_variable();
+    thread_mu_.unlock();
+    mu_.unlock();
+  }
+  if (rank == atfork::Rank::kStoreLoad) load_mu_.unlock();
+}
 
 KeyStore::~KeyStore() {
+  atfork::Unregister(this);
   std::thread *thread;
   {
     std::lock_guard<std::mutex> lock(thread_mu_);
@@ -76,6 +116,8 @@ Status KeyStore::Load() {
 
 Result<std::shared_ptr<const KeyStore::View>> KeyStore::CurrentView(
     bool force_reload) {
+  // The ticket path's allocations (views, cache entries) start here.
+  seam::Hit(seam::Point::kStoreLookup);
   auto fresh = [this](const std::shared_ptr<const View> &v) {
     // State before generation: a reconnect completing between the two
     // reads then shows as a newer generation. In the other order the old
@@ -137,7 +179,7 @@ bool KeyStore::ReloadDueLocked() const {
 
 void KeyStore::LogSkippedLocked(const std::vector<SkippedObject> &skipped) {
   for (const SkippedObject &o : skipped) {
-    std::string line = "hsmstek: store \"" + label_ + "\": " + o.what +
+    std::string line = "hsmstek: store " + QuoteForMessage(label_) + ": " + o.what +
                        " left out: " + o.reason +
                        " (the rest of the store serves; see hsmstek status)";
     if (logged_skips_.insert(line).second) log::Warning(line);
@@ -216,8 +258,8 @@ Result<TicketKeys> KeyStore::KeysFor(const View &view, const Master &master,
   });
   if (!status.ok()) {
     return status.WithContext("deriving keys of epoch " +
-                              std::to_string(epoch) + " of store \"" + label_ +
-                              "\"");
+                              std::to_string(epoch) + " of store " +
+                              QuoteForMessage(label_));
   }
   derivations_.fetch_add(1);
   CacheEntry entry{derived, view.generation, master.id, epoch};
@@ -238,7 +280,8 @@ Result<TicketKeys> KeyStore::KeysForEncrypt() {
     return KeysFor(**view, masters[i],
                    EpochAt(now, masters[i].policy.period_s));
   }
-  return FailedPrecondition("store \"" + label_ + "\" has no active master");
+  return FailedPrecondition("store " + QuoteForMessage(label_) +
+                            " has no active master");
 }
 
 DecryptLookup KeyStore::KeysForDecrypt(const KeyName &name) {
@@ -389,11 +432,13 @@ void KeyStore::DestroyEvicted(uint64_t pass) {
   std::vector<Evicted> due;
   {
     std::lock_guard<std::mutex> lock(mu_);
-    auto waiting =
-        std::partition(evicted_.begin(), evicted_.end(),
-                       [pass](const Evicted &e) { return e.pass + 2 > pass; });
-    due.assign(waiting, evicted_.end());
-    evicted_.erase(waiting, evicted_.end());
+    // A plain split: GCC 12 (-O2) reports a false -Wfree-nonheap-object on
+    // std::partition + assign here.
+    std::vector<Evicted> waiting;
+    for (const Evicted &e : evicted_) {
+      (e.pass + 2 > pass ? waiting : due).push_back(e);
+    }
+    evicted_.swap(waiting);
   }
   if (due.empty()) return;
   // Failures are ignored: a key that cannot be destroyed now dies with its
@@ -413,7 +458,11 @@ void KeyStore::DestroyEvicted(uint64_t pass) {
 
 void KeyStore::Maintain() {
   Result<std::shared_ptr<const View>> view = CurrentView(false);
-  if (!view.ok()) return;
+  if (!view.ok()) {
+    ReportBackground(view.status());
+    return;
+  }
+  Status first_error;
   const View &v = **view;
   const int64_t now = options_.clock->NowUnix();
   std::vector<MasterState> states = ComputeStates(v.masters, now);
@@ -423,13 +472,18 @@ void KeyStore::Maintain() {
     if (states[i].state == KeyState::kActive) {
       // The next epoch's keys exist before the boundary: no handshake pays
       // for a derivation.
-      (void)KeysFor(v, m, n);
-      (void)KeysFor(v, m, n + 1);
+      for (uint64_t epoch : {n, n + 1}) {
+        Result<TicketKeys> keys = KeysFor(v, m, epoch);
+        if (!keys.ok() && first_error.ok()) first_error = keys.status();
+      }
     } else if (states[i].state == KeyState::kPending &&
                m.policy.not_before - now <= m.policy.period_s) {
-      (void)KeysFor(v, m, EpochAt(m.policy.not_before, m.policy.period_s));
+      Result<TicketKeys> keys =
+          KeysFor(v, m, EpochAt(m.policy.not_before, m.policy.period_s));
+      if (!keys.ok() && first_error.ok()) first_error = keys.status();
     }
   }
+  ReportBackground(first_error);
   // Evicted handles are destroyed one pass later, not at once: a ticket
   // operation on another thread may have just taken one (it has a whole
   // maintenance interval to finish). One later still fails on the destroyed
@@ -489,8 +543,8 @@ Result<std::array<uint8_t, kCheckValueSize>> KeyStore::CheckValue(
   if (!view.ok()) return view.status();
   const Master *master = FindMaster((*view)->masters, id);
   if (master == nullptr) {
-    return NotFound("no master " + HexEncode(id) + " in store \"" + label_ +
-                    "\"");
+    return NotFound("no master " + HexEncode(id) + " in store " +
+                    QuoteForMessage(label_));
   }
   Result<p11::Session> session = token_->Acquire();
   if (!session.ok()) return session.status();
@@ -510,9 +564,35 @@ void KeyStore::EnsureMaintenanceThread() {
   if (thread_ != nullptr && thread_fork_count_ == forks) return;
   // In a forked child the parent's thread does not exist: leak its object
   // (joining would hang) and start our own.
+  // Runs on the ticket path (the first use, and again in a forked child):
+  // a failed start (std::system_error, std::bad_alloc) must not leave
+  // here. Tickets work without the thread; the next use tries again.
+  try {
+    seam::Hit(seam::Point::kStoreThreadStart);
+    auto thread = std::make_unique<std::thread>([this] { MaintenanceLoop(); });
+    thread_ = thread.release();
+  } catch (...) {
+    exceptions_.fetch_add(1);
+    barrier::ReportCaught("store maintenance thread start");
+    return;
+  }
   thread_fork_count_ = forks;
-  thread_ = new std::thread([this] { MaintenanceLoop(); });
   thread_running_for_.store(forks + 1, std::memory_order_release);
+}
+
+void KeyStore::ReportBackground(const Status &status) {
+  std::string message = status.ok() ? std::string()
+                                    : "store " + QuoteForMessage(label_) +
+                                          ": maintenance: " + status.message();
+  std::lock_guard<std::mutex> lock(thread_mu_);
+  // Once per cause: a token that stays away must not flood the log.
+  if (message == last_background_error_) return;
+  last_background_error_ = message;
+  if (status.ok()) {
+    log::Info("store " + QuoteForMessage(label_) + ": maintenance recovered");
+  } else {
+    log::Warning(message);
+  }
 }
 
 void KeyStore::MaintenanceLoop() {

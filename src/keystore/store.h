@@ -26,6 +26,7 @@
 #include <vector>
 
 #include "common/clock.h"
+#include "common/fork_registry.h"
 #include "keystore/derivation.h"
 #include "keystore/master.h"
 #include "keystore/store_limits.h"
@@ -103,7 +104,7 @@ struct StoreSnapshot {
   std::vector<SkippedObject> skipped;
 };
 
-class KeyStore {
+class KeyStore final : public atfork::Participant {
  public:
   // Opens the store named by `uri` (an RFC 7512 URI whose `object` is the
   // store label). Fails at once on a bad URI, a missing `object`, or a
@@ -113,6 +114,14 @@ class KeyStore {
 
   ~KeyStore();
   KeyStore(const KeyStore &) = delete;
+
+  // Fork participant: load_mu_ (rank kStoreLoad), mu_ and thread_mu_
+  // (kLeaf) are held across fork. The child forgets the parent's
+  // maintenance thread (the next use starts its own); its view and cached
+  // handles are already stale through the token's new generation.
+  void ForkPrepare(atfork::Rank rank) override;
+  void ForkParent(atfork::Rank rank) override;
+  void ForkChild(atfork::Rank rank) override;
   KeyStore &operator=(const KeyStore &) = delete;
 
   // Connects if needed and (re)reads masters and legacy keys now.
@@ -147,6 +156,8 @@ class KeyStore {
   // Counters since open.
   uint64_t derivations() const { return derivations_.load(); }
   uint64_t reloads() const { return reloads_.load(); }
+  // Exceptions stopped inside the store (a failed maintenance thread start).
+  uint64_t exceptions() const { return exceptions_.load(); }
   // Number of cached epoch keys (for tests of the bound).
   size_t cached_keys() const;
   // CKA_ALLOWED_MECHANISMS on the keys this store derives: kApplied, or
@@ -192,7 +203,10 @@ class KeyStore {
   void EvictLocked(const View &view, int64_t now);
   // Destroys evicted key pairs that have waited a full maintenance pass.
   void DestroyEvicted(uint64_t pass);
+  // Starts the maintenance thread if this process has none. Never throws.
   void EnsureMaintenanceThread();
+  // Logs a maintenance error once per cause (and the recovery once).
+  void ReportBackground(const Status &status);
   void MaintenanceLoop();
 
   const std::string label_;
@@ -225,12 +239,14 @@ class KeyStore {
   Status last_reload_error_;
   uint64_t failed_generation_ = 0;
   std::set<std::string> logged_skips_;  // logged once each
+  std::atomic<uint64_t> exceptions_{0};
 
   std::mutex thread_mu_;
   std::condition_variable thread_cv_;
   bool stop_ = false;
   std::thread *thread_ = nullptr;  // leaked in a forked child, see .cc
   uint64_t thread_fork_count_ = 0;
+  std::string last_background_error_;  // guarded by thread_mu_
   // ForkCount()+1 of the process that runs the maintenance thread (0: none
   // yet): lets EnsureMaintenanceThread skip thread_mu_ on every ticket.
   std::atomic<uint64_t> thread_running_for_{0};

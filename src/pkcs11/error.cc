@@ -3,6 +3,8 @@
 #include <cstdio>
 #include <string>
 
+#include "common/log.h"
+
 namespace hsmstek::p11 {
 namespace {
 
@@ -184,6 +186,26 @@ bool IsConnectionFault(CK_RV rv) {
     default:
       return false;
   }
+}
+
+}  // namespace hsmstek::p11
+
+namespace hsmstek::p11 {
+
+Status CheckRv(const char *function, CK_RV rv, std::string_view context) {
+  if (rv == CKR_OK) return Status::Ok();
+  Status status = CkError(function, rv, context);
+  log::Debug(status.message());
+  return status;
+}
+
+void CheckCleanup(const char *function, CK_RV rv) noexcept {
+  if (rv == CKR_OK) return;
+  // No allocation: clean-up runs on error paths too.
+  char text[128];
+  std::snprintf(text, sizeof(text), "clean-up %s: %.*s", function,
+                static_cast<int>(CkrName(rv).size()), CkrName(rv).data());
+  log::Debug(text);
 }
 
 }  // namespace hsmstek::p11

@@ -18,6 +18,24 @@ std::string_view CkrName(CK_RV rv);
 Status CkError(std::string_view function, CK_RV rv,
                std::string_view context = {});
 
+// CheckRv is the one checkpoint for C_* results that belong to no Session
+// (module, slot and connect-time calls): OK for CKR_OK, otherwise logs at
+// debug and returns CkError(function, rv, context). Session calls go
+// through Session::Check (P11_CALL), which uses it too.
+[[nodiscard]] Status CheckRv(const char *function, CK_RV rv,
+                             std::string_view context = {});
+
+// CheckCleanup checks the result of a clean-up call (C_CloseSession,
+// C_Finalize, ...) whose failure changes nothing for the caller: logged at
+// debug, never dropped silently.
+void CheckCleanup(const char *function, CK_RV rv) noexcept;
+
+// Calls functions->Func(args...) and checks the result, naming the function.
+#define P11_CHECK(context, functions, Func, ...) \
+  ::hsmstek::p11::CheckRv(#Func, (functions)->Func(__VA_ARGS__), (context))
+#define P11_CLEANUP(functions, Func, ...) \
+  ::hsmstek::p11::CheckCleanup(#Func, (functions)->Func(__VA_ARGS__))
+
 // True for the faults after which sessions and object handles of the token
 // can no longer be trusted (SPEC §7): the token must be reconnected.
 bool IsConnectionFault(CK_RV rv);

@@ -2,28 +2,17 @@
 
 #include <dlfcn.h>
 #include <p11-kit/p11-kit.h>
-#include <pthread.h>
 
 #include <atomic>
 #include <map>
 
+#include "common/bytes.h"
+#include "common/fork_registry.h"
 #include "common/log.h"
 #include "pkcs11/error.h"
 
 namespace hsmstek::p11 {
 namespace {
-
-std::atomic<uint64_t> g_fork_count{0};
-
-void OnForkChild() { g_fork_count.fetch_add(1); }
-
-void RegisterForkHandler() {
-  static const bool registered = [] {
-    pthread_atfork(nullptr, nullptr, OnForkChild);
-    return true;
-  }();
-  (void)registered;
-}
 
 std::mutex g_registry_mu;
 // Modules live for the process: PKCS#11 allows one C_Initialize per process,
@@ -35,10 +24,30 @@ std::map<std::string, std::shared_ptr<Module>> &Registry() {
 
 }  // namespace
 
-uint64_t Module::ForkCount() { return g_fork_count.load(); }
+uint64_t Module::ForkCount() { return atfork::ForkCount(); }
+
+Module::Module(std::string name, CK_FUNCTION_LIST *fn)
+    : name_(std::move(name)), fn_(fn) {
+  atfork::Register(this);
+}
+
+void Module::ForkPrepare(atfork::Rank rank) {
+  if (rank == atfork::Rank::kModule) mu_.lock();
+}
+
+void Module::ForkParent(atfork::Rank rank) {
+  if (rank == atfork::Rank::kModule) mu_.unlock();
+}
+
+void Module::ForkChild(atfork::Rank rank) {
+  if (rank != atfork::Rank::kModule) return;
+  // The parent's tokens are not connected here (their holds are the
+  // parent's); EnsureInitialized initialises the module again before use.
+  connected_tokens_ = 0;
+  mu_.unlock();
+}
 
 Result<std::shared_ptr<Module>> Module::FromPath(const std::string &path) {
-  RegisterForkHandler();
   std::lock_guard<std::mutex> lock(g_registry_mu);
   auto it = Registry().find("path:" + path);
   if (it != Registry().end()) return it->second;
@@ -63,14 +72,13 @@ Result<std::shared_ptr<Module>> Module::FromPath(const std::string &path) {
     return CkError("C_GetFunctionList", rv == CKR_OK ? CKR_GENERAL_ERROR : rv,
                    path);
   }
-  std::shared_ptr<Module> module(new Module(path, dl, fn));
+  std::shared_ptr<Module> module(new Module(path, fn));
   Registry().emplace("path:" + path, module);
   return module;
 }
 
 Result<std::vector<std::shared_ptr<Module>>> Module::FromP11Kit(
     const std::string &name) {
-  RegisterForkHandler();
   std::lock_guard<std::mutex> lock(g_registry_mu);
   // Unmanaged: we call C_Initialize ourselves, with our own flags.
   CK_FUNCTION_LIST **list =
@@ -89,8 +97,8 @@ Result<std::vector<std::shared_ptr<Module>>> Module::FromP11Kit(
     auto it = Registry().find(key);
     if (it == Registry().end()) {
       it = Registry()
-               .emplace(key, std::shared_ptr<Module>(
-                                 new Module(module_name, nullptr, *p)))
+               .emplace(key,
+                        std::shared_ptr<Module>(new Module(module_name, *p)))
                .first;
     }
     out.push_back(it->second);
@@ -111,16 +119,13 @@ Status Module::EnsureInitialized() {
 
   CK_C_INITIALIZE_ARGS args = {};
   args.flags = CKF_OS_LOCKING_OK;
-  CK_RV rv = fn_->C_Initialize(&args);
-  // A child starts with none of its parent's tokens connected.
-  connected_tokens_ = 0;
-  initialized_by_us_ = rv == CKR_OK;
-  if (rv == CKR_CRYPTOKI_ALREADY_INITIALIZED) {
-    // Another component of this process (an engine, p11-kit) initialised the
-    // module, or the module survived a fork with its own state: both usable.
-    log::Debug("PKCS#11 module " + name_ + " was already initialised");
-  } else if (rv != CKR_OK) {
-    return CkError("C_Initialize", rv, name_);
+  Status init = P11_CHECK(name_, fn_, C_Initialize, &args);
+  initialized_by_us_ = init.ok();
+  // CKR_CRYPTOKI_ALREADY_INITIALIZED: another component of this process (an
+  // engine, p11-kit) initialised the module, or the module survived a fork
+  // with its own state: both usable.
+  if (!init.ok() && init.ckr() != CKR_CRYPTOKI_ALREADY_INITIALIZED) {
+    return init;
   }
   initialized_ = true;
   initialized_fork_count_ = forks;
@@ -133,14 +138,16 @@ bool Module::TryReinitialize(int own_holds) {
       initialized_fork_count_ != ForkCount()) {
     return false;
   }
-  fn_->C_Finalize(nullptr);
+  P11_CLEANUP(fn_, C_Finalize, nullptr);
   CK_C_INITIALIZE_ARGS args = {};
   args.flags = CKF_OS_LOCKING_OK;
-  CK_RV rv = fn_->C_Initialize(&args);
-  initialized_ = rv == CKR_OK || rv == CKR_CRYPTOKI_ALREADY_INITIALIZED;
-  initialized_by_us_ = rv == CKR_OK;
-  log::Info("re-initialised PKCS#11 module " + name_ + ": " +
-            std::string(CkrName(rv)));
+  Status init = P11_CHECK(name_, fn_, C_Initialize, &args);
+  const CK_RV rv = init.ckr();
+  initialized_ = init.ok() || rv == CKR_CRYPTOKI_ALREADY_INITIALIZED;
+  initialized_by_us_ = init.ok();
+  log::Info("re-initialised PKCS#11 module " +
+            QuoteForMessage(name_, kMaxQuotedUri) + ": " +
+            std::string(init.ok() ? "CKR_OK" : CkrName(rv)));
   return initialized_;
 }
 
@@ -154,6 +161,6 @@ void Module::TokenDisconnected() {
   if (connected_tokens_ > 0) --connected_tokens_;
 }
 
-Module::~Module() = default;
+Module::~Module() { atfork::Unregister(this); }
 
 }  // namespace hsmstek::p11

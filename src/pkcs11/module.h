@@ -7,12 +7,13 @@
 #include <string>
 #include <vector>
 
+#include "common/fork_registry.h"
 #include "common/status.h"
 #include "pkcs11/ck.h"
 
 namespace hsmstek::p11 {
 
-class Module {
+class Module final : public atfork::Participant {
  public:
   // Returns the module at `path` (dlopen + C_GetFunctionList). Modules are
   // cached per path for the life of the process: PKCS#11 allows one
@@ -49,7 +50,7 @@ class Module {
   void TokenDisconnected();
 
   // Counts how often this process has forked a child in which we run: each
-  // fork bumps it in the child (pthread_atfork). Cheap; lock-free.
+  // fork bumps it in the child (atfork::ForkCount). Cheap; lock-free.
   static uint64_t ForkCount();
 
   CK_FUNCTION_LIST *functions() const { return fn_; }
@@ -59,11 +60,16 @@ class Module {
   Module &operator=(const Module &) = delete;
   ~Module();
 
+  // Fork participant (rank kModule): mu_ is held across fork; the child
+  // counts no connected token.
+  void ForkPrepare(atfork::Rank rank) override;
+  void ForkParent(atfork::Rank rank) override;
+  void ForkChild(atfork::Rank rank) override;
+
  private:
   // The dlopen handle (if any) is deliberately not kept: modules are never
   // dlclosed (see FromPath).
-  Module(std::string name, void * /*dl_handle*/, CK_FUNCTION_LIST *fn)
-      : name_(std::move(name)), fn_(fn) {}
+  Module(std::string name, CK_FUNCTION_LIST *fn);
 
   std::string name_;
   CK_FUNCTION_LIST *fn_;

@@ -58,13 +58,10 @@ Result<std::vector<std::optional<bool>>> ReadBools(
   for (size_t i = 0; i < types.size(); ++i) {
     attrs[i] = CK_ATTRIBUTE{types[i], &values[i], sizeof(CK_BBOOL)};
   }
-  CK_RV rv =
-      session.fn()->C_GetAttributeValue(session.handle(), object, attrs.data(),
-                                        static_cast<CK_ULONG>(attrs.size()));
+  Status read = P11_CALL(session, C_GetAttributeValue, session.handle(), object,
+                         attrs.data(), static_cast<CK_ULONG>(attrs.size()));
   // CKR_ATTRIBUTE_TYPE_INVALID still fills the attributes the object has.
-  if (rv != CKR_OK && rv != CKR_ATTRIBUTE_TYPE_INVALID) {
-    return session.Check("C_GetAttributeValue", rv);
-  }
+  if (!read.ok() && read.ckr() != CKR_ATTRIBUTE_TYPE_INVALID) return read;
   std::vector<std::optional<bool>> out(types.size());
   for (size_t i = 0; i < types.size(); ++i) {
     if (attrs[i].ulValueLen == sizeof(CK_BBOOL)) out[i] = values[i] == CK_TRUE;

@@ -48,12 +48,11 @@ void Session::Release() {
 
 Status Session::Check(const char *function, CK_RV rv) {
   if (rv == CKR_OK) return Status::Ok();
-  Status status = CkError(function, rv);
+  Status status = CheckRv(function, rv);
   if (IsConnectionFault(rv)) {
     discard_ = true;
     if (token_ != nullptr) token_->ReportFault(rv, generation_);
   }
-  log::Debug(status.message());
   return status;
 }
 
@@ -63,9 +62,52 @@ Token::Token(TokenUri uri, TokenOptions options,
              std::vector<std::shared_ptr<Module>> candidates)
     : uri_(std::move(uri)),
       options_(std::move(options)),
-      candidates_(std::move(candidates)) {}
+      candidates_(std::move(candidates)) {
+  atfork::Register(this);
+}
 
-Token::~Token() { Disconnect(); }
+Token::~Token() {
+  atfork::Unregister(this);
+  Disconnect();
+}
+
+void Token::ForkPrepare(atfork::Rank rank) {
+  if (rank == atfork::Rank::kTokenObject) object_mu_.lock();
+  if (rank == atfork::Rank::kTokenState) mu_.lock();
+}
+
+void Token::ForkParent(atfork::Rank rank) {
+  if (rank == atfork::Rank::kTokenState) mu_.unlock();
+  if (rank == atfork::Rank::kTokenObject) object_mu_.unlock();
+}
+
+void Token::ForkChild(atfork::Rank rank) {
+  if (rank == atfork::Rank::kTokenState) {
+    // Before anything can read state() or generation(): the store then sees
+    // its view and cached handles as stale and reloads, which reconnects.
+    if (state_ != TokenState::kDisconnected || !idle_.empty() ||
+        object_session_ != CK_INVALID_HANDLE || held_module_) {
+      ForgetParentLocked();
+    }
+    mu_.unlock();
+  }
+  if (rank == atfork::Rank::kTokenObject) object_mu_.unlock();
+}
+
+void Token::ForgetParentLocked() {
+  // Nothing of the parent's is ours to close, and its leases belong to
+  // threads that do not exist here. The child needs its own C_Initialize
+  // before any call (its module starts with no token counted); a new
+  // generation makes every handle of the parent stale.
+  idle_.clear();
+  object_session_ = CK_INVALID_HANDLE;
+  object_session_in_use_ = CK_INVALID_HANDLE;
+  object_session_retired_ = false;
+  leased_ = 0;
+  held_module_.reset();
+  state_ = TokenState::kDisconnected;
+  generation_.fetch_add(1);
+}
 
 Result<std::shared_ptr<Token>> Token::Create(const TokenUri &uri,
                                              TokenOptions options) {
@@ -123,10 +165,10 @@ struct SlotMatch {
 std::string Describe(const CK_TOKEN_INFO &info, CK_SLOT_ID slot) {
   // Built with append: GCC 12 at -O3 (Release) reports a false -Wrestrict
   // on `"literal" + std::string&&` here.
-  std::string s = "\"";
-  s += TrimPadded(info.label, sizeof(info.label));
-  s += "\" (serial ";
-  s += TrimPadded(info.serialNumber, sizeof(info.serialNumber));
+  std::string s = QuoteForMessage(TrimPadded(info.label, sizeof(info.label)));
+  s += " (serial ";
+  s +=
+      QuoteForMessage(TrimPadded(info.serialNumber, sizeof(info.serialNumber)));
   s += ", slot ";
   s += std::to_string(slot);
   s += ")";
@@ -164,7 +206,8 @@ Status Token::ConnectLocked() {
                    : std::min(backoff_ * 2, options_.backoff_max);
     retry_at_ = std::chrono::steady_clock::now() + backoff_;
     last_connect_error_ = status;
-    log::Warning("token " + uri_.text + ": " + status.message());
+    log::Warning("token " + QuoteForMessage(uri_.text, kMaxQuotedUri) + ": " +
+                 status.message());
     return status;
   };
 
@@ -178,16 +221,18 @@ Status Token::ConnectLocked() {
       if (!init.ok()) return init;
       CK_FUNCTION_LIST *f = module->functions();
       CK_ULONG count = 0;
-      CK_RV rv = f->C_GetSlotList(CK_TRUE, nullptr, &count);
-      if (rv != CKR_OK) return CkError("C_GetSlotList", rv, module->name());
+      Status listed =
+          P11_CHECK(module->name(), f, C_GetSlotList, CK_TRUE, nullptr, &count);
+      if (!listed.ok()) return listed;
       std::vector<CK_SLOT_ID> slots(count);
-      rv = f->C_GetSlotList(CK_TRUE, slots.data(), &count);
-      if (rv != CKR_OK) return CkError("C_GetSlotList", rv, module->name());
+      listed = P11_CHECK(module->name(), f, C_GetSlotList, CK_TRUE,
+                         slots.data(), &count);
+      if (!listed.ok()) return listed;
       slots.resize(count);
       for (CK_SLOT_ID slot : slots) {
         CK_TOKEN_INFO info;
-        rv = f->C_GetTokenInfo(slot, &info);
-        if (rv != CKR_OK) continue;  // token went away between the two calls
+        Status read = P11_CHECK(module->name(), f, C_GetTokenInfo, slot, &info);
+        if (!read.ok()) continue;  // token went away between the two calls
         if (!(info.flags & CKF_TOKEN_INITIALIZED)) continue;
         seen.push_back(Describe(info, slot));
         if (uri_.MatchesToken(info, slot)) {
@@ -222,10 +267,13 @@ Status Token::ConnectLocked() {
     return s;
   };
   if (matches.empty()) {
-    return fail(NotFound("no token matches " + uri_.text + "; " + list_seen()));
+    return fail(NotFound("no token matches " +
+                         QuoteForMessage(uri_.text, kMaxQuotedUri) + "; " +
+                         list_seen()));
   }
   if (matches.size() > 1) {
-    return fail(InvalidArgument("more than one token matches " + uri_.text +
+    return fail(InvalidArgument("more than one token matches " +
+                                QuoteForMessage(uri_.text, kMaxQuotedUri) +
                                 "; add token=, serial= or slot-id=; " +
                                 list_seen()));
   }
@@ -240,19 +288,21 @@ Status Token::ConnectLocked() {
 
   for (CK_MECHANISM_TYPE m : options_.required_mechanisms) {
     CK_MECHANISM_INFO info;
-    CK_RV rv = f->C_GetMechanismInfo(slot_, m, &info);
-    if (rv == CKR_MECHANISM_INVALID) {
-      return fail(Unsupported("token \"" + label_ + "\" lacks mechanism " +
-                              MechanismName(m)));
+    Status offered = P11_CHECK(QuoteForMessage(label_), f, C_GetMechanismInfo,
+                               slot_, m, &info);
+    if (offered.ckr() == CKR_MECHANISM_INVALID) {
+      return fail(Unsupported("token " + QuoteForMessage(label_) +
+                              " lacks mechanism " + MechanismName(m)));
     }
-    if (rv != CKR_OK) return fail(CkError("C_GetMechanismInfo", rv, label_));
+    if (!offered.ok()) return fail(offered);
   }
 
   CK_SESSION_HANDLE object_session = CK_INVALID_HANDLE;
   CK_FLAGS flags =
       CKF_SERIAL_SESSION | (options_.read_write ? CKF_RW_SESSION : 0);
-  CK_RV rv = f->C_OpenSession(slot_, flags, nullptr, nullptr, &object_session);
-  if (rv != CKR_OK) return fail(CkError("C_OpenSession", rv, label_));
+  Status opened = P11_CHECK(QuoteForMessage(label_), f, C_OpenSession, slot_,
+                            flags, nullptr, nullptr, &object_session);
+  if (!opened.ok()) return fail(opened);
 
   // Tokens lock a PIN after a few wrong attempts: never retry a PIN the
   // token rejected until its source (e.g. the PIN file) has changed.
@@ -260,23 +310,25 @@ Status Token::ConnectLocked() {
   const std::string pin_source =
       external_pin ? std::string("provider") : PinSourceFingerprint(uri_);
   if (!external_pin && rejected_pin_source_ == pin_source) {
-    f->C_CloseSession(object_session);
+    P11_CLEANUP(f, C_CloseSession, object_session);
     return fail(PermissionDenied(
-        "token \"" + label_ +
-        "\" rejected the PIN earlier; not trying it again until the PIN "
+        "token " + QuoteForMessage(label_) +
+        " rejected the PIN earlier; not trying it again until the PIN "
         "source changes"));
   }
   Result<SecretBuffer> pin =
       external_pin ? options_.pin_provider() : ReadPin(uri_);
   if (!pin.ok()) {
-    f->C_CloseSession(object_session);
-    return fail(pin.status().WithContext("token \"" + label_ + "\""));
+    P11_CLEANUP(f, C_CloseSession, object_session);
+    return fail(pin.status().WithContext("token " + QuoteForMessage(label_)));
   }
-  rv = f->C_Login(object_session, options_.login_as, pin->data(),
-                  static_cast<CK_ULONG>(pin->size()));
+  Status login = P11_CHECK("token " + QuoteForMessage(label_), f, C_Login,
+                           object_session, options_.login_as, pin->data(),
+                           static_cast<CK_ULONG>(pin->size()));
   pin->clear();
-  if (rv != CKR_OK && rv != CKR_USER_ALREADY_LOGGED_IN) {
-    f->C_CloseSession(object_session);
+  const CK_RV rv = login.ckr();
+  if (!login.ok() && rv != CKR_USER_ALREADY_LOGGED_IN) {
+    P11_CLEANUP(f, C_CloseSession, object_session);
     if (rv == CKR_PIN_INCORRECT || rv == CKR_PIN_INVALID ||
         rv == CKR_PIN_LEN_RANGE || rv == CKR_PIN_LOCKED ||
         rv == CKR_PIN_EXPIRED) {
@@ -285,7 +337,7 @@ Status Token::ConnectLocked() {
     // SoftHSM answers CKR_GENERAL_ERROR when its token files changed under
     // it (see above): the next attempt starts from a fresh C_Initialize.
     if (rv == CKR_GENERAL_ERROR) module_->TryReinitialize(/*own_holds=*/1);
-    return fail(CkError("C_Login", rv, "token \"" + label_ + "\""));
+    return fail(login);
   }
   rejected_pin_source_.reset();
 
@@ -308,7 +360,7 @@ Status Token::ConnectLocked() {
   connected_fork_count_ = Module::ForkCount();
   last_connect_error_ = Status::Ok();
   generation_.fetch_add(1);
-  log::Info("connected to token \"" + label_ + "\" (slot " +
+  log::Info("connected to token " + QuoteForMessage(label_) + " (slot " +
             std::to_string(slot_) + ")");
   return Status::Ok();
 }
@@ -317,10 +369,11 @@ Result<CK_SESSION_HANDLE> Token::OpenSessionLocked() {
   CK_SESSION_HANDLE h = CK_INVALID_HANDLE;
   CK_FLAGS flags =
       CKF_SERIAL_SESSION | (options_.read_write ? CKF_RW_SESSION : 0);
-  CK_RV rv = fn()->C_OpenSession(slot_, flags, nullptr, nullptr, &h);
-  if (rv != CKR_OK) {
-    Status status = CkError("C_OpenSession", rv, label_);
-    if (IsConnectionFault(rv)) DisconnectLocked(/*close_handles=*/true);
+  Status status = P11_CHECK(QuoteForMessage(label_), fn(), C_OpenSession, slot_,
+                            flags, nullptr, nullptr, &h);
+  if (!status.ok()) {
+    if (IsConnectionFault(status.ckr()))
+      DisconnectLocked(/*close_handles=*/true);
     return status;
   }
   return h;
@@ -370,7 +423,7 @@ void Token::ReturnSession(CK_FUNCTION_LIST *functions, CK_SESSION_HANDLE h,
   // through the module it was opened on, before the module may be released
   // (and re-initialised by another token).
   if (!ForkedSinceConnect() && functions != nullptr) {
-    functions->C_CloseSession(h);
+    P11_CLEANUP(functions, C_CloseSession, h);
   }
   ReleaseModuleIfIdleLocked();
 }
@@ -379,36 +432,26 @@ void Token::ReportFault(CK_RV rv, uint64_t gen) {
   if (!IsConnectionFault(rv)) return;
   std::lock_guard<std::mutex> lock(mu_);
   if (gen != generation_.load() || state_ != TokenState::kConnected) return;
-  log::Warning("token \"" + label_ + "\": " + std::string(CkrName(rv)) +
+  log::Warning("token " + QuoteForMessage(label_) + ": " +
+               std::string(CkrName(rv)) +
                "; dropping sessions and reconnecting");
   DisconnectLocked(/*close_handles=*/true);
 }
 
 void Token::DisconnectLocked(bool close_handles) {
   if (ForkedSinceConnect()) {
-    // Nothing of the parent's is ours to close, and its leases belong to
-    // threads that do not exist here. The child needs its own C_Initialize
-    // before any call (its module starts with no token counted); a new
-    // generation makes every handle of the parent stale.
-    idle_.clear();
-    object_session_ = CK_INVALID_HANDLE;
-    object_session_in_use_ = CK_INVALID_HANDLE;
-    object_session_retired_ = false;
-    leased_ = 0;
-    held_module_.reset();
-    state_ = TokenState::kDisconnected;
-    generation_.fetch_add(1);
+    ForgetParentLocked();
     return;
   }
   if (close_handles && module_) {
-    for (CK_SESSION_HANDLE h : idle_) fn()->C_CloseSession(h);
+    for (CK_SESSION_HANDLE h : idle_) P11_CLEANUP(fn(), C_CloseSession, h);
     if (object_session_ != CK_INVALID_HANDLE) {
       // A caller inside WithObjectSession (maybe this thread, reporting a
       // fault) closes it when it is done.
       if (object_session_ == object_session_in_use_) {
         object_session_retired_ = true;
       } else {
-        fn()->C_CloseSession(object_session_);
+        P11_CLEANUP(fn(), C_CloseSession, object_session_);
       }
     }
   }

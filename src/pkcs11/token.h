@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "common/bytes.h"
+#include "common/fork_registry.h"
 #include "common/status.h"
 #include "pkcs11/ck.h"
 #include "pkcs11/error.h"
@@ -98,7 +99,8 @@ class Session {
 #define P11_CALL(session, Func, ...) \
   (session).Check(#Func, (session).fn()->Func(__VA_ARGS__))
 
-class Token : public std::enable_shared_from_this<Token> {
+class Token final : public std::enable_shared_from_this<Token>,
+                    public atfork::Participant {
  public:
   // Resolves the module named by `uri` (module-path, module-name, or all of
   // p11-kit's). Fails at once on a bad module; does not touch the token:
@@ -137,6 +139,14 @@ class Token : public std::enable_shared_from_this<Token> {
   // Closes every session and forgets the login (tests, shutdown).
   void Disconnect();
 
+  // Fork participant: object_mu_ (rank kTokenObject) and mu_ (kTokenState)
+  // are held across fork; the child forgets every session and handle of
+  // the parent without closing them and starts a new generation, so its
+  // first use reconnects and no cached handle of the parent is used.
+  void ForkPrepare(atfork::Rank rank) override;
+  void ForkParent(atfork::Rank rank) override;
+  void ForkChild(atfork::Rank rank) override;
+
   ~Token();
   Token(const Token &) = delete;
   Token &operator=(const Token &) = delete;
@@ -148,6 +158,8 @@ class Token : public std::enable_shared_from_this<Token> {
 
   Status ConnectLocked();
   void DisconnectLocked(bool close_handles);
+  // Forgets the parent's sessions and leases in a forked child.
+  void ForgetParentLocked();
   void ReleaseModuleIfIdleLocked();
   bool ForkedSinceConnect() const;
   void ReturnSession(CK_FUNCTION_LIST *fn, CK_SESSION_HANDLE h, uint64_t gen,
@@ -217,7 +229,7 @@ Status Token::WithObjectSession(Fn &&fn) {
   object_session.token_ = nullptr;
   std::lock_guard<std::mutex> lock(mu_);
   if (object_session_retired_ && !ForkedSinceConnect()) {
-    functions->C_CloseSession(h);
+    P11_CLEANUP(functions, C_CloseSession, h);
   }
   object_session_in_use_ = CK_INVALID_HANDLE;
   object_session_retired_ = false;

@@ -34,6 +34,9 @@ class TokenOpObserver {
  public:
   virtual ~TokenOpObserver() = default;
   virtual void OnTokenOp(TokenOp op, bool ok) = 0;
+  // An exception was stopped at a barrier while working for this ref's
+  // owner (also reported as a failed operation when one was running).
+  virtual void OnException() noexcept {}
 };
 
 struct TokenKeyRef {

@@ -103,16 +103,17 @@ const OSSL_ITEM *ProviderReasonStrings(void * /*provctx*/) {
 
 const OSSL_DISPATCH *ProviderFunctions() {
   static const OSSL_DISPATCH kFunctions[] = {
-      DispatchEntry<OSSL_FUNC_provider_teardown_fn>(OSSL_FUNC_PROVIDER_TEARDOWN,
-                                                    ProviderTeardown),
-      DispatchEntry<OSSL_FUNC_provider_gettable_params_fn>(
-          OSSL_FUNC_PROVIDER_GETTABLE_PARAMS, ProviderGettableParams),
-      DispatchEntry<OSSL_FUNC_provider_get_params_fn>(
-          OSSL_FUNC_PROVIDER_GET_PARAMS, ProviderGetParams),
-      DispatchEntry<OSSL_FUNC_provider_query_operation_fn>(
-          OSSL_FUNC_PROVIDER_QUERY_OPERATION, ProviderQueryOperation),
-      DispatchEntry<OSSL_FUNC_provider_get_reason_strings_fn>(
-          OSSL_FUNC_PROVIDER_GET_REASON_STRINGS, ProviderReasonStrings),
+      DispatchEntry<OSSL_FUNC_provider_teardown_fn, ProviderTeardown>(
+          OSSL_FUNC_PROVIDER_TEARDOWN),
+      DispatchEntry<OSSL_FUNC_provider_gettable_params_fn,
+                    ProviderGettableParams>(OSSL_FUNC_PROVIDER_GETTABLE_PARAMS),
+      DispatchEntry<OSSL_FUNC_provider_get_params_fn, ProviderGetParams>(
+          OSSL_FUNC_PROVIDER_GET_PARAMS),
+      DispatchEntry<OSSL_FUNC_provider_query_operation_fn,
+                    ProviderQueryOperation>(OSSL_FUNC_PROVIDER_QUERY_OPERATION),
+      DispatchEntry<OSSL_FUNC_provider_get_reason_strings_fn,
+                    ProviderReasonStrings>(
+          OSSL_FUNC_PROVIDER_GET_REASON_STRINGS),
       OSSL_DISPATCH{0, nullptr}};
   return kFunctions;
 }
@@ -186,7 +187,10 @@ Status RegisterLocked(Registration &reg) {
   // the fallback off. Enumerating providers triggers that activation.
   int count = 0;
   OSSL_PROVIDER_do_all(nullptr, CountProvider, &count);
-  if (!OSSL_PROVIDER_add_builtin(nullptr, kProviderName, ProviderInit)) {
+  // Registered through the exception barrier like every dispatch entry.
+  if (!OSSL_PROVIDER_add_builtin(
+          nullptr, kProviderName,
+          &Guarded<OSSL_provider_init_fn, ProviderInit>::Call)) {
     return Internal("OSSL_PROVIDER_add_builtin(hsmstek) failed: " +
                     DrainOpenSslErrors());
   }

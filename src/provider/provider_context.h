@@ -11,16 +11,20 @@
 #include <mutex>
 #include <string_view>
 
+#include "provider/dispatch_guard.h"
 #include "provider/errors.h"
 
 namespace hsmstek::provider::internal {
 
-// DispatchEntry builds an OSSL_DISPATCH entry from a function whose type is
-// checked against OpenSSL's typedef `Fn` (an OSSL_FUNC_*_fn), so a wrong
-// signature is a compile error instead of a crash.
-template <typename Fn>
-OSSL_DISPATCH DispatchEntry(int id, Fn *fn) {
-  return OSSL_DISPATCH{id, reinterpret_cast<void (*)(void)>(fn)};
+// DispatchEntry builds an OSSL_DISPATCH entry for function `F`, whose type
+// is checked against OpenSSL's typedef `Fn` (an OSSL_FUNC_*_fn), so a wrong
+// signature is a compile error instead of a crash. The entry calls F
+// through the exception barrier (dispatch_guard.h): no exception reaches
+// OpenSSL.
+template <typename Fn, Fn *F>
+OSSL_DISPATCH DispatchEntry(int id) {
+  Fn *guarded = &Guarded<Fn, F>::Call;
+  return OSSL_DISPATCH{id, reinterpret_cast<void (*)(void)>(guarded)};
 }
 
 // The dispatch functions of another provider's HMAC with that provider's

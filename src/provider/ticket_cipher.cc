@@ -418,32 +418,34 @@ const OSSL_PARAM *CipherSettableCtxParams(void * /*cctx*/, void * /*provctx*/) {
 
 const OSSL_DISPATCH *TicketCipherFunctions() {
   static const OSSL_DISPATCH kFunctions[] = {
-      DispatchEntry<OSSL_FUNC_cipher_newctx_fn>(OSSL_FUNC_CIPHER_NEWCTX,
-                                                CipherNewCtx),
-      DispatchEntry<OSSL_FUNC_cipher_freectx_fn>(OSSL_FUNC_CIPHER_FREECTX,
-                                                 CipherFreeCtx),
-      DispatchEntry<OSSL_FUNC_cipher_dupctx_fn>(OSSL_FUNC_CIPHER_DUPCTX,
-                                                CipherDupCtx),
-      DispatchEntry<OSSL_FUNC_cipher_encrypt_init_fn>(
-          OSSL_FUNC_CIPHER_ENCRYPT_INIT, CipherEncryptInit),
-      DispatchEntry<OSSL_FUNC_cipher_decrypt_init_fn>(
-          OSSL_FUNC_CIPHER_DECRYPT_INIT, CipherDecryptInit),
-      DispatchEntry<OSSL_FUNC_cipher_update_fn>(OSSL_FUNC_CIPHER_UPDATE,
-                                                CipherUpdate),
-      DispatchEntry<OSSL_FUNC_cipher_final_fn>(OSSL_FUNC_CIPHER_FINAL,
-                                               CipherFinal),
-      DispatchEntry<OSSL_FUNC_cipher_get_params_fn>(OSSL_FUNC_CIPHER_GET_PARAMS,
-                                                    CipherGetParams),
-      DispatchEntry<OSSL_FUNC_cipher_gettable_params_fn>(
-          OSSL_FUNC_CIPHER_GETTABLE_PARAMS, CipherGettableParams),
-      DispatchEntry<OSSL_FUNC_cipher_get_ctx_params_fn>(
-          OSSL_FUNC_CIPHER_GET_CTX_PARAMS, CipherGetCtxParams),
-      DispatchEntry<OSSL_FUNC_cipher_gettable_ctx_params_fn>(
-          OSSL_FUNC_CIPHER_GETTABLE_CTX_PARAMS, CipherGettableCtxParams),
-      DispatchEntry<OSSL_FUNC_cipher_set_ctx_params_fn>(
-          OSSL_FUNC_CIPHER_SET_CTX_PARAMS, CipherSetCtxParams),
-      DispatchEntry<OSSL_FUNC_cipher_settable_ctx_params_fn>(
-          OSSL_FUNC_CIPHER_SETTABLE_CTX_PARAMS, CipherSettableCtxParams),
+      DispatchEntry<OSSL_FUNC_cipher_newctx_fn, CipherNewCtx>(
+          OSSL_FUNC_CIPHER_NEWCTX),
+      DispatchEntry<OSSL_FUNC_cipher_freectx_fn, CipherFreeCtx>(
+          OSSL_FUNC_CIPHER_FREECTX),
+      DispatchEntry<OSSL_FUNC_cipher_dupctx_fn, CipherDupCtx>(
+          OSSL_FUNC_CIPHER_DUPCTX),
+      DispatchEntry<OSSL_FUNC_cipher_encrypt_init_fn, CipherEncryptInit>(
+          OSSL_FUNC_CIPHER_ENCRYPT_INIT),
+      DispatchEntry<OSSL_FUNC_cipher_decrypt_init_fn, CipherDecryptInit>(
+          OSSL_FUNC_CIPHER_DECRYPT_INIT),
+      DispatchEntry<OSSL_FUNC_cipher_update_fn, CipherUpdate>(
+          OSSL_FUNC_CIPHER_UPDATE),
+      DispatchEntry<OSSL_FUNC_cipher_final_fn, CipherFinal>(
+          OSSL_FUNC_CIPHER_FINAL),
+      DispatchEntry<OSSL_FUNC_cipher_get_params_fn, CipherGetParams>(
+          OSSL_FUNC_CIPHER_GET_PARAMS),
+      DispatchEntry<OSSL_FUNC_cipher_gettable_params_fn, CipherGettableParams>(
+          OSSL_FUNC_CIPHER_GETTABLE_PARAMS),
+      DispatchEntry<OSSL_FUNC_cipher_get_ctx_params_fn, CipherGetCtxParams>(
+          OSSL_FUNC_CIPHER_GET_CTX_PARAMS),
+      DispatchEntry<OSSL_FUNC_cipher_gettable_ctx_params_fn,
+                    CipherGettableCtxParams>(
+          OSSL_FUNC_CIPHER_GETTABLE_CTX_PARAMS),
+      DispatchEntry<OSSL_FUNC_cipher_set_ctx_params_fn, CipherSetCtxParams>(
+          OSSL_FUNC_CIPHER_SET_CTX_PARAMS),
+      DispatchEntry<OSSL_FUNC_cipher_settable_ctx_params_fn,
+                    CipherSettableCtxParams>(
+          OSSL_FUNC_CIPHER_SETTABLE_CTX_PARAMS),
       OSSL_DISPATCH{0, nullptr}};
   return kFunctions;
 }

@@ -359,21 +359,21 @@ const OSSL_PARAM *MacSettableCtxParams(void * /*ctx*/, void * /*provctx*/) {
 
 const OSSL_DISPATCH *TicketMacFunctions() {
   static const OSSL_DISPATCH kFunctions[] = {
-      DispatchEntry<OSSL_FUNC_mac_newctx_fn>(OSSL_FUNC_MAC_NEWCTX, MacNewCtx),
-      DispatchEntry<OSSL_FUNC_mac_dupctx_fn>(OSSL_FUNC_MAC_DUPCTX, MacDupCtx),
-      DispatchEntry<OSSL_FUNC_mac_freectx_fn>(OSSL_FUNC_MAC_FREECTX,
-                                              MacFreeCtx),
-      DispatchEntry<OSSL_FUNC_mac_init_fn>(OSSL_FUNC_MAC_INIT, MacInit),
-      DispatchEntry<OSSL_FUNC_mac_update_fn>(OSSL_FUNC_MAC_UPDATE, MacUpdate),
-      DispatchEntry<OSSL_FUNC_mac_final_fn>(OSSL_FUNC_MAC_FINAL, MacFinal),
-      DispatchEntry<OSSL_FUNC_mac_get_ctx_params_fn>(
-          OSSL_FUNC_MAC_GET_CTX_PARAMS, MacGetCtxParams),
-      DispatchEntry<OSSL_FUNC_mac_gettable_ctx_params_fn>(
-          OSSL_FUNC_MAC_GETTABLE_CTX_PARAMS, MacGettableCtxParams),
-      DispatchEntry<OSSL_FUNC_mac_set_ctx_params_fn>(
-          OSSL_FUNC_MAC_SET_CTX_PARAMS, MacSetCtxParams),
-      DispatchEntry<OSSL_FUNC_mac_settable_ctx_params_fn>(
-          OSSL_FUNC_MAC_SETTABLE_CTX_PARAMS, MacSettableCtxParams),
+      DispatchEntry<OSSL_FUNC_mac_newctx_fn, MacNewCtx>(OSSL_FUNC_MAC_NEWCTX),
+      DispatchEntry<OSSL_FUNC_mac_dupctx_fn, MacDupCtx>(OSSL_FUNC_MAC_DUPCTX),
+      DispatchEntry<OSSL_FUNC_mac_freectx_fn, MacFreeCtx>(
+          OSSL_FUNC_MAC_FREECTX),
+      DispatchEntry<OSSL_FUNC_mac_init_fn, MacInit>(OSSL_FUNC_MAC_INIT),
+      DispatchEntry<OSSL_FUNC_mac_update_fn, MacUpdate>(OSSL_FUNC_MAC_UPDATE),
+      DispatchEntry<OSSL_FUNC_mac_final_fn, MacFinal>(OSSL_FUNC_MAC_FINAL),
+      DispatchEntry<OSSL_FUNC_mac_get_ctx_params_fn, MacGetCtxParams>(
+          OSSL_FUNC_MAC_GET_CTX_PARAMS),
+      DispatchEntry<OSSL_FUNC_mac_gettable_ctx_params_fn, MacGettableCtxParams>(
+          OSSL_FUNC_MAC_GETTABLE_CTX_PARAMS),
+      DispatchEntry<OSSL_FUNC_mac_set_ctx_params_fn, MacSetCtxParams>(
+          OSSL_FUNC_MAC_SET_CTX_PARAMS),
+      DispatchEntry<OSSL_FUNC_mac_settable_ctx_params_fn, MacSettableCtxParams>(
+          OSSL_FUNC_MAC_SETTABLE_CTX_PARAMS),
       OSSL_DISPATCH{0, nullptr}};
   return kFunctions;
 }

@@ -6,6 +6,7 @@
 #include <cstring>
 #include <string>
 
+#include "common/barrier.h"
 #include "common/log.h"
 
 namespace hsmstek::provider::internal {
@@ -62,6 +63,16 @@ bool FinishTokenOp(const ProviderContext &prov, const TokenKeyRef &ref,
     prov.RaiseError(reason, status.message(), site.func, site.file, site.line);
   }
   return false;
+}
+
+Status CaughtAsStatus(const TokenKeyRef &ref, const char *function) noexcept {
+  const char *what = barrier::ReportCaught(function);
+  if (ref.observer != nullptr) ref.observer->OnException();
+  try {
+    return Internal(std::string("exception in the token operation: ") + what);
+  } catch (...) {
+    return Status(ErrorCode::kInternal, std::string());
+  }
 }
 
 bool ParseFailSoft(const OSSL_PARAM &param, bool *fail_soft) {

@@ -7,6 +7,7 @@
 #include <utility>
 
 #include "common/status.h"
+#include "common/test_seam.h"
 #include "pkcs11/token.h"
 #include "provider/errors.h"
 #include "provider/key_ref.h"
@@ -49,11 +50,18 @@ bool FinishTokenOp(const ProviderContext &prov, const TokenKeyRef &ref,
                    TokenOp op, ProviderReason reason, const Status &status,
                    FailureMode mode, const CallSite &site);
 
+// CaughtAsStatus, called inside a catch block, reports the exception
+// (common/barrier.h), tells ref's observer and returns the kInternal
+// Status a token operation fails with. No allocation beyond the message.
+Status CaughtAsStatus(const TokenKeyRef &ref, const char *function) noexcept;
+
 // RunTokenOp runs `body(p11::Session&) -> Status` on a session leased from
 // ref.token for this call only, after checking that the ref is not stale
 // (against the token and against the leased session). A session whose body
 // failed is discarded, so no half-finished operation returns to the pool.
-// Reports through FinishTokenOp. Returns true on success. Thread-safe as
+// An exception (e.g. std::bad_alloc while leasing or reconnecting) fails
+// the operation like a token error. Reports through FinishTokenOp. Returns
+// true on success. Thread-safe as
 // long as `ref` is not shared.
 template <typename Body>
 bool RunTokenOp(const ProviderContext &prov, const TokenKeyRef &ref, TokenOp op,
@@ -70,7 +78,8 @@ bool RunTokenOp(const ProviderContext &prov, const TokenKeyRef &ref, TokenOp op,
   }
   ProviderReason reason = ProviderReason::kTokenOperationFailed;
   Status status;
-  {
+  try {
+    seam::Hit(seam::Point::kTokenOperation);
     Result<p11::Session> session = ref.token->Acquire();
     if (!session.ok()) {
       status = session.status();
@@ -84,6 +93,10 @@ bool RunTokenOp(const ProviderContext &prov, const TokenKeyRef &ref, TokenOp op,
         if (!status.ok()) session->Discard();
       }
     }
+  } catch (...) {
+    // Same outcome as a token error (fail-soft where asked for), and
+    // counted by the store's observer.
+    status = CaughtAsStatus(ref, site.func);
   }  // the session is back in the pool before the observer runs
   return FinishTokenOp(prov, ref, op, reason, status, mode, site);
 }

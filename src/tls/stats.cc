@@ -119,6 +119,7 @@ TicketCounters TicketStats::Snapshot() const {
   c.rejected_future = future_.load();
   c.rejected_not_routed = not_routed_.load();
   c.token_errors = token_errors_.load();
+  c.exceptions = exceptions_.load();
   c.seal = seal_.Summarize();
   c.open = open_.Summarize();
   return c;

@@ -38,6 +38,10 @@ struct TicketCounters {
   uint64_t rejected_unknown_key = 0, rejected_expired = 0, rejected_future = 0,
            rejected_not_routed = 0;
   uint64_t token_errors = 0;
+  // Exceptions stopped at a barrier (the ticket callback, a token
+  // operation) while working for this store: each also counts as a token
+  // error and ended as a full handshake (common/barrier.h).
+  uint64_t exceptions = 0;
   LatencyHistogram::Summary seal, open;
 };
 
@@ -55,6 +59,7 @@ class TicketStats final : public provider::TokenOpObserver {
   void TokenError() { token_errors_.fetch_add(1); }
 
   void OnTokenOp(provider::TokenOp op, bool ok) override;
+  void OnException() noexcept override { exceptions_.fetch_add(1); }
 
   TicketCounters Snapshot() const;
 
@@ -62,6 +67,7 @@ class TicketStats final : public provider::TokenOpObserver {
   std::atomic<uint64_t> issued_{0}, resumed_{0}, renewed_{0};
   std::atomic<uint64_t> unknown_{0}, expired_{0}, future_{0}, not_routed_{0};
   std::atomic<uint64_t> token_errors_{0};
+  std::atomic<uint64_t> exceptions_{0};
   LatencyHistogram seal_, open_;
 };
 

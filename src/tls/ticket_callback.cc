@@ -4,6 +4,7 @@
 
 #include <cstring>
 
+#include "common/barrier.h"
 #include "common/log.h"
 #include "common/log_limit.h"
 #include "provider/provider.h"
@@ -188,6 +189,23 @@ int TicketKeyCallback(SSL *ssl, unsigned char key_name[16],
                  : Open(ssl, *context, key_name, iv, cipher_ctx, mac_ctx);
 }
 
+int GuardedTicketKeyCallback(SSL *ssl, unsigned char key_name[16],
+                             unsigned char iv[16], EVP_CIPHER_CTX *cipher_ctx,
+                             EVP_MAC_CTX *mac_ctx, int encrypt) noexcept {
+  try {
+    return TicketKeyCallback(ssl, key_name, iv, cipher_ctx, mac_ctx, encrypt);
+  } catch (...) {
+    // The same outcome as a token error: no ticket issued or accepted, a
+    // full handshake. libssl sees no error (it would end the connection).
+    barrier::ReportCaught("ticket callback");
+    if (TicketContext *context = ContextOf(ssl)) {
+      context->stats->TokenError();
+      context->stats->OnException();
+    }
+    return kNoTicket;
+  }
+}
+
 Status InstallTicketCallback(SSL_CTX *ctx,
                              std::shared_ptr<TicketContext> context) {
   if (ctx == nullptr || !context || !context->store || !context->stats) {
@@ -205,7 +223,8 @@ Status InstallTicketCallback(SSL_CTX *ctx,
     return Internal("SSL_CTX_set_ex_data failed");
   }
   delete previous;
-  if (SSL_CTX_set_tlsext_ticket_key_evp_cb(ctx, TicketKeyCallback) != 1) {
+  if (SSL_CTX_set_tlsext_ticket_key_evp_cb(ctx, GuardedTicketKeyCallback) !=
+      1) {
     return Internal("SSL_CTX_set_tlsext_ticket_key_evp_cb failed");
   }
   if (SSL_CTX_get_timeout(ctx) > kOneWeekSeconds) {

@@ -48,7 +48,15 @@ struct TicketContext {
 [[nodiscard]] Result<SSL_CTX *> NewScopedSslCtx(
     const SSL_METHOD *method, std::shared_ptr<TicketContext> context);
 
-// The callback itself, exposed for tests and fuzzers.
+// The callback libssl calls: TicketKeyCallback inside the exception
+// barrier. An exception becomes 0 (no ticket: a full handshake), counted as
+// a token error and an exception in the context's stats.
+int GuardedTicketKeyCallback(SSL *ssl, unsigned char key_name[16],
+                             unsigned char iv[16], EVP_CIPHER_CTX *cipher_ctx,
+                             EVP_MAC_CTX *mac_ctx, int encrypt) noexcept;
+
+// The callback itself, exposed for tests and fuzzers. May throw (only what
+// the standard library throws): install GuardedTicketKeyCallback.
 int TicketKeyCallback(SSL *ssl, unsigned char key_name[16],
                       unsigned char iv[16], EVP_CIPHER_CTX *cipher_ctx,
                       EVP_MAC_CTX *mac_ctx, int encrypt);

@@ -1081,7 +1081,7 @@ TEST_F(CliTest, WrongPinAndWrongLabelGiveClearErrors) {
 
   RunResult token = Cli({"status", Uri("no-such-token", "pins")});
   EXPECT_EQ(token.code, 1);
-  EXPECT_NE(token.err.find("no token matches pkcs11:token=no-such-token"),
+  EXPECT_NE(token.err.find("no token matches \"pkcs11:token=no-such-token"),
             std::string::npos)
       << token.err;
   EXPECT_NE(token.err.find("tokens present: "), std::string::npos);

@@ -6,7 +6,9 @@
 #include <atomic>
 #include <fstream>
 #include <thread>
+#include <vector>
 
+#include "common/log.h"
 #include "pkcs11/object.h"
 #include "pkcs11/token.h"
 #include "softhsm.h"
@@ -429,6 +431,39 @@ TEST_F(Pkcs11Test, ForkedChildReinitialisesAndWorks) {
   // The parent is untouched by the child's work.
   EXPECT_TRUE(EncryptAndSign(*token, aes, hmac).ok());
   EXPECT_EQ(token->generation(), parent_generation);
+}
+
+// Issue 12: a token label is outside input; with a newline or control
+// bytes it must reach the log quoted (QuoteForMessage), or it could forge
+// log lines.
+std::vector<std::string> *g_log_lines = nullptr;
+void CollectLog(int /*level*/, const char *msg, void * /*arg*/) {
+  g_log_lines->push_back(msg);
+}
+
+TEST_F(Pkcs11Test, LabelWithControlBytesReachesTheLogQuoted) {
+  const std::string label = "evil\nhsmstek: forged\x1b[0m";
+  SoftHsm::Get().CreateToken(label);
+  std::vector<std::string> lines;
+  g_log_lines = &lines;
+  log::SetSink(CollectLog, nullptr);
+  // RFC 7512 percent-encoding names the label exactly.
+  std::shared_ptr<Token> token =
+      Open(SoftHsm::Get().Uri("evil%0Ahsmstek:%20forged%1B%5B0m"));
+  Status connected = token->Connect();
+  log::SetSink(nullptr, nullptr);
+  g_log_lines = nullptr;
+  ASSERT_TRUE(connected.ok()) << connected.message();
+  bool seen = false;
+  for (const std::string &line : lines) {
+    EXPECT_EQ(line.find('\n'), std::string::npos) << line;
+    EXPECT_EQ(line.find('\x1b'), std::string::npos) << line;
+    if (line.find("connected to token \"evil\\x0ahsmstek: forged\\x1b[0m\"") !=
+        std::string::npos) {
+      seen = true;
+    }
+  }
+  EXPECT_TRUE(seen) << "no quoted connect line among " << lines.size();
 }
 
 }  // namespace

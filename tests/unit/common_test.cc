@@ -24,6 +24,17 @@ TEST(Hex, RejectsOddLengthAndBadDigits) {
   EXPECT_NE(bad.status().message().find("offset 0"), std::string::npos);
 }
 
+// Issue 12: a Result built from an OK Status is an error, never a value-less
+// "success" whose status() says OK.
+TEST(ResultTest, BuiltFromAnOkStatusIsAnInternalError) {
+  Result<int> r = Status::Ok();
+  EXPECT_FALSE(r.ok());
+  EXPECT_FALSE(r.status().ok());
+  EXPECT_EQ(r.status().code(), ErrorCode::kInternal);
+  Result<int> error = NotFound("x");
+  EXPECT_EQ(error.status().code(), ErrorCode::kNotFound);
+}
+
 TEST(BigEndian, RoundTrip) {
   uint8_t buf[8];
   StoreBigEndian64(0x0102030405060708ull, buf);

@@ -1,0 +1,113 @@
+// Fork while another thread holds the store's and the token's locks
+// (issue 12): a thread keeps the store mid-derivation (C_DeriveKey is
+// delayed by the faulty module, and every pass crosses into a new epoch)
+// next to the store's own maintenance thread, while the main thread forks
+// 100 times. A child that inherited a lock held by a thread that does not
+// exist in it would hang at its first ticket; every child must complete a
+// handshake and resume its ticket within the bound. The wait is bounded
+// (poll on a pipe); nothing sleeps.
+#include <poll.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <thread>
+
+#include "fault_fixture.h"
+
+namespace hsmstek::testing {
+namespace {
+
+constexpr int kForks = 100;
+constexpr int kChildBoundMs = 1000;
+
+class ForkUnderLoadTest : public FaultTest {
+ protected:
+  static void SetUpTestSuite() { EnsureFaultStore("forkload"); }
+};
+
+// The child's work: a full handshake whose ticket is sealed in the token,
+// then its resumption. 0 on success.
+int ChildHandshakes(SSL_CTX *client, SSL_CTX *server) {
+  HandshakeResult full = Handshake(client, server);
+  if (!full.ok || !full.session) return 1;
+  UniqueSslSession offer = Reoffer(full.session.get());
+  HandshakeResult again = Handshake(client, server, offer.get());
+  return again.ok && again.reused ? 0 : 2;
+}
+
+TEST_F(ForkUnderLoadTest, HundredForksMidDerivationEveryChildHandshakes) {
+  SetRules("delay C_DeriveKey 2ms\n");
+  keystore::StoreOptions options;
+  options.clock = &clock_;
+  options.background_maintenance = true;  // the store's own thread too
+  auto opened = keystore::KeyStore::Open(
+      SoftHsm::Get().Uri(kFaultToken, "forkload"), options);
+  ASSERT_TRUE(opened.ok()) << opened.status().message();
+  std::shared_ptr<keystore::KeyStore> store = *opened;
+  ASSERT_TRUE(store->Load().ok());
+  auto context = ContextFor(store);
+  auto server = ServerCtx(context, TLS1_3_VERSION);
+  auto client = NewClientCtx(TLS1_3_VERSION);
+
+  // Every pass moves to a new epoch, so Maintain always derives: the
+  // thread spends its time holding the store's load lock and the token's
+  // object-session lock inside C_DeriveKey.
+  std::atomic<bool> stop{false};
+  std::atomic<uint64_t> passes{0};
+  std::thread deriver([&] {
+    while (!stop.load()) {
+      clock_.Advance(kHour);
+      store->Maintain();
+      passes.fetch_add(1);
+    }
+  });
+
+  int hung = 0, failed = 0;
+  for (int i = 0; i < kForks; ++i) {
+    int fds[2];
+    ASSERT_EQ(pipe(fds), 0);
+    pid_t pid = ::fork();
+    ASSERT_GE(pid, 0);
+    if (pid == 0) {
+      close(fds[0]);
+      char result =
+          static_cast<char>(ChildHandshakes(client.get(), server.get()));
+      // A child that is done closes its store like a worker that exits:
+      // that stops and joins the child's own maintenance thread and must
+      // not wait for the parent's (within the same bound).
+      server.reset();
+      context.reset();
+      store.reset();
+      (void)!write(fds[1], &result, 1);
+      _exit(0);
+    }
+    close(fds[1]);
+    pollfd p{fds[0], POLLIN, 0};
+    char result = 9;
+    if (poll(&p, 1, kChildBoundMs) == 1 && read(fds[0], &result, 1) == 1) {
+      if (result != 0) ++failed;
+    } else {
+      ++hung;
+      kill(pid, SIGKILL);
+    }
+    close(fds[0]);
+    int status = 0;
+    ASSERT_EQ(waitpid(pid, &status, 0), pid);
+  }
+  stop.store(true);
+  deriver.join();
+  SetRules("");
+
+  EXPECT_EQ(hung, 0) << "children that did not finish a handshake in "
+                     << kChildBoundMs << " ms (an inherited lock)";
+  EXPECT_EQ(failed, 0) << "children whose handshake or resumption failed";
+  EXPECT_GT(passes.load(), 0u);
+  EXPECT_GT(store->derivations(), 0u);
+  // The parent is unharmed: it still issues and resumes.
+  EXPECT_EQ(ChildHandshakes(client.get(), server.get()), 0);
+}
+
+}  // namespace
+}  // namespace hsmstek::testing
