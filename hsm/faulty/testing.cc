@@ -77,7 +77,7 @@ std::size_t CountInjected(const std::string &trace_path,
   std::size_t n = 0;
   for (const std::string &line : Lines(trace_path)) {
     std::vector<std::string> w = Words(line);
-    if (w.size() == 4 && w[1] == function && w[3] == "injected") ++n;
+    if (w.size() >= 4 && w[1] == function && w[3] == "injected") ++n;
   }
   return n;
 }

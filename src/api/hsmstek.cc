@@ -19,6 +19,8 @@ struct hsmstek_store {
   std::shared_ptr<hsmstek::keystore::KeyStore> store;
   std::shared_ptr<hsmstek::tls::TicketStats> stats;
   hsmstek::tls::TicketOptions options;
+  // One pool of pre-armed token operations for every SSL_CTX of the store.
+  std::shared_ptr<hsmstek::provider::ArmedPool> armed;
 };
 
 namespace hsmstek {
@@ -80,6 +82,7 @@ std::shared_ptr<tls::TicketContext> ContextFor(const hsmstek_store *store) {
   context->store = store->store;
   context->stats = store->stats;
   context->options = store->options;
+  if (context->options.prearm) context->armed = store->armed;
   return context;
 }
 
@@ -110,6 +113,8 @@ int hsmstek_store_open(const char *pkcs11_uri, hsmstek_store **out) {
     auto handle = std::make_unique<hsmstek_store>();
     handle->store = std::move(*store);
     handle->stats = std::make_shared<hsmstek::tls::TicketStats>();
+    handle->armed =
+        std::make_shared<hsmstek::provider::ArmedPool>(handle->store->token());
     *out = handle.release();
     return Succeed();
   });

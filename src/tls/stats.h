@@ -39,6 +39,11 @@ struct TicketCounters {
            rejected_not_routed = 0;
   uint64_t token_errors = 0;
   LatencyHistogram::Summary seal, open;
+  // Token round trips made on the handshake thread (a pre-armed step is
+  // one, an on-demand step two) and the ticket operations they served.
+  uint64_t seals_begun = 0, opens_begun = 0, seal_calls = 0, open_calls = 0;
+  // Time of each step's token calls on the handshake thread.
+  LatencyHistogram::Summary encrypt_calls, decrypt_calls, sign_calls;
 };
 
 // TicketStats counts what the callback decides and what the token then
@@ -55,6 +60,8 @@ class TicketStats final : public provider::TokenOpObserver {
   void TokenError() { token_errors_.fetch_add(1); }
 
   void OnTokenOp(provider::TokenOp op, bool ok) override;
+  void OnTokenCalls(provider::TokenOp op, bool for_open, unsigned calls,
+                    uint64_t ns) override;
 
   TicketCounters Snapshot() const;
 
@@ -62,7 +69,10 @@ class TicketStats final : public provider::TokenOpObserver {
   std::atomic<uint64_t> issued_{0}, resumed_{0}, renewed_{0};
   std::atomic<uint64_t> unknown_{0}, expired_{0}, future_{0}, not_routed_{0};
   std::atomic<uint64_t> token_errors_{0};
+  std::atomic<uint64_t> seals_begun_{0}, opens_begun_{0}, seal_calls_{0},
+      open_calls_{0};
   LatencyHistogram seal_, open_;
+  std::array<LatencyHistogram, 3> call_latency_;  // by provider::TokenOp
 };
 
 }  // namespace hsmstek::tls
