@@ -144,11 +144,16 @@ worker_calls() {
     END { print n + 0 }'
 }
 lines() { wc -l <"$trace"; }
+# cpu_s: user + system CPU seconds of the worker process, all its threads.
+cpu_s() {
+  awk -v hz="$(getconf CLK_TCK)" '{ printf "%.3f", ($14 + $15) / hz }' "/proc/$worker/stat"
+}
 
 # load_phase DELAY TLS: CLIENTS loaders for SECS seconds plus the probe.
 load_phase() {
-  local delay=$1 tls=$2 i pids=() from to n=0 r=0 s=0 o
+  local delay=$1 tls=$2 i pids=() from to n=0 r=0 s=0 o cpu0 cpu1
   from=$(lines)
+  cpu0=$(cpu_s)
   python3 "$here/latency_probe.py" "$port" "$secs" "$tmp/probe" &
   local probe=$!
   for i in $(seq 1 "$clients"); do
@@ -159,6 +164,7 @@ load_phase() {
   for i in "${pids[@]}"; do wait "$i" || failed=1; done
   wait "$probe" || failed=1
   to=$(lines)
+  cpu1=$(cpu_s)
   [ "$failed" = 0 ] || { log "a loader or the probe failed (TLS $tls, delay $delay)"; return 1; }
   for i in $(seq 1 "$clients"); do
     o=$(cat "$tmp/load.$i")
@@ -166,9 +172,10 @@ load_phase() {
     r=$((r + $(sed -E 's/.*"resumed":([0-9]+).*/\1/' <<<"$o")))
     s=$(awk -v a="$s" -v b="$(sed -E 's/.*"seconds":([0-9.]+).*/\1/' <<<"$o")" 'BEGIN { print (b > a ? b : a) }')
   done
-  python3 - "$delay" "$tls" "$n" "$r" "$s" "$(worker_calls "$from" "$to")" "$tmp/probe" "$clients" >>"$out" <<'EOF'
+  python3 - "$delay" "$tls" "$n" "$r" "$s" "$(worker_calls "$from" "$to")" "$tmp/probe" "$clients" \
+    "$(awk -v a="$cpu0" -v b="$cpu1" 'BEGIN { printf "%.3f", b - a }')" >>"$out" <<'EOF'
 import json, statistics, sys
-delay, tls, n, r, s, calls, probe, clients = sys.argv[1:]
+delay, tls, n, r, s, calls, probe, clients, cpu = sys.argv[1:]
 lat = sorted(float(x) for x in open(probe))
 def pct(p):
     return lat[min(len(lat) - 1, int(round(p / 100.0 * (len(lat) - 1))))] if lat else None
@@ -184,6 +191,11 @@ print(json.dumps({"phase": "resume", "delay": delay, "tls": tls,
                   "rtt": int(calls) / (int(n) + int(clients) +
                                        (1 if tls == "1.3" else 2))
                          if int(n) else None,
+                  # CPU of the whole worker process (every thread: the
+                  # event loop and the re-armer) per counted handshake.
+                  "worker_cpu_s": float(cpu),
+                  "cpu_us_per_handshake": float(cpu) * 1e6 / int(n)
+                  if int(n) else None,
                   "probe_samples": len(lat), "probe_p50_ms": pct(50),
                   "probe_p99_ms": pct(99)}))
 EOF

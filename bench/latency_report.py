@@ -42,9 +42,9 @@ def main():
     rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
     delays = sorted({r["delay"] for r in rows}, key=seconds)
     print("network HSM model: nginx, 1 worker, every token call delayed")
-    print("%-7s %-4s %12s %10s %8s %10s %10s %6s" % (
+    print("%-7s %-4s %12s %10s %8s %10s %10s %6s %9s" % (
         "delay", "tls", "resumed/s", "blocking", "ratio", "probe p50",
-        "probe p99", "rtt"))
+        "probe p99", "rtt", "cpu us/hs"))
     lines = {}
     for delay in delays:
         d = seconds(delay)
@@ -56,12 +56,13 @@ def main():
             per_s = median(sel, "per_s")
             blocking = 1.0 / (BLOCKING_CALLS[tls] * d) if d > 0 else None
             ratio = per_s / blocking if blocking else None
-            print("%-7s %-4s %12.0f %10s %8s %8.1fms %8.1fms %6.2f" % (
+            cpu = median(sel, "cpu_us_per_handshake")
+            print("%-7s %-4s %12.0f %10s %8s %8.1fms %8.1fms %6.2f %9s" % (
                 delay, tls, per_s,
                 "%.0f" % blocking if blocking else "-",
                 "%.2f" % ratio if ratio else "-",
                 median(sel, "probe_p50_ms"), median(sel, "probe_p99_ms"),
-                median(sel, "rtt")))
+                median(sel, "rtt"), "%.0f" % cpu if cpu else "-"))
             if delay == "1ms" and ratio is not None:
                 lines["ratio nginx_tls%s_resume_1ms_vs_blocking" %
                       tls.replace(".", "")] = "%.2f" % ratio

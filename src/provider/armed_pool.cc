@@ -94,6 +94,7 @@ void ArmedPool::ResetAfterForkLocked() {
   for (auto &ops : ready_) ops.clear();
   excess_.clear();
   pending_.fill(0);
+  out_.fill(0);
   threads_.clear();                   // no threads behind them here
   cv_ = new std::condition_variable;  // the old one may count ghost waiters
   fork_count_ = forks;
@@ -143,9 +144,12 @@ std::optional<ArmedOp> ArmedPool::Take(ArmedKind kind, CK_OBJECT_HANDLE key,
   ArmedOp op = std::move(ops.front());
   ops.pop_front();
   ++counters_.hits[k];
+  if (kind == ArmedKind::kDecryptEcb) ++out_[k];
   // Wake the re-armer at half depth rather than per ticket: a wake-up costs
   // CPU (a futex call each side), a batch costs nothing extra.
-  if (ops.size() + pending_[k] <= options_.depth[k] / 2) cv_->notify_one();
+  if (ops.size() + pending_[k] + out_[k] <= options_.depth[k] / 2) {
+    cv_->notify_one();
+  }
   return op;
 }
 
@@ -154,6 +158,7 @@ void ArmedPool::Return(ArmedOp op) {
   ResetAfterForkLocked();
   if (fork_count_ != p11::Module::ForkCount()) return;
   const size_t k = Index(op.kind());
+  if (out_[k] > 0) --out_[k];
   if (!IsCurrentLocked(op.kind(), op.key(), op.generation()) ||
       ready_[k].size() >= options_.depth[k]) {
     // Cancelled by the re-armer: closing a session is a token call.
@@ -163,6 +168,14 @@ void ArmedPool::Return(ArmedOp op) {
     return;
   }
   ready_[k].push_back(std::move(op));
+}
+
+void ArmedPool::Lost(ArmedKind kind) {
+  std::lock_guard<std::mutex> lock(PoolMutex());
+  ResetAfterForkLocked();
+  const size_t k = Index(kind);
+  if (out_[k] > 0) --out_[k];
+  cv_->notify_one();  // arm a replacement
 }
 
 ArmedCounters ArmedPool::Snapshot() const {
@@ -214,7 +227,8 @@ std::optional<ArmedPool::Task> ArmedPool::NextTaskLocked(
   double best_fill = 1.0;
   for (size_t k = 0; k < kArmedKinds; ++k) {
     if (options_.depth[k] == 0 || now < retry_at_[k]) continue;
-    double fill = double(ready_[k].size() + pending_[k]) / options_.depth[k];
+    double fill = double(ready_[k].size() + pending_[k] + out_[k]) /
+                  options_.depth[k];
     if (fill < best_fill) {
       best_fill = fill;
       auto kind = static_cast<ArmedKind>(k);

@@ -131,8 +131,12 @@ class ArmedPool {
 
   // Return gives back a decrypt operation that is still armed (after a
   // successful C_DecryptUpdate). Never calls the token: a stale one is
-  // cancelled later by the re-armer.
+  // cancelled later by the re-armer. Lost says a taken decrypt operation
+  // failed and was cancelled instead. Each decrypt Take is followed by
+  // exactly one of them: decrypt operations out count towards the depth,
+  // so the re-armer does not arm one that would be surplus on return.
   void Return(ArmedOp op);
+  void Lost(ArmedKind kind);
 
   ArmedCounters Snapshot() const;
 
@@ -167,6 +171,7 @@ class ArmedPool {
   std::array<std::deque<ArmedOp>, kArmedKinds> ready_;
   std::vector<ArmedOp> excess_;  // returned beyond the depth: to cancel
   std::array<size_t, kArmedKinds> pending_{};
+  std::array<size_t, kArmedKinds> out_{};  // decrypt: taken, not back yet
   std::array<std::chrono::steady_clock::time_point, kArmedKinds> retry_at_{};
   std::array<std::chrono::milliseconds, kArmedKinds> backoff_{};
   bool stop_ = false;

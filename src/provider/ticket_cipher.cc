@@ -347,6 +347,8 @@ bool TryArmed(CipherCtx *ctx, const unsigned char *in, size_t inl,
   size_t produced = 0;
   int decrypted = DecryptOnArmedEcb(ctx, *armed, in, inl, out, &produced);
   if (decrypted == 0) {
+    armed.reset();  // cancels the operation: its session is closed
+    ctx->ref.pool->Lost(ArmedKind::kDecryptEcb);
     *result = FailOneShot(ctx, in, inl, out, capacity, outl);
     return true;
   }
