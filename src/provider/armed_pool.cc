@@ -227,8 +227,8 @@ std::optional<ArmedPool::Task> ArmedPool::NextTaskLocked(
   double best_fill = 1.0;
   for (size_t k = 0; k < kArmedKinds; ++k) {
     if (options_.depth[k] == 0 || now < retry_at_[k]) continue;
-    double fill = double(ready_[k].size() + pending_[k] + out_[k]) /
-                  options_.depth[k];
+    double fill =
+        double(ready_[k].size() + pending_[k] + out_[k]) / options_.depth[k];
     if (fill < best_fill) {
       best_fill = fill;
       auto kind = static_cast<ArmedKind>(k);

@@ -12,6 +12,7 @@
 // And the pre-armed path under faults: handshakes complete, a ticket is
 // usable only if the token sealed it, and tickets resume after recovery.
 #include <openssl/ssl.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <chrono>
@@ -175,6 +176,69 @@ TEST_P(RoundTripTest, PrearmedAndOnDemandTicketsAreInterchangeable) {
   HandshakeResult armed_open = Measure(back.get(), &mine);
   EXPECT_TRUE(armed_open.reused);
   EXPECT_EQ(Count(mine, "C_DecryptUpdate"), 1u) << Names(mine);
+}
+
+// A forked child never uses the parent's armed operations: their IVs were
+// drawn before the fork, so both processes would issue tickets with the
+// same IVs, and their sessions belong to the parent. The child arms its
+// own (new threads) and its tickets resume.
+TEST_P(RoundTripTest, ForkedChildNeverUsesTheParentsArmedOperations) {
+  if (!IsTls13(GetParam())) GTEST_SKIP() << "one TLS version is enough";
+  StartServer(/*prearm=*/true);
+  HandshakeResult warm = Handshake(client_.get(), server_.get());
+  ASSERT_TRUE(warm.ok) << warm.error;
+  ASSERT_TRUE(context_->armed->WaitUntilArmed(kArmTimeout));
+  constexpr int kHandshakes = 3;
+  // The newest ticket's IV of each of kHandshakes full handshakes; empty if
+  // a handshake failed or its ticket did not resume.
+  auto issue = [&]() {
+    std::vector<Bytes> ivs;
+    for (int i = 0; i < kHandshakes; ++i) {
+      HandshakeResult r = Handshake(client_.get(), server_.get());
+      if (!r.ok || !r.session) return std::vector<Bytes>{};
+      Bytes ticket = TicketOf(r.session.get());
+      if (ticket.size() < 32) return std::vector<Bytes>{};
+      ivs.emplace_back(ticket.begin() + 16, ticket.begin() + 32);
+      UniqueSslSession offer = Reoffer(r.session.get());
+      HandshakeResult again =
+          Handshake(client_.get(), server_.get(), offer.get());
+      if (!again.ok || !again.reused) return std::vector<Bytes>{};
+    }
+    return ivs;
+  };
+  int fds[2];
+  ASSERT_EQ(pipe(fds), 0);
+  pid_t pid = fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    close(fds[0]);
+    std::vector<Bytes> ivs = issue();
+    if (ivs.size() != kHandshakes) _exit(3);
+    for (const Bytes &iv : ivs) {
+      if (write(fds[1], iv.data(), iv.size()) != ssize_t(iv.size())) _exit(2);
+    }
+    _exit(0);
+  }
+  close(fds[1]);
+  std::vector<Bytes> all = issue();
+  EXPECT_EQ(all.size(), static_cast<size_t>(kHandshakes));
+  for (int i = 0; i < kHandshakes; ++i) {
+    Bytes iv(16);
+    if (read(fds[0], iv.data(), iv.size()) != ssize_t(iv.size())) break;
+    all.push_back(iv);
+  }
+  close(fds[0]);
+  int status = 0;
+  ASSERT_EQ(waitpid(pid, &status, 0), pid);
+  ASSERT_TRUE(WIFEXITED(status));
+  EXPECT_EQ(WEXITSTATUS(status), 0)
+      << "the child's tickets did not all resume (3) or a pipe failed (2)";
+  ASSERT_EQ(all.size(), static_cast<size_t>(2 * kHandshakes));
+  for (size_t i = 0; i < all.size(); ++i) {
+    for (size_t j = i + 1; j < all.size(); ++j) {
+      EXPECT_NE(all[i], all[j]) << "IV used twice: tickets " << i << ", " << j;
+    }
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(Versions, RoundTripTest,
