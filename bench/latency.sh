@@ -14,8 +14,9 @@
 #
 # Writes one JSON object per delay and phase to FILE (replaced); prints
 # progress on stderr. --smoke (the ctest): short phases, then fails unless
-# every handshake of the load resumed and the round trips per handshake are
-# at or below the goals (4 / 2 / 4): counts only, never a timing.
+# every handshake of the load resumed and the mean round trips per handshake
+# are at the goals (4 / 2 / 4; + 0.25 for the rare handshake that finds the
+# pool empty on a starved machine): counts only, never a timing.
 # Environment: NGINX (default /usr/sbin/nginx), SOFTHSM_MODULE.
 set -euo pipefail
 
@@ -239,7 +240,11 @@ for line in open(sys.argv[1]):
         bad.append("TLS %s at %s: %d of %d handshakes resumed" % (
             d["tls"], d["delay"], d["resumed"], d["handshakes"]))
     goal = goals[(d["phase"], d["tls"])]
-    if d["rtt"] is None or d["rtt"] > goal:
+    # A mean over the phase: a handshake that finds the pool empty (its
+    # re-armer starved of CPU by a busy machine) makes one step on demand,
+    # one extra call. The on-demand design sits at twice the goal; the
+    # exact per-handshake count is tests/faults/round_trip_test.cc's.
+    if d["rtt"] is None or d["rtt"] > goal + 0.25:
         bad.append("%s TLS %s at %s: %s round trips per handshake on the "
                    "event-loop thread (goal <= %d)" % (
                        d["phase"], d["tls"], d["delay"], d["rtt"], goal))
