@@ -226,6 +226,9 @@ for delay in $delays; do
   full_phase "$delay"
 done
 set_delay 0
+# Anything the library logged about pre-arming (a re-arm failure backs that
+# kind off and its steps go on demand: more round trips in the numbers).
+grep -h "pre-arming" "$tmp/error.log" >&2 || true
 
 if [ "$smoke" = 1 ]; then
   # Counts only: every load handshake resumed (each loader's first one is a

@@ -15,7 +15,7 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 constexpr std::chrono::milliseconds kBackoffInitial{100};
-constexpr std::chrono::milliseconds kBackoffMax{30000};
+constexpr std::chrono::milliseconds kBackoffMax{5000};
 
 // One mutex for every pool: pools are few (one per store), the critical
 // sections never call the token, and a single lock lets the fork handlers
@@ -138,7 +138,9 @@ std::optional<ArmedOp> ArmedPool::Take(ArmedKind kind, CK_OBJECT_HANDLE key,
   if (!IsCurrentLocked(kind, key, generation) || ops.empty() ||
       ops.front().key() != key || ops.front().generation() != generation) {
     ++counters_.misses[k];
-    if (!ops.empty()) cv_->notify_one();
+    // A miss on the current keys means the re-armer is behind: wake it
+    // (never for other epochs' keys, which are never armed).
+    if (IsCurrentLocked(kind, key, generation)) cv_->notify_one();
     return std::nullopt;
   }
   ArmedOp op = std::move(ops.front());
@@ -156,7 +158,6 @@ std::optional<ArmedOp> ArmedPool::Take(ArmedKind kind, CK_OBJECT_HANDLE key,
 void ArmedPool::Return(ArmedOp op) {
   std::lock_guard<std::mutex> lock(PoolMutex());
   ResetAfterForkLocked();
-  if (fork_count_ != p11::Module::ForkCount()) return;
   const size_t k = Index(op.kind());
   if (out_[k] > 0) --out_[k];
   if (!IsCurrentLocked(op.kind(), op.key(), op.generation()) ||
