@@ -35,8 +35,7 @@ extern "C" {
 #define HSMSTEK_OK 0
 #define HSMSTEK_ERR_INVALID_ARGUMENT (-1)  /* bad URI, option or value */
 #define HSMSTEK_ERR_NOT_FOUND (-2)         /* no such module, token or store */
-#define HSMSTEK_ERR_PERMISSION_DENIED (-3) /* wrong PIN, weak key attributes \
-                                            */
+#define HSMSTEK_ERR_PERMISSION_DENIED (-3) /* wrong PIN, weak key attributes */
 #define HSMSTEK_ERR_UNAVAILABLE (-4)       /* token fault; may succeed later */
 #define HSMSTEK_ERR_UNSUPPORTED (-5)       /* token lacks a mechanism */
 #define HSMSTEK_ERR_FAILED_PRECONDITION (-6)
@@ -140,18 +139,18 @@ typedef struct hsmstek_latency {
 
 /* Counters of one store since it was opened. */
 typedef struct hsmstek_stats {
-  uint64_t tickets_issued;       /* sealed new tickets */
-  uint64_t tickets_resumed;      /* accepted, no renewal asked */
-  uint64_t tickets_renewed;      /* accepted, a fresh ticket asked */
-  uint64_t rejected_unknown_key; /* name not ours or key unknown */
-  uint64_t rejected_expired;     /* epoch older than the decrypt window */
-  uint64_t rejected_future;      /* epoch beyond the clock-skew tolerance */
-  uint64_t rejected_not_routed;  /* HMAC context not from the provider */
-  uint64_t token_errors;         /* token failures seen by the callback */
-  uint64_t derivations;          /* per-epoch keys derived in the token */
-  uint64_t reconnects;           /* successful token (re)connects */
-  hsmstek_latency seal;          /* encrypt + HMAC of one ticket */
-  hsmstek_latency open;          /* HMAC + decrypt of one ticket */
+  uint64_t tickets_issued;        /* sealed new tickets */
+  uint64_t tickets_resumed;       /* accepted, no renewal asked */
+  uint64_t tickets_renewed;       /* accepted, a fresh ticket asked */
+  uint64_t rejected_unknown_key;  /* name not ours or key unknown */
+  uint64_t rejected_expired;      /* epoch older than the decrypt window */
+  uint64_t rejected_future;       /* epoch beyond the clock-skew tolerance */
+  uint64_t rejected_not_routed;   /* HMAC context not from the provider */
+  uint64_t token_errors;          /* token failures seen by the callback */
+  uint64_t derivations;           /* per-epoch keys derived in the token */
+  uint64_t reconnects;            /* successful token (re)connects */
+  hsmstek_latency seal;           /* encrypt + HMAC of one ticket */
+  hsmstek_latency open;           /* HMAC + decrypt of one ticket */
 } hsmstek_stats;
 
 /* hsmstek_store_stats fills |*out| with |store|'s counters. */
