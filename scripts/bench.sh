@@ -21,7 +21,9 @@
 # (hsmstek_enable_process_wide is process-global), taking turns; (6) starts
 # two nginx instances on loopback (OpenSSL's built-in tickets / the hsmstek
 # module, 1 worker each, on a throwaway SoftHSM token) and alternates the
-# load between them. See docs/BENCHMARKS.md for the method.
+# load between them; (7) the network-HSM latency model (bench/latency.sh):
+# nginx on the fault module with every token call delayed. See
+# docs/BENCHMARKS.md for the method.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -44,10 +46,12 @@ if [ "$quick" = 1 ]; then
   reps=5 min_time=0.1            # in-process: per benchmark and repetition
   pairs=2 pair_rounds=30         # process pairs x turns of each process
   nginx_rounds=2 nginx_secs=2
+  latency_delays="200us 1ms" latency_secs=2 latency_full=10
 else
   reps=20 min_time=0.5
   pairs=10 pair_rounds=50
   nginx_rounds=6 nginx_secs=5
+  latency_delays="0 100us 200us 500us 1ms 2ms" latency_secs=5 latency_full=20
 fi
 
 log() { echo "bench.sh: $*" >&2; }
@@ -71,7 +75,7 @@ nginx_na=
 mod_dir=$build/src/nginx
 if [ "$nginx_build" = OFF ]; then
   nginx_na="nginx or nginx-dev (/usr/share/nginx/src) not installed"
-elif ! cmake --build "$build" -j "$jobs" --target nginx_modules >&2; then
+elif ! cmake --build "$build" -j "$jobs" --target nginx_modules hsmstek_faulty hsmstek_cli >&2; then
   nginx_na="the nginx_modules target failed to build"
 elif [ ! -f "$mod_dir/ngx_http_hsmstek_module.so" ]; then
   nginx_na="ngx_http_hsmstek_module.so was not built"
@@ -332,6 +336,19 @@ else
 fi
 cleanup
 
+# --- (7): network HSM: every token call delayed (bench/latency.sh) ------------
+
+latency_out=$results/latency.jsonl
+rm -f "$latency_out"
+if [ -n "$nginx_na" ]; then
+  log "latency: n/a: $nginx_na"
+elif ! bench/latency.sh --build "$build" --out "$latency_out" \
+       --delays "$latency_delays" --secs "$latency_secs" --clients 8 \
+       --full "$latency_full"; then
+  log "latency: the latency part failed"
+  rm -f "$latency_out"
+fi
+
 python3 - "$results/meta.json" "$(loadavg)" "$(parallelism)" <<'EOF'
 import json, sys
 m = json.load(open(sys.argv[1])); m["load_after"] = sys.argv[2]
@@ -340,3 +357,10 @@ json.dump(m, open(sys.argv[1], "w"))
 EOF
 
 python3 bench/report.py "$results" | tee "$results/report.txt"
+if [ -s "$latency_out" ]; then
+  python3 bench/latency_report.py "$latency_out" | tee -a "$results/report.txt"
+else
+  printf '%s n/a\n' "ratio nginx_tls13_resume_1ms_vs_blocking" \
+    "ratio nginx_tls12_resume_1ms_vs_blocking" "rtt tls13_resume" \
+    "rtt tls12_resume" "rtt tls13_full" | tee -a "$results/report.txt"
+fi

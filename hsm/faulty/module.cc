@@ -86,6 +86,8 @@ struct State {
   std::string stats_path;
   std::string audit_path;
   std::atomic<int> trace_fd{-1};
+  // HSMSTEK_FAULTY_TRACE_THREADS=1: trace lines name the calling thread.
+  std::atomic<bool> trace_threads{false};
   // Control file.
   FileId file_id;
   bool file_loaded = false;
@@ -388,6 +390,7 @@ void ReadEnvLocked(State &s) {
       s.trace_fd.store(fd);
     }
   }
+  s.trace_threads.store(Env("HSMSTEK_FAULTY_TRACE_THREADS") == "1");
   s.stats_path = Env("HSMSTEK_FAULTY_STATS");
   s.audit_path = Env("HSMSTEK_FAULTY_AUDIT");
 }
@@ -489,7 +492,13 @@ CK_RV End(Fn fn, CK_RV rv, const Decision &d) {
     std::string line = std::to_string(::getpid()) + " " +
                        std::string(FnName(fn)) + " " + RvName(rv) +
                        (d.injected != CKR_OK ? " injected" : "") +
-                       (types.empty() ? "" : " template=" + types) + "\n";
+                       (types.empty() ? "" : " template=" + types);
+    // The thread id (equal to the pid on a process's main thread) tells
+    // calls on a server's handshake thread from background ones.
+    if (St().trace_threads.load(std::memory_order_relaxed)) {
+      line += " tid=" + std::to_string(::gettid());
+    }
+    line += "\n";
     // One write per line: O_APPEND keeps lines whole across processes.
     if (::write(fd, line.data(), line.size()) < 0) {
       std::fprintf(stderr, "hsmstek-faulty: trace write failed\n");

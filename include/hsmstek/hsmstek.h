@@ -18,6 +18,7 @@
 #define HSMSTEK_HSMSTEK_H
 
 #include <openssl/ssl.h>
+#include <stddef.h>
 #include <stdint.h>
 
 #ifdef __cplusplus
@@ -155,6 +156,35 @@ typedef struct hsmstek_stats {
 /* hsmstek_store_stats fills |*out| with |store|'s counters. */
 HSMSTEK_EXPORT int hsmstek_store_stats(hsmstek_store *store,
                                        hsmstek_stats *out);
+
+/* Token round trips and token latency per ticket step of one store. Each
+ * step's PKCS#11 calls run on the thread doing the handshake (for nginx:
+ * its event loop): one call when the step found an operation initialised
+ * ahead of use ("armed"), two when it had to initialise it. Later versions
+ * may append fields; callers pass sizeof(hsmstek_token_stats). */
+typedef struct hsmstek_token_stats {
+  uint64_t seals;            /* ticket seals started */
+  uint64_t opens;            /* ticket opens started */
+  uint64_t seal_round_trips; /* token calls of seals, handshake thread */
+  uint64_t open_round_trips; /* token calls of opens, handshake thread */
+  /* Round trips per seal / per open, x1000 (0 before the first one). A TLS
+   * 1.3 resumption with renewal is one open and one seal. */
+  uint64_t round_trips_per_seal_milli;
+  uint64_t round_trips_per_open_milli;
+  hsmstek_latency encrypt; /* token calls of one encryption step */
+  hsmstek_latency decrypt; /* ... of one decryption step */
+  hsmstek_latency sign;    /* ... of one HMAC step (seal or open) */
+  uint64_t armed_hits;     /* steps that took an armed operation */
+  uint64_t armed_misses;   /* steps initialised on demand */
+  uint64_t armed_failures; /* background initialisations that failed */
+} hsmstek_token_stats;
+
+/* hsmstek_store_token_stats fills the first |out_size| bytes of |*out|
+ * (at most sizeof(hsmstek_token_stats)) with |store|'s token round trips
+ * and latencies. */
+HSMSTEK_EXPORT int hsmstek_store_token_stats(hsmstek_store *store,
+                                             hsmstek_token_stats *out,
+                                             size_t out_size);
 
 /* Log levels passed to the log callback. */
 #define HSMSTEK_LOG_ERROR 0

@@ -3,6 +3,8 @@
 // turns a Status into an HSMSTEK_* code plus a thread-local message.
 #include "hsmstek/hsmstek.h"
 
+#include <algorithm>
+#include <cstring>
 #include <exception>
 #include <memory>
 #include <new>
@@ -19,6 +21,8 @@ struct hsmstek_store {
   std::shared_ptr<hsmstek::keystore::KeyStore> store;
   std::shared_ptr<hsmstek::tls::TicketStats> stats;
   hsmstek::tls::TicketOptions options;
+  // One pool of pre-armed token operations for every SSL_CTX of the store.
+  std::shared_ptr<hsmstek::provider::ArmedPool> armed;
 };
 
 namespace hsmstek {
@@ -80,6 +84,7 @@ std::shared_ptr<tls::TicketContext> ContextFor(const hsmstek_store *store) {
   context->store = store->store;
   context->stats = store->stats;
   context->options = store->options;
+  if (context->options.prearm) context->armed = store->armed;
   return context;
 }
 
@@ -110,6 +115,8 @@ int hsmstek_store_open(const char *pkcs11_uri, hsmstek_store **out) {
     auto handle = std::make_unique<hsmstek_store>();
     handle->store = std::move(*store);
     handle->stats = std::make_shared<hsmstek::tls::TicketStats>();
+    handle->armed =
+        std::make_shared<hsmstek::provider::ArmedPool>(handle->store->token());
     *out = handle.release();
     return Succeed();
   });
@@ -210,6 +217,40 @@ int hsmstek_store_stats(hsmstek_store *store, hsmstek_stats *out) {
     out->reconnects = store->store->token()->generation();
     out->seal = hsmstek::ToLatency(c.seal);
     out->open = hsmstek::ToLatency(c.open);
+    return Succeed();
+  });
+}
+
+int hsmstek_store_token_stats(hsmstek_store *store, hsmstek_token_stats *out,
+                              size_t out_size) {
+  return Guard([&] {
+    if (!Valid(store) || out == nullptr) {
+      return Fail(
+          InvalidArgument("hsmstek_store_token_stats: invalid argument"));
+    }
+    hsmstek::tls::TicketCounters c = store->stats->Snapshot();
+    hsmstek_token_stats full{};
+    full.seals = c.seals_begun;
+    full.opens = c.opens_begun;
+    full.seal_round_trips = c.seal_calls;
+    full.open_round_trips = c.open_calls;
+    full.round_trips_per_seal_milli =
+        c.seals_begun == 0 ? 0 : c.seal_calls * 1000 / c.seals_begun;
+    full.round_trips_per_open_milli =
+        c.opens_begun == 0 ? 0 : c.open_calls * 1000 / c.opens_begun;
+    full.encrypt = hsmstek::ToLatency(c.encrypt_calls);
+    full.decrypt = hsmstek::ToLatency(c.decrypt_calls);
+    full.sign = hsmstek::ToLatency(c.sign_calls);
+    if (store->armed != nullptr) {
+      hsmstek::provider::ArmedCounters a = store->armed->Snapshot();
+      for (size_t k = 0; k < hsmstek::provider::kArmedKinds; ++k) {
+        full.armed_hits += a.hits[k];
+        full.armed_misses += a.misses[k];
+        full.armed_failures += a.failed[k];
+      }
+    }
+    // Older callers pass a smaller struct: fill only what they have.
+    std::memcpy(out, &full, std::min(out_size, sizeof(full)));
     return Succeed();
   });
 }

@@ -32,8 +32,10 @@ Result<std::shared_ptr<KeyStore>> KeyStore::Open(std::string_view uri_text,
     return InvalidArgument("the URI must name the store with object=<label>: " +
                            uri->text);
   }
-  for (CK_MECHANISM_TYPE m :
-       {CKM_AES_CBC_PAD, CKM_SHA256_HMAC, CKM_AES_ECB_ENCRYPT_DATA}) {
+  // CKM_AES_ECB: the pre-armed decryption of an open (block decryption,
+  // CBC chaining in memory; src/provider/armed_pool.h).
+  for (CK_MECHANISM_TYPE m : {CKM_AES_CBC_PAD, CKM_AES_ECB, CKM_SHA256_HMAC,
+                              CKM_AES_ECB_ENCRYPT_DATA}) {
     auto &required = options.token.required_mechanisms;
     if (std::find(required.begin(), required.end(), m) == required.end()) {
       required.push_back(m);

@@ -128,6 +128,8 @@ std::string MechanismName(CK_MECHANISM_TYPE m) {
   switch (m) {
     case CKM_AES_CBC_PAD:
       return "CKM_AES_CBC_PAD";
+    case CKM_AES_ECB:
+      return "CKM_AES_ECB";
     case CKM_SHA256_HMAC:
       return "CKM_SHA256_HMAC";
     case CKM_AES_ECB_ENCRYPT_DATA:

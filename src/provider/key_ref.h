@@ -25,6 +25,9 @@ inline constexpr char kCipherName[] = "HSMSTEK-AES-CBC-PAD";
 inline constexpr char kMacName[] = "HMAC";
 inline constexpr char kKeyRefParam[] = "hsmstek-key-ref";
 
+class ArmedPool;
+class ArmedOp;
+
 // The token operations the provider reports to an observer.
 enum class TokenOp : uint8_t { kEncrypt, kDecrypt, kSign };
 
@@ -37,6 +40,10 @@ class TokenOpObserver {
   // An exception was stopped at a barrier while working for this ref's
   // owner (also reported as a failed operation when one was running).
   virtual void OnException() noexcept {}
+  // How many token calls `op` made on the calling (handshake) thread and
+  // how long they took; `for_open` when it served a ticket being opened.
+  virtual void OnTokenCalls(TokenOp /*op*/, bool /*for_open*/,
+                            unsigned /*calls*/, uint64_t /*ns*/) {}
 };
 
 struct TokenKeyRef {
@@ -49,6 +56,13 @@ struct TokenKeyRef {
   // token reconnected and the handle is stale: the operation fails.
   uint64_t generation = 0;
   std::shared_ptr<TokenOpObserver> observer;  // may be null
+  // Pre-armed operations for this key's epoch (armed_pool.h); null: every
+  // operation is initialised on demand.
+  std::shared_ptr<ArmedPool> pool;
+  // Seal only: the armed encryption whose IV the callback gave libssl. The
+  // cipher uses it if its IV is that one, else it is cancelled.
+  std::shared_ptr<ArmedOp> armed_encrypt;
+  bool for_open = false;  // reported to the observer
 };
 
 }  // namespace hsmstek::provider

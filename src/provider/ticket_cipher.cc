@@ -1,20 +1,28 @@
 // HSMSTEK-AES-CBC-PAD: AES-CBC(-PAD) in the token on a key handle, one-shot
 // per init (the first non-empty update runs the whole single-part token
-// operation; encrypt final reports the last block). See provider.h.
+// operation; encrypt final reports the last block). See provider.h. With a
+// pre-armed operation (armed_pool.h) the update is one token call: the
+// encryption's C_Encrypt, or the decryption's ECB C_DecryptUpdate with the
+// CBC chaining and unpadding done here on the public ciphertext.
 #include "provider/ticket_cipher.h"
 
 #include <openssl/core_dispatch.h>
 #include <openssl/core_names.h>
+#include <openssl/crypto.h>
 #include <openssl/evp.h>
 #include <openssl/params.h>
 
 #include <array>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <new>
+#include <optional>
 #include <string>
+#include <vector>
 
 #include "pkcs11/token.h"
+#include "provider/armed_pool.h"
 #include "provider/key_ref.h"
 #include "provider/provider.h"
 #include "provider/provider_context.h"
@@ -231,6 +239,136 @@ int FailOneShot(CipherCtx *ctx, const unsigned char *in, size_t inl,
   return RecordOutput(ctx, in, inl, out, capacity, outl);
 }
 
+// CBC decryption of `inl` ciphertext bytes from ECB block decryptions:
+// P_i = D(C_i) XOR C_(i-1), C_0 = the IV. `out` holds D(C_1..C_n) on entry
+// and the plaintext on return; `ct` is the ciphertext (not aliasing out).
+void ChainInMemory(const uint8_t *iv, const unsigned char *ct, size_t inl,
+                   unsigned char *out) {
+  for (size_t i = 0; i < inl; ++i) {
+    out[i] ^= i < kBlockSize ? iv[i] : ct[i - kBlockSize];
+  }
+}
+
+// The PKCS#7 pad length of the last block of `pt` (len >= 16, a multiple of
+// 16), or 0 if the padding is malformed. Every byte of the last block is
+// looked at whatever the pad value, so the time does not depend on it.
+size_t PadLength(const unsigned char *pt, size_t len) {
+  const uint32_t pad = pt[len - 1];
+  // bad != 0 iff pad == 0 or pad > 16.
+  uint32_t bad = ((pad - 1) >> 8) | ((16 - pad) >> 8);
+  for (uint32_t i = 1; i <= kBlockSize; ++i) {
+    const uint32_t in_pad = 0u - ((i - pad - 1) >> 31);  // all ones if i <= pad
+    bad |= in_pad & (pt[len - i] ^ pad);
+  }
+  // 0 when bad, pad otherwise, without a branch on either.
+  const uint32_t ok_mask = ((bad | (0u - bad)) >> 31) - 1u;
+  return pad & ok_mask;
+}
+
+// The decryption of an open on an armed ECB operation: one C_DecryptUpdate
+// over the whole (public) ciphertext, then chaining and unpadding in memory.
+// Returns 1 and sets *produced; 0 after a token failure (the operation is
+// cancelled); -1 for a malformed padding (the operation stays armed).
+int DecryptOnArmedEcb(CipherCtx *ctx, ArmedOp &armed, const unsigned char *in,
+                      size_t inl, unsigned char *out, size_t *produced) {
+  // The ciphertext must survive the token writing `out`: copy it if they
+  // overlap (EVP allows in-place operation).
+  std::vector<unsigned char> copy;
+  const unsigned char *ct = in;
+  if (out < in + inl && in < out + inl) {
+    copy.assign(in, in + inl);
+    ct = copy.data();
+  }
+  const FailureMode mode =
+      ctx->fail_soft ? FailureMode::kSoft : FailureMode::kRaise;
+  bool ok = RunArmedTokenOp(
+      *ctx->prov, ctx->ref, TokenOp::kDecrypt, mode, armed,
+      [&](p11::Session &session) {
+        CK_ULONG out_len = static_cast<CK_ULONG>(inl);
+        Status status = P11_CALL(session, C_DecryptUpdate, session.handle(),
+                                 const_cast<unsigned char *>(ct),
+                                 static_cast<CK_ULONG>(inl), out, &out_len);
+        if (status.ok() && out_len != inl) {
+          // The module kept blocks back: the operation is not the stateless
+          // ECB we rely on; it is cancelled with the session.
+          return Internal("C_DecryptUpdate (CKM_AES_ECB) returned " +
+                          std::to_string(out_len) + " of " +
+                          std::to_string(inl) + " bytes");
+        }
+        return status;
+      });
+  if (!ok) return 0;
+  ChainInMemory(ctx->iv.data(), ct, inl, out);
+  std::memcpy(ctx->updated_iv.data(), ct + inl - kBlockSize, kBlockSize);
+  if (!ctx->padding) {
+    *produced = inl;
+    return 1;
+  }
+  const size_t pad = PadLength(out, inl);
+  if (pad == 0) {
+    OPENSSL_cleanse(out, inl);
+    return -1;
+  }
+  *produced = inl - pad;
+  return 1;
+}
+
+// Tries the pre-armed path for this operation. Returns true if it ran (then
+// *result is the update's return value), false if the caller should run the
+// on-demand path.
+bool TryArmed(CipherCtx *ctx, const unsigned char *in, size_t inl,
+              unsigned char *out, size_t capacity, size_t *outl, int *result) {
+  const FailureMode mode =
+      ctx->fail_soft ? FailureMode::kSoft : FailureMode::kRaise;
+  if (ctx->encrypt) {
+    std::shared_ptr<ArmedOp> holder = std::move(ctx->ref.armed_encrypt);
+    if (!holder || !*holder || !ctx->padding || inl == 0 ||
+        std::memcmp(holder->iv().data(), ctx->iv.data(), kIvLength) != 0) {
+      return false;  // an unusable armed operation is cancelled with holder
+    }
+    ArmedOp armed = std::move(*holder);
+    CK_ULONG produced = static_cast<CK_ULONG>(capacity);
+    bool ok = RunArmedTokenOp(*ctx->prov, ctx->ref, TokenOp::kEncrypt, mode,
+                              armed, [&](p11::Session &session) {
+                                return P11_CALL(
+                                    session, C_Encrypt, session.handle(),
+                                    const_cast<unsigned char *>(in),
+                                    static_cast<CK_ULONG>(inl), out, &produced);
+                              });
+    if (ok) armed.MarkClean();
+    *result = ok ? RecordOutput(ctx, in, inl, out, produced, outl)
+                 : FailOneShot(ctx, in, inl, out, capacity, outl);
+    return true;
+  }
+  if (ctx->ref.pool == nullptr) return false;
+  std::optional<ArmedOp> armed = ctx->ref.pool->Take(
+      ArmedKind::kDecryptEcb, ctx->ref.handle, ctx->ref.generation);
+  if (!armed) return false;
+  size_t produced = 0;
+  int decrypted = DecryptOnArmedEcb(ctx, *armed, in, inl, out, &produced);
+  if (decrypted == 0) {
+    armed.reset();  // cancels the operation: its session is closed
+    ctx->ref.pool->Lost(ArmedKind::kDecryptEcb);
+    *result = FailOneShot(ctx, in, inl, out, capacity, outl);
+    return true;
+  }
+  ctx->ref.pool->Return(std::move(*armed));  // still armed
+  if (decrypted < 0) {
+    // Cannot happen for a ticket whose MAC matched; treated like a token
+    // decryption failure: no ticket (fail-soft) or an error.
+    if (!ctx->fail_soft) {
+      ctx->prov->RaiseError(ProviderReason::kTokenOperationFailed,
+                            "bad padding after decryption");
+    }
+    *result = FailOneShot(ctx, in, inl, out, capacity, outl);
+    return true;
+  }
+  *outl = produced;
+  ctx->state = CipherState::kDone;
+  *result = 1;
+  return true;
+}
+
 // The one-shot operation over `in`, writing at most `outsize` bytes.
 int RunOneShot(CipherCtx *ctx, const unsigned char *in, size_t inl,
                unsigned char *out, size_t *outl, size_t outsize) {
@@ -250,6 +388,10 @@ int RunOneShot(CipherCtx *ctx, const unsigned char *in, size_t inl,
     *outl = 0;
     ctx->state = CipherState::kDone;
     return 1;
+  }
+  int armed_result = 0;
+  if (TryArmed(ctx, in, inl, out, capacity, outl, &armed_result)) {
+    return armed_result;
   }
   CK_ULONG produced = static_cast<CK_ULONG>(capacity);
   const TokenOp op = ctx->encrypt ? TokenOp::kEncrypt : TokenOp::kDecrypt;

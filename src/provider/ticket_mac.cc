@@ -1,6 +1,7 @@
 // HMAC with two modes in one implementation:
 // - token mode (kKeyRefParam set): HMAC-SHA256 in the token on a key handle;
-//   updates are buffered, final runs C_SignInit + C_Sign;
+//   updates are buffered, final runs C_SignInit + C_Sign, or only C_Sign on
+//   a pre-armed session (armed_pool.h);
 // - raw-key mode (anything else): every call is forwarded unchanged to a
 //   delegate context of another provider's HMAC, through that provider's
 //   own functions (DelegateMac: no second EVP layer). Under the process-wide
@@ -25,11 +26,13 @@
 #include <cstring>
 #include <memory>
 #include <new>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
 
 #include "pkcs11/token.h"
+#include "provider/armed_pool.h"
 #include "provider/key_ref.h"
 #include "provider/provider.h"
 #include "provider/provider_context.h"
@@ -272,6 +275,15 @@ bool CheckTokenDigest(const MacCtx &ctx) {
   return sha256;
 }
 
+// C_Sign on a session whose C_SignInit already ran.
+Status SignOnArmed(p11::Session &session, std::vector<uint8_t> &data,
+                   unsigned char *out, CK_ULONG *out_len) {
+  static unsigned char empty = 0;  // some modules reject a null pData
+  return P11_CALL(session, C_Sign, session.handle(),
+                  data.empty() ? &empty : data.data(),
+                  static_cast<CK_ULONG>(data.size()), out, out_len);
+}
+
 Status TokenSign(p11::Session &session, const TokenKeyRef &ref,
                  std::vector<uint8_t> &data, unsigned char *out,
                  CK_ULONG *out_len) {
@@ -279,10 +291,7 @@ Status TokenSign(p11::Session &session, const TokenKeyRef &ref,
   Status status =
       P11_CALL(session, C_SignInit, session.handle(), &mechanism, ref.handle);
   if (!status.ok()) return status;
-  static unsigned char empty = 0;  // some modules reject a null pData
-  return P11_CALL(session, C_Sign, session.handle(),
-                  data.empty() ? &empty : data.data(),
-                  static_cast<CK_ULONG>(data.size()), out, out_len);
+  return SignOnArmed(session, data, out, out_len);
 }
 
 int MacFinal(void *vctx, unsigned char *out, size_t *outl, size_t outsize) {
@@ -302,10 +311,27 @@ int MacFinal(void *vctx, unsigned char *out, size_t *outl, size_t outsize) {
   CK_ULONG produced = kSha256Size;
   const FailureMode mode =
       ctx->fail_soft ? FailureMode::kSoft : FailureMode::kRaise;
-  bool ok = RunTokenOp(
-      *ctx->prov, ctx->ref, TokenOp::kSign, mode, [&](p11::Session &session) {
-        return TokenSign(session, ctx->ref, ctx->data, out, &produced);
-      });
+  // A pre-armed C_SignInit on this key (the current epoch's) makes the MAC
+  // one token call; other epochs initialise on demand.
+  std::optional<ArmedOp> armed;
+  if (ctx->ref.pool != nullptr) {
+    armed = ctx->ref.pool->Take(ArmedKind::kSign, ctx->ref.handle,
+                                ctx->ref.generation);
+  }
+  bool ok;
+  if (armed) {
+    ok = RunArmedTokenOp(*ctx->prov, ctx->ref, TokenOp::kSign, mode, *armed,
+                         [&](p11::Session &session) {
+                           return SignOnArmed(session, ctx->data, out,
+                                              &produced);
+                         });
+    if (ok) armed->MarkClean();
+  } else {
+    ok = RunTokenOp(
+        *ctx->prov, ctx->ref, TokenOp::kSign, mode, [&](p11::Session &session) {
+          return TokenSign(session, ctx->ref, ctx->data, out, &produced);
+        });
+  }
   ctx->data.clear();  // the next update starts a new MAC under the same key
   if (!ok) {
     // Fail-soft: a MAC that matches nothing (see provider.h).

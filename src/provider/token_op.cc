@@ -75,6 +75,16 @@ Status CaughtAsStatus(const TokenKeyRef &ref, const char *function) noexcept {
   }
 }
 
+void ReportCalls(const TokenKeyRef &ref, TokenOp op, unsigned calls,
+                 std::chrono::steady_clock::time_point start) {
+  if (ref.observer == nullptr) return;
+  auto ns = std::chrono::duration_cast<std::chrono::nanoseconds>(
+                std::chrono::steady_clock::now() - start)
+                .count();
+  ref.observer->OnTokenCalls(op, ref.for_open, calls,
+                             static_cast<uint64_t>(ns));
+}
+
 bool ParseFailSoft(const OSSL_PARAM &param, bool *fail_soft) {
   int value = 0;
   if (!OSSL_PARAM_get_int(&param, &value)) return false;

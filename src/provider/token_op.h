@@ -4,11 +4,13 @@
 
 #include <openssl/core.h>
 
+#include <chrono>
 #include <utility>
 
 #include "common/status.h"
 #include "common/test_seam.h"
 #include "pkcs11/token.h"
+#include "provider/armed_pool.h"
 #include "provider/errors.h"
 #include "provider/key_ref.h"
 #include "provider/provider_context.h"
@@ -55,6 +57,11 @@ bool FinishTokenOp(const ProviderContext &prov, const TokenKeyRef &ref,
 // Status a token operation fails with. No allocation beyond the message.
 Status CaughtAsStatus(const TokenKeyRef &ref, const char *function) noexcept;
 
+// ReportCalls tells the ref's observer how many token calls `op` made on
+// this thread since `start`.
+void ReportCalls(const TokenKeyRef &ref, TokenOp op, unsigned calls,
+                 std::chrono::steady_clock::time_point start);
+
 // RunTokenOp runs `body(p11::Session&) -> Status` on a session leased from
 // ref.token for this call only, after checking that the ref is not stale
 // (against the token and against the leased session). A session whose body
@@ -89,7 +96,9 @@ bool RunTokenOp(const ProviderContext &prov, const TokenKeyRef &ref, TokenOp op,
         // Acquire reconnected: the handle belongs to an older generation.
         reason = ProviderReason::kStaleKeyHandle;
       } else {
+        const auto start = std::chrono::steady_clock::now();
         status = std::forward<Body>(body)(*session);
+        ReportCalls(ref, op, 2, start);  // *Init + the operation
         if (!status.ok()) session->Discard();
       }
     }
@@ -99,6 +108,38 @@ bool RunTokenOp(const ProviderContext &prov, const TokenKeyRef &ref, TokenOp op,
     status = CaughtAsStatus(ref, site.func);
   }  // the session is back in the pool before the observer runs
   return FinishTokenOp(prov, ref, op, reason, status, mode, site);
+}
+
+// RunArmedTokenOp runs `body(p11::Session&) -> Status` (the single call that
+// completes the operation) on `armed`, after the same staleness checks as
+// RunTokenOp. On failure the operation is left to `armed`'s destructor,
+// which cancels it. An exception fails it like a token error. Reports
+// through FinishTokenOp.
+template <typename Body>
+bool RunArmedTokenOp(const ProviderContext &prov, const TokenKeyRef &ref,
+                     TokenOp op, FailureMode mode, ArmedOp &armed, Body &&body,
+                     const char *func = __builtin_FUNCTION(),
+                     const char *file = __builtin_FILE(),
+                     int line = __builtin_LINE()) {
+  const CallSite site{func, file, line};
+  Status fresh = CheckGeneration(ref, ref.token->generation());
+  if (fresh.ok()) fresh = CheckGeneration(ref, armed.session().generation());
+  if (!fresh.ok()) {
+    return FinishTokenOp(prov, ref, op, ProviderReason::kStaleKeyHandle, fresh,
+                         mode, site);
+  }
+  Status status;
+  try {
+    seam::Hit(seam::Point::kTokenOperation);
+    const auto start = std::chrono::steady_clock::now();
+    status = std::forward<Body>(body)(armed.session());
+    ReportCalls(ref, op, 1, start);
+  } catch (...) {
+    // As in RunTokenOp: a token error (fail-soft where asked for), counted.
+    status = CaughtAsStatus(ref, site.func);
+  }
+  return FinishTokenOp(prov, ref, op, ProviderReason::kTokenOperationFailed,
+                       status, mode, site);
 }
 
 // FillRandom fills `out` with `len` random bytes from `prov`'s library

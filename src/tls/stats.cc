@@ -60,10 +60,12 @@ LatencyHistogram::Summary LatencyHistogram::Summarize() const {
 }
 
 void TicketStats::BeginSeal() {
+  seals_begun_.fetch_add(1, std::memory_order_relaxed);
   t_in_flight = InFlight{this, Pending::kSeal, NowNs()};
 }
 
 void TicketStats::BeginOpen(bool renew) {
+  opens_begun_.fetch_add(1, std::memory_order_relaxed);
   t_in_flight = InFlight{
       this, renew ? Pending::kOpenRenew : Pending::kOpenResume, NowNs()};
 }
@@ -109,6 +111,14 @@ void TicketStats::OnTokenOp(provider::TokenOp op, bool ok) {
   }
 }
 
+void TicketStats::OnTokenCalls(provider::TokenOp op, bool for_open,
+                               unsigned calls, uint64_t ns) {
+  (for_open ? open_calls_ : seal_calls_)
+      .fetch_add(calls, std::memory_order_relaxed);
+  size_t index = static_cast<size_t>(op);
+  if (index < call_latency_.size()) call_latency_[index].Record(ns);
+}
+
 TicketCounters TicketStats::Snapshot() const {
   TicketCounters c;
   c.issued = issued_.load();
@@ -122,6 +132,18 @@ TicketCounters TicketStats::Snapshot() const {
   c.exceptions = exceptions_.load();
   c.seal = seal_.Summarize();
   c.open = open_.Summarize();
+  c.seals_begun = seals_begun_.load();
+  c.opens_begun = opens_begun_.load();
+  c.seal_calls = seal_calls_.load();
+  c.open_calls = open_calls_.load();
+  c.encrypt_calls =
+      call_latency_[static_cast<size_t>(provider::TokenOp::kEncrypt)]
+          .Summarize();
+  c.decrypt_calls =
+      call_latency_[static_cast<size_t>(provider::TokenOp::kDecrypt)]
+          .Summarize();
+  c.sign_calls =
+      call_latency_[static_cast<size_t>(provider::TokenOp::kSign)].Summarize();
   return c;
 }
 

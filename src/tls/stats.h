@@ -43,6 +43,11 @@ struct TicketCounters {
   // error and ended as a full handshake (common/barrier.h).
   uint64_t exceptions = 0;
   LatencyHistogram::Summary seal, open;
+  // Token round trips made on the handshake thread (a pre-armed step is
+  // one, an on-demand step two) and the ticket operations they served.
+  uint64_t seals_begun = 0, opens_begun = 0, seal_calls = 0, open_calls = 0;
+  // Time of each step's token calls on the handshake thread.
+  LatencyHistogram::Summary encrypt_calls, decrypt_calls, sign_calls;
 };
 
 // TicketStats counts what the callback decides and what the token then
@@ -60,6 +65,8 @@ class TicketStats final : public provider::TokenOpObserver {
 
   void OnTokenOp(provider::TokenOp op, bool ok) override;
   void OnException() noexcept override { exceptions_.fetch_add(1); }
+  void OnTokenCalls(provider::TokenOp op, bool for_open, unsigned calls,
+                    uint64_t ns) override;
 
   TicketCounters Snapshot() const;
 
@@ -68,7 +75,10 @@ class TicketStats final : public provider::TokenOpObserver {
   std::atomic<uint64_t> unknown_{0}, expired_{0}, future_{0}, not_routed_{0};
   std::atomic<uint64_t> token_errors_{0};
   std::atomic<uint64_t> exceptions_{0};
+  std::atomic<uint64_t> seals_begun_{0}, opens_begun_{0}, seal_calls_{0},
+      open_calls_{0};
   LatencyHistogram seal_, open_;
+  std::array<LatencyHistogram, 3> call_latency_;  // by provider::TokenOp
 };
 
 }  // namespace hsmstek::tls

@@ -3,6 +3,7 @@
 #include <openssl/core_names.h>
 
 #include <cstring>
+#include <optional>
 
 #include "common/barrier.h"
 #include "common/log.h"
@@ -52,19 +53,34 @@ void ReportNotRouted(TicketContext &context) {
 }
 
 // Hands the token key handles to the provider's cipher and HMAC.
+// `armed_encrypt` (seal, may be null) is the pre-armed encryption whose IV
+// is `iv`.
 bool SetUpCipherAndMac(TicketContext &context, const keystore::TicketKeys &keys,
                        const unsigned char iv[16], EVP_CIPHER_CTX *cipher_ctx,
-                       EVP_MAC_CTX *mac_ctx, bool encrypt) {
+                       EVP_MAC_CTX *mac_ctx, bool encrypt,
+                       std::shared_ptr<provider::ArmedOp> armed_encrypt) {
   Result<const EVP_CIPHER *> cipher = provider::TicketCipher();
   if (!cipher.ok()) {
     log::Error("hsmstek: " + cipher.status().message());
     return false;
   }
   const std::shared_ptr<p11::Token> &token = context.store->token();
-  provider::TokenKeyRef aes{provider::TokenKeyRef::kMagic, token, keys.aes,
-                            keys.generation, context.stats};
-  provider::TokenKeyRef hmac{provider::TokenKeyRef::kMagic, token, keys.hmac,
-                             keys.generation, context.stats};
+  provider::TokenKeyRef aes{provider::TokenKeyRef::kMagic,
+                            token,
+                            keys.aes,
+                            keys.generation,
+                            context.stats,
+                            context.armed,
+                            std::move(armed_encrypt),
+                            !encrypt};
+  provider::TokenKeyRef hmac{provider::TokenKeyRef::kMagic,
+                             token,
+                             keys.hmac,
+                             keys.generation,
+                             context.stats,
+                             context.armed,
+                             nullptr,
+                             !encrypt};
   const provider::TokenKeyRef *aes_ptr = &aes;
   const provider::TokenKeyRef *hmac_ptr = &hmac;
   // libssl treats a cipher or HMAC failure after this callback as fatal to
@@ -122,10 +138,24 @@ int Seal(SSL *ssl, TicketContext &context, unsigned char key_name[16],
                      context.store->clock().NowUnix());
     return kNoTicket;
   }
-  if (!NextTicketIv(iv)) return kNoTicket;
+  // A pre-armed encryption brings its own IV (drawn when it was armed, used
+  // for this ticket only); without one the IV is drawn now.
+  std::shared_ptr<provider::ArmedOp> armed;
+  if (context.armed != nullptr) {
+    context.armed->SetCurrent(keys->aes, keys->hmac, keys->generation);
+    std::optional<provider::ArmedOp> op = context.armed->Take(
+        provider::ArmedKind::kEncrypt, keys->aes, keys->generation);
+    if (op) armed = std::make_shared<provider::ArmedOp>(std::move(*op));
+  }
+  if (armed != nullptr) {
+    std::memcpy(iv, armed->iv().data(), kTicketIvLength);
+  } else if (!NextTicketIv(iv)) {
+    return kNoTicket;
+  }
   std::memcpy(key_name, keys->name.bytes.data(), 16);
   context.stats->BeginSeal();
-  if (!SetUpCipherAndMac(context, *keys, iv, cipher_ctx, mac_ctx, true)) {
+  if (!SetUpCipherAndMac(context, *keys, iv, cipher_ctx, mac_ctx, true,
+                         std::move(armed))) {
     return kNoTicket;
   }
   CapLifetime(ssl, keys->decrypt_window_s);
@@ -166,9 +196,16 @@ int Open(SSL *ssl, TicketContext &context, const unsigned char key_name[16],
           context.store->clock().NowUnix());
       return kNoTicket;
   }
+  if (context.armed != nullptr &&
+      lookup.verdict == keystore::DecryptVerdict::kCurrent) {
+    // Keeps the pool on the current epoch with opens only (TLS 1.2
+    // resumptions seal nothing).
+    context.armed->SetCurrent(lookup.keys.aes, lookup.keys.hmac,
+                              lookup.keys.generation);
+  }
   context.stats->BeginOpen(result == kTicketRenew);
-  if (!SetUpCipherAndMac(context, lookup.keys, iv, cipher_ctx, mac_ctx,
-                         false)) {
+  if (!SetUpCipherAndMac(context, lookup.keys, iv, cipher_ctx, mac_ctx, false,
+                         nullptr)) {
     return kNoTicket;
   }
   return result;
@@ -210,6 +247,10 @@ Status InstallTicketCallback(SSL_CTX *ctx,
                              std::shared_ptr<TicketContext> context) {
   if (ctx == nullptr || !context || !context->store || !context->stats) {
     return InvalidArgument("InstallTicketCallback: null argument");
+  }
+  if (context->options.prearm && context->armed == nullptr) {
+    context->armed =
+        std::make_shared<provider::ArmedPool>(context->store->token());
   }
   Status registered = provider::RegisterProvider();
   if (!registered.ok()) return registered;

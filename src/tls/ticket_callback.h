@@ -15,6 +15,7 @@
 
 #include "common/status.h"
 #include "keystore/store.h"
+#include "provider/armed_pool.h"
 #include "tls/stats.h"
 
 namespace hsmstek::tls {
@@ -22,6 +23,9 @@ namespace hsmstek::tls {
 struct TicketOptions {
   // TLS 1.3: ask for a fresh ticket when resuming with a current one.
   bool tls13_renew = true;
+  // Keep token operations initialised ahead of use (provider/armed_pool.h):
+  // one token round trip per step on the handshake thread instead of two.
+  bool prearm = true;
 };
 
 // What one SSL_CTX's callback works with. Owned by the SSL_CTX (ex_data)
@@ -30,6 +34,9 @@ struct TicketContext {
   std::shared_ptr<keystore::KeyStore> store;
   std::shared_ptr<TicketStats> stats;
   TicketOptions options;
+  // Shared by the contexts of one store; InstallTicketCallback creates one
+  // when `options.prearm` and none is set.
+  std::shared_ptr<provider::ArmedPool> armed;
   // Rate limit for the "not routed" error: next Unix second to log at.
   std::atomic<int64_t> next_routing_log{0};
 };

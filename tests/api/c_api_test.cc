@@ -121,6 +121,35 @@ TEST_F(CApiTest, ScopedContextResumesAndCountsAndOutlivesItsStore) {
   EXPECT_GE(stats.derivations, 1u);
   EXPECT_GE(stats.reconnects, 1u);
 
+  // Round trips and per-step token latency: two seals and one open, each
+  // step one or two token calls on this (the handshake) thread.
+  hsmstek_token_stats token;
+  ASSERT_EQ(hsmstek_store_token_stats(store, &token, sizeof(token)),
+            HSMSTEK_OK);
+  EXPECT_EQ(token.seals, 2u);
+  EXPECT_EQ(token.opens, 1u);
+  EXPECT_GE(token.seal_round_trips, 4u);  // encrypt + HMAC per seal, >= 1 each
+  EXPECT_LE(token.seal_round_trips, 8u);
+  EXPECT_GE(token.open_round_trips, 2u);
+  EXPECT_LE(token.open_round_trips, 4u);
+  EXPECT_EQ(token.round_trips_per_seal_milli,
+            token.seal_round_trips * 1000 / 2);
+  EXPECT_EQ(token.encrypt.count, 2u);
+  EXPECT_EQ(token.decrypt.count, 1u);
+  EXPECT_EQ(token.sign.count, 3u);
+  EXPECT_GT(token.sign.p50_ns, 0u);
+  EXPECT_GE(token.sign.p99_ns, token.sign.p50_ns);
+  EXPECT_EQ(token.armed_hits + token.armed_misses, 6u);  // every step asked
+  // An older caller's smaller struct is filled only as far as it goes.
+  uint64_t first_two[3] = {0, 0, 0xdeadbeef};
+  ASSERT_EQ(hsmstek_store_token_stats(
+                store, reinterpret_cast<hsmstek_token_stats *>(first_two),
+                2 * sizeof(uint64_t)),
+            HSMSTEK_OK);
+  EXPECT_EQ(first_two[0], 2u);
+  EXPECT_EQ(first_two[1], 1u);
+  EXPECT_EQ(first_two[2], 0xdeadbeefu);
+
   // The SSL_CTX keeps its own reference: closing the store first is fine.
   hsmstek_store_close(store);
   UniqueSslCtx client2 = NewClientCtx(TLS1_3_VERSION);
@@ -151,6 +180,9 @@ TEST_F(CApiTest, OptionsAreValidated) {
 TEST_F(CApiTest, NullAndForeignHandlesAreRefused) {
   hsmstek_stats stats;
   EXPECT_EQ(hsmstek_store_stats(nullptr, &stats), HSMSTEK_ERR_INVALID_ARGUMENT);
+  hsmstek_token_stats token;
+  EXPECT_EQ(hsmstek_store_token_stats(nullptr, &token, sizeof(token)),
+            HSMSTEK_ERR_INVALID_ARGUMENT);
   EXPECT_EQ(hsmstek_store_check(nullptr), HSMSTEK_ERR_INVALID_ARGUMENT);
   EXPECT_EQ(hsmstek_ssl_ctx_new(nullptr, TLS_server_method()), nullptr);
   alignas(8) unsigned char garbage[64] = {};

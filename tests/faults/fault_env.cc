@@ -49,6 +49,8 @@ void InitFaultEnvironment() {
   setenv("HSMSTEK_FAULTY_TARGET", SoftHsmTarget().c_str(), 1);
   setenv("HSMSTEK_FAULTY_CONTROL", g_control.c_str(), 1);
   setenv("HSMSTEK_FAULTY_TRACE", g_trace.c_str(), 1);
+  // Round-trip counts on the handshake thread (round_trip_test.cc).
+  setenv("HSMSTEK_FAULTY_TRACE_THREADS", "1", 1);
   // The audit runs alongside the faults: a recovery path must not weaken
   // key custody either. Checked at exit by main().
   setenv("HSMSTEK_FAULTY_AUDIT", g_audit.c_str(), 1);
@@ -82,12 +84,15 @@ std::vector<TraceCall> TraceSince(size_t mark) {
   in.seekg(static_cast<std::streamoff>(mark));
   std::string line;
   while (std::getline(in, line)) {
-    // "<pid> <C_Function> <CKR_NAME or 0xHEX>[ injected]"
+    // "<pid> <C_Function> <CKR_NAME or 0xHEX>[ injected][ template=...][ tid=<n>]"
     std::istringstream fields(line);
-    std::string pid, injected;
+    std::string pid, word;
     TraceCall call;
     if (!(fields >> pid >> call.function >> call.result)) continue;
-    call.injected = (fields >> injected) && injected == "injected";
+    while (fields >> word) {
+      if (word == "injected") call.injected = true;
+      if (word.rfind("tid=", 0) == 0) call.tid = std::stol(word.substr(4));
+    }
     calls.push_back(std::move(call));
   }
   return calls;

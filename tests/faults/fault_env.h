@@ -36,6 +36,7 @@ struct TraceCall {
   std::string function;
   std::string result;
   bool injected = false;
+  long tid = 0;  // the calling thread (gettid)
   bool ok() const { return result == "CKR_OK"; }
 };
 

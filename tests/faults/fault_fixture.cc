@@ -60,6 +60,12 @@ std::shared_ptr<tls::TicketContext> FaultTest::ContextFor(
   auto context = std::make_shared<tls::TicketContext>();
   context->store = std::move(store);
   context->stats = std::make_shared<tls::TicketStats>();
+  // The matrix and load tests read the ticket steps from the process-wide
+  // call sequence, which background re-arming would interleave: they test
+  // the on-demand path (every step's *Init on the handshake thread), which
+  // is also every pre-armed step's fallback. Pre-armed operations have
+  // their own tests (round_trip_test.cc).
+  context->options.prearm = false;
   return context;
 }
 

@@ -3,6 +3,7 @@
 #include <openssl/rand.h>
 
 #include <atomic>
+#include <chrono>
 #include <mutex>
 #include <thread>
 #include <vector>
@@ -311,6 +312,12 @@ TEST_P(TicketTest, TokenFailureMeansFullHandshakesThenRecovery) {
   auto client = NewClientCtx(version());
   HandshakeResult full = Handshake(client.get(), server.get());
   ASSERT_TRUE(full.ok && full.session) << full.error;
+  // Pre-armed operations: let the re-armer finish first, so the closed
+  // sessions are met by the handshake (an armed step fails) rather than by
+  // a background re-arm that would reconnect before it.
+  if (context->armed) {
+    ASSERT_TRUE(context->armed->WaitUntilArmed(std::chrono::seconds(60)));
+  }
   auto token = store->token();
   ASSERT_EQ(token->fn()->C_CloseAllSessions(token->slot()), CKR_OK);
 

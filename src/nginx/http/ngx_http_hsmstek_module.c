@@ -254,11 +254,19 @@ typedef struct {
   const char *help;
   const char *type;
   const char *labels; /* appended after store="..." */
-  size_t offset;      /* of a uint64_t in hsmstek_stats */
-  ngx_uint_t seconds; /* value is in ns, print as seconds */
+  size_t offset;      /* of a uint64_t in ngx_http_hsmstek_snapshot_t */
+  ngx_uint_t scale;   /* 1: ns, print as seconds; 2: x1000, print as units */
 } ngx_http_hsmstek_metric_t;
 
-#define NGX_HSMSTEK_FIELD(f) offsetof(hsmstek_stats, f)
+/* What the page shows of one store, read once per request. */
+typedef struct {
+  hsmstek_stats stats;
+  hsmstek_token_stats token;
+} ngx_http_hsmstek_snapshot_t;
+
+#define NGX_HSMSTEK_FIELD(f) offsetof(ngx_http_hsmstek_snapshot_t, stats.f)
+#define NGX_HSMSTEK_TOKEN_FIELD(f) \
+  offsetof(ngx_http_hsmstek_snapshot_t, token.f)
 
 static const ngx_http_hsmstek_metric_t ngx_http_hsmstek_metrics[] = {
     {"hsmstek_tickets_issued_total", "Session tickets sealed in the token.",
@@ -302,6 +310,42 @@ static const ngx_http_hsmstek_metric_t ngx_http_hsmstek_metrics[] = {
      NGX_HSMSTEK_FIELD(open.p99_ns), 1},
     {"hsmstek_open_latency_max_seconds", "Slowest open of one ticket.", "gauge",
      "", NGX_HSMSTEK_FIELD(open.max_ns), 1},
+    /* Round trips to the token on this worker's event loop (docs/DESIGN.md,
+     * "Pre-armed operations"): 1 per step when armed, 2 on demand. */
+    {"hsmstek_token_round_trips_per_operation",
+     "Token calls made on the event loop per ticket seal / open.", "gauge",
+     ",op=\"seal\"", NGX_HSMSTEK_TOKEN_FIELD(round_trips_per_seal_milli), 2},
+    {"hsmstek_token_round_trips_per_operation", NULL, NULL, ",op=\"open\"",
+     NGX_HSMSTEK_TOKEN_FIELD(round_trips_per_open_milli), 2},
+    {"hsmstek_token_round_trips_total",
+     "Token calls made on the event loop, by ticket operation.", "counter",
+     ",op=\"seal\"", NGX_HSMSTEK_TOKEN_FIELD(seal_round_trips), 0},
+    {"hsmstek_token_round_trips_total", NULL, NULL, ",op=\"open\"",
+     NGX_HSMSTEK_TOKEN_FIELD(open_round_trips), 0},
+    {"hsmstek_token_call_latency_seconds",
+     "Time of one ticket step's token calls (estimated quantiles).", "gauge",
+     ",step=\"encrypt\",quantile=\"0.5\"",
+     NGX_HSMSTEK_TOKEN_FIELD(encrypt.p50_ns), 1},
+    {"hsmstek_token_call_latency_seconds", NULL, NULL,
+     ",step=\"encrypt\",quantile=\"0.99\"",
+     NGX_HSMSTEK_TOKEN_FIELD(encrypt.p99_ns), 1},
+    {"hsmstek_token_call_latency_seconds", NULL, NULL,
+     ",step=\"decrypt\",quantile=\"0.5\"",
+     NGX_HSMSTEK_TOKEN_FIELD(decrypt.p50_ns), 1},
+    {"hsmstek_token_call_latency_seconds", NULL, NULL,
+     ",step=\"decrypt\",quantile=\"0.99\"",
+     NGX_HSMSTEK_TOKEN_FIELD(decrypt.p99_ns), 1},
+    {"hsmstek_token_call_latency_seconds", NULL, NULL,
+     ",step=\"sign\",quantile=\"0.5\"", NGX_HSMSTEK_TOKEN_FIELD(sign.p50_ns),
+     1},
+    {"hsmstek_token_call_latency_seconds", NULL, NULL,
+     ",step=\"sign\",quantile=\"0.99\"", NGX_HSMSTEK_TOKEN_FIELD(sign.p99_ns),
+     1},
+    {"hsmstek_armed_operations_total",
+     "Ticket steps that found an operation initialised ahead of use.",
+     "counter", ",result=\"hit\"", NGX_HSMSTEK_TOKEN_FIELD(armed_hits), 0},
+    {"hsmstek_armed_operations_total", NULL, NULL, ",result=\"miss\"",
+     NGX_HSMSTEK_TOKEN_FIELD(armed_misses), 0},
 };
 
 /* Upper bound of one sample line besides the metric's name and labels:
@@ -386,14 +430,18 @@ static ngx_int_t ngx_http_hsmstek_status_handler(ngx_http_request_t *r) {
   }
 
   /* Snapshot first so every family shows the same moment. */
-  hsmstek_stats *stats = ngx_pcalloc(r->pool, (n + 1) * sizeof(*stats));
+  ngx_http_hsmstek_snapshot_t *stats =
+      ngx_pcalloc(r->pool, (n + 1) * sizeof(*stats));
   ngx_uint_t *have = ngx_pcalloc(r->pool, (n + 1) * sizeof(*have));
   if (stats == NULL || have == NULL) {
     return NGX_HTTP_INTERNAL_SERVER_ERROR;
   }
   for (ngx_uint_t i = 0; i < n; i++) {
-    have[i] = stores[i].store != NULL &&
-              hsmstek_store_stats(stores[i].store, &stats[i]) == HSMSTEK_OK;
+    have[i] =
+        stores[i].store != NULL &&
+        hsmstek_store_stats(stores[i].store, &stats[i].stats) == HSMSTEK_OK &&
+        hsmstek_store_token_stats(stores[i].store, &stats[i].token,
+                                  sizeof(stats[i].token)) == HSMSTEK_OK;
   }
 
   size_t size = 256 + n * NGX_HSMSTEK_SAMPLE_EXTRA * 2;
@@ -444,8 +492,10 @@ static ngx_int_t ngx_http_hsmstek_status_handler(ngx_http_request_t *r) {
           *(const uint64_t *)((const u_char *)&stats[i] + metric->offset);
       p = ngx_slprintf(p, end, "%s{store=\"%V\"%s} ", metric->name,
                        &stores[i].label, metric->labels);
-      if (metric->seconds) {
+      if (metric->scale == 1) {
         p = ngx_slprintf(p, end, "%uL.%09uL\n", v / 1000000000, v % 1000000000);
+      } else if (metric->scale == 2) {
+        p = ngx_slprintf(p, end, "%uL.%03uL\n", v / 1000, v % 1000);
       } else {
         p = ngx_slprintf(p, end, "%uL\n", v);
       }
