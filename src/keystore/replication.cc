@@ -254,13 +254,24 @@ p11::Template ImportRecordQuery(std::string_view label, const StoreId &id) {
 Result<CK_OBJECT_HANDLE> StoreImportRecord(p11::Session &session,
                                            std::string_view label,
                                            const Bundle &bundle) {
-  p11::Template t = ImportRecordQuery(label, bundle.store_id);
   const std::string text = "signer " + HexEncode(bundle.signer) + "\ncreated " +
                            FormatRfc3339(bundle.created) + "\n";
-  t.Bool(CKA_TOKEN, true).Bool(CKA_PRIVATE, true).String(CKA_VALUE, text);
+  // A user-PIN holder who could destroy or relabel the record could replay
+  // the bundle of a destroyed master; where the token knows
+  // CKA_DESTROYABLE (PKCS#11 3.0; SoftHSM 2.6 does) nobody can.
+  auto create = [&](bool lock, CK_OBJECT_HANDLE *h) {
+    p11::Template t = ImportRecordQuery(label, bundle.store_id);
+    t.Bool(CKA_TOKEN, true)
+        .Bool(CKA_PRIVATE, true)
+        .Bool(CKA_MODIFIABLE, false)
+        .String(CKA_VALUE, text);
+    if (lock) t.Bool(CKA_DESTROYABLE, false);
+    return P11_CALL(session, C_CreateObject, session.handle(), t.data(),
+                    t.size(), h);
+  };
   CK_OBJECT_HANDLE h = CK_INVALID_HANDLE;
-  Status s = P11_CALL(session, C_CreateObject, session.handle(), t.data(),
-                      t.size(), &h);
+  Status s = create(true, &h);
+  if (s.ckr() == CKR_ATTRIBUTE_TYPE_INVALID) s = create(false, &h);
   if (!s.ok()) return s.WithContext("storing the import record");
   return h;
 }

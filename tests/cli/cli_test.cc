@@ -1771,6 +1771,58 @@ TEST_F(CliTest, BundlesMintedWithTheSendersPinExpireWithinAWeek) {
   EXPECT_TRUE(Masters(kRecv, "mint").empty());
 }
 
+// The import record is what stops a destroyed master from coming back
+// through its old bundle. A user-PIN holder on the receiving token must not
+// be able to erase or relabel it and then replay the bundle.
+TEST_F(CliTest, AUserPinHolderCannotEraseTheImportRecord) {
+  SetUpRsaTransport("wrap-record");
+  RunResult p = Cli({"provision", Uri(kSend, "record"), "--replicable"});
+  ASSERT_EQ(p.code, 0) << Describe(p);
+  const std::string id = PrintedId(p);
+  const std::string path = Scratch() + "/record.bundle";
+  ASSERT_EQ(Cli({"export", Uri(kSend, "record"), "--id", id, "--wrap-key",
+                 "pkcs11:object=wrap-record", "--signer",
+                 SignerUri("wrap-record"), "--out", path})
+                .code,
+            0);
+  const std::vector<std::string> import = {
+      "import",       Uri(kRecv, "record"),
+      "--unwrap-key", "pkcs11:object=wrap-record",
+      "--in",         path};
+  RunResult ok = Cli(import);
+  ASSERT_EQ(ok.code, 0) << Describe(ok);
+  ASSERT_EQ(
+      Cli({"destroy", Uri(kRecv, "record"), "--id", id, "--yes", "--force"})
+          .code,
+      0);
+  {
+    p11::Session s = UserSession(kRecv);
+    p11::Template q;
+    q.Ulong(CKA_CLASS, CKO_DATA)
+        .String(CKA_APPLICATION, "hsmstek-import")
+        .String(CKA_LABEL, "record");
+    Result<std::vector<CK_OBJECT_HANDLE>> found = p11::FindObjects(s, q);
+    ASSERT_TRUE(found.ok());
+    ASSERT_EQ(found->size(), 1u);
+    const CK_OBJECT_HANDLE record = (*found)[0];
+    p11::Template relabel;
+    relabel.String(CKA_LABEL, "elsewhere");
+    EXPECT_EQ(P11_CALL(s, C_SetAttributeValue, s.handle(), record,
+                       relabel.data(), relabel.size())
+                  .ckr(),
+              CKR_ACTION_PROHIBITED);
+    EXPECT_EQ(P11_CALL(s, C_DestroyObject, s.handle(), record).ckr(),
+              CKR_ACTION_PROHIBITED);
+  }
+  RunResult replayed = Cli(import);
+  EXPECT_EQ(replayed.code, 1) << Describe(replayed);
+  EXPECT_NE(replayed.err.find("replayed bundle: master " + id +
+                              " was imported into store \"record\" before"),
+            std::string::npos)
+      << replayed.err;
+  EXPECT_TRUE(Masters(kRecv, "record").empty());
+}
+
 TEST_F(CliTest, WeakTransportAndSigningKeysAreRefused) {
   RunResult p = Cli({"provision", Uri(kAesA, "weak"), "--replicable"});
   ASSERT_EQ(p.code, 0) << Describe(p);
