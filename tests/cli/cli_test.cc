@@ -2032,6 +2032,72 @@ TEST_F(CliTest, TransportKeysAUserCouldTurnAgainstBundlesAreRefused) {
   EXPECT_TRUE(readable(a, find(a, "weak-unwraps")).ok());
 }
 
+// A user-PIN holder of the sending token can create a signing key whose
+// value they know, with every usage flag of a good one. Its holder could
+// sign bundles outside the token, forever; export must not sign with it.
+TEST_F(CliTest, ExportRefusesASigningKeyMadeOutsideTheToken) {
+  RunResult p = Cli({"provision", Uri(kAesA, "known-signer"), "--replicable"});
+  ASSERT_EQ(p.code, 0) << Describe(p);
+  SoftwareSigner attacker;
+  BIGNUM *d = nullptr;
+  ASSERT_EQ(EVP_PKEY_get_bn_param(attacker.key, "priv", &d), 1);
+  Bytes scalar(32);
+  ASSERT_EQ(BN_bn2binpad(d, scalar.data(), 32), 32);
+  BN_clear_free(d);
+  Result<EcPublicKey> pub = EcPublicKeyFromPem(attacker.Pem());
+  ASSERT_TRUE(pub.ok());
+  Bytes point = {0x04, 0x41};
+  point.insert(point.end(), pub->point.begin(), pub->point.end());
+  const uint8_t p256[] = {0x06, 0x08, 0x2a, 0x86, 0x48,
+                          0xce, 0x3d, 0x03, 0x01, 0x07};
+  {
+    p11::Session s = UserSession(kAesA);
+    p11::Template priv;
+    priv.Ulong(CKA_CLASS, CKO_PRIVATE_KEY)
+        .Ulong(CKA_KEY_TYPE, CKK_EC)
+        .Bool(CKA_TOKEN, true)
+        .Bool(CKA_PRIVATE, true)
+        .Bool(CKA_SENSITIVE, true)
+        .Bool(CKA_EXTRACTABLE, false)
+        .Bool(CKA_MODIFIABLE, false)
+        .Bool(CKA_COPYABLE, false)
+        .Bool(CKA_SIGN, true)
+        .Bool(CKA_SIGN_RECOVER, false)
+        .Bool(CKA_DECRYPT, false)
+        .Bool(CKA_UNWRAP, false)
+        .Bool(CKA_DERIVE, false)
+        .String(CKA_LABEL, "known-signer")
+        .String(CKA_ID, "known-signer")
+        .Data(CKA_EC_PARAMS, p256)
+        .Data(CKA_VALUE, scalar);
+    p11::Template pubt;
+    pubt.Ulong(CKA_CLASS, CKO_PUBLIC_KEY)
+        .Ulong(CKA_KEY_TYPE, CKK_EC)
+        .Bool(CKA_TOKEN, true)
+        .Bool(CKA_VERIFY, true)
+        .String(CKA_LABEL, "known-signer")
+        .String(CKA_ID, "known-signer")
+        .Data(CKA_EC_PARAMS, p256)
+        .Data(CKA_EC_POINT, point);
+    CK_OBJECT_HANDLE h;
+    ASSERT_TRUE(
+        P11_CALL(s, C_CreateObject, s.handle(), priv.data(), priv.size(), &h)
+            .ok());
+    ASSERT_TRUE(
+        P11_CALL(s, C_CreateObject, s.handle(), pubt.data(), pubt.size(), &h)
+            .ok());
+  }
+  const std::string out = Scratch() + "/known-signer.bundle";
+  RunResult e = Cli({"export", Uri(kAesA, "known-signer"), "--id", PrintedId(p),
+                     "--wrap-key", "pkcs11:object=transport", "--signer",
+                     "pkcs11:object=known-signer", "--out", out});
+  EXPECT_EQ(e.code, 1) << Describe(e);
+  EXPECT_NE(e.err.find("is weaker than required: CKA_LOCAL is FALSE"),
+            std::string::npos)
+      << e.err;
+  EXPECT_FALSE(std::filesystem::exists(out));
+}
+
 TEST_F(CliTest, SignerCeremonyMakesSignOnlyAndPinnedKeys) {
   const std::string pem = SetUpSigner(kSend, kRecv, "signer-attrs");
   p11::Session a = UserSession(kSend);
