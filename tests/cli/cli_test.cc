@@ -1674,6 +1674,22 @@ TEST_F(CliTest, ForgedAlteredMisdirectedStaleAndReplayedBundlesChangeNothing) {
       return std::make_pair(st, h);
     };
     EXPECT_EQ(make(true).first.ckr(), CKR_ATTRIBUTE_READ_ONLY);
+    // Nor by generating a key pair whose public half is trusted.
+    {
+      p11::Template gpub;
+      gpub.Bool(CKA_TOKEN, false)
+          .Data(CKA_EC_PARAMS, p256)
+          .Bool(CKA_VERIFY, true)
+          .Bool(CKA_TRUSTED, true);
+      p11::Template gpriv;
+      gpriv.Bool(CKA_TOKEN, false).Bool(CKA_SIGN, true);
+      CK_MECHANISM gen{CKM_EC_KEY_PAIR_GEN, nullptr, 0};
+      CK_OBJECT_HANDLE gp = CK_INVALID_HANDLE, gk = CK_INVALID_HANDLE;
+      EXPECT_EQ(P11_CALL(s, C_GenerateKeyPair, s.handle(), &gen, gpub.data(),
+                         gpub.size(), gpriv.data(), gpriv.size(), &gp, &gk)
+                    .ckr(),
+                CKR_ATTRIBUTE_READ_ONLY);
+    }
     auto [st, h] = make(false);
     ASSERT_TRUE(st.ok()) << st.message();
     p11::ScopedObject owner(s, h);
