@@ -1682,7 +1682,10 @@ TEST_F(CliTest, ForgedAlteredMisdirectedStaleAndReplayedBundlesChangeNothing) {
           .Bool(CKA_VERIFY, true)
           .Bool(CKA_TRUSTED, true);
       p11::Template gpriv;
-      gpriv.Bool(CKA_TOKEN, false).Bool(CKA_SIGN, true);
+      gpriv.Bool(CKA_TOKEN, false)
+          .Bool(CKA_SENSITIVE, true)
+          .Bool(CKA_EXTRACTABLE, false)
+          .Bool(CKA_SIGN, true);
       CK_MECHANISM gen{CKM_EC_KEY_PAIR_GEN, nullptr, 0};
       CK_OBJECT_HANDLE gp = CK_INVALID_HANDLE, gk = CK_INVALID_HANDLE;
       EXPECT_EQ(P11_CALL(s, C_GenerateKeyPair, s.handle(), &gen, gpub.data(),
