@@ -166,9 +166,61 @@ const Master *FindMasterById(const std::vector<Master> &masters,
   return nullptr;
 }
 
+// Refuses (kPermissionDenied) an unwrap key whose CKA_UNWRAP_TEMPLATE does
+// not force CKA_SENSITIVE=TRUE: without it, whoever holds the user PIN
+// unwraps any bundle (they are public) with a template of their own into
+// a readable key. A token that does not know the attribute passes (it
+// cannot do better; docs/SECURITY.md §5 says so).
+Status RequireSensitiveUnwrapTemplate(p11::Session &session, CK_OBJECT_HANDLE h,
+                                      std::string_view what) {
+  CK_ATTRIBUTE outer{CKA_UNWRAP_TEMPLATE, nullptr, 0};
+  Status s =
+      P11_CALL(session, C_GetAttributeValue, session.handle(), h, &outer, 1);
+  if (s.ckr() == CKR_ATTRIBUTE_TYPE_INVALID) return Status::Ok();
+  if (!s.ok()) return s.WithContext("reading CKA_UNWRAP_TEMPLATE");
+  const std::string weak =
+      std::string(what) +
+      " is weaker than required: its CKA_UNWRAP_TEMPLATE does not force "
+      "CKA_SENSITIVE=TRUE (a user-PIN holder could unwrap any bundle into a "
+      "readable key)";
+  if (outer.ulValueLen == CK_UNAVAILABLE_INFORMATION ||
+      outer.ulValueLen % sizeof(CK_ATTRIBUTE) != 0 || outer.ulValueLen == 0 ||
+      outer.ulValueLen > 64 * sizeof(CK_ATTRIBUTE)) {
+    return PermissionDenied(weak);
+  }
+  // Three calls, as PKCS#11 reads nested templates: the outer size, then
+  // each entry's type and size, then the values.
+  std::vector<CK_ATTRIBUTE> inner(outer.ulValueLen / sizeof(CK_ATTRIBUTE),
+                                  CK_ATTRIBUTE{0, nullptr, 0});
+  outer.pValue = inner.data();
+  s = P11_CALL(session, C_GetAttributeValue, session.handle(), h, &outer, 1);
+  if (!s.ok()) return s.WithContext("reading CKA_UNWRAP_TEMPLATE");
+  std::vector<Bytes> values;
+  values.reserve(inner.size());
+  for (CK_ATTRIBUTE &a : inner) {
+    if (a.ulValueLen == CK_UNAVAILABLE_INFORMATION || a.ulValueLen > 4096) {
+      return PermissionDenied(weak);
+    }
+    values.emplace_back(a.ulValueLen);
+    a.pValue = values.back().data();
+  }
+  s = P11_CALL(session, C_GetAttributeValue, session.handle(), h, &outer, 1);
+  if (!s.ok()) return s.WithContext("reading CKA_UNWRAP_TEMPLATE");
+  for (const CK_ATTRIBUTE &a : inner) {
+    if (a.type == CKA_SENSITIVE && a.ulValueLen == sizeof(CK_BBOOL) &&
+        *static_cast<const CK_BBOOL *>(a.pValue) == CK_TRUE) {
+      return Status::Ok();
+    }
+  }
+  return PermissionDenied(weak);
+}
+
 // What a transport key must be: wrap/unwrap only and, when secret or
-// private, sensitive and never extractable. A key that could also decrypt
-// would turn a bundle into a raw master (SPEC §2).
+// private, sensitive, never extractable, and neither modifiable nor
+// copyable (a user could otherwise add CKA_DECRYPT, in place or on a
+// copy). A key that could also decrypt would turn a bundle into a raw
+// master (SPEC §2). An unwrap key must force sensitivity on what it
+// unwraps; a secret wrap key must not unwrap (it would, with any template).
 Status CheckTransportKey(p11::Session &session, const KeyRef &key,
                          bool wrapping) {
   const std::string what = "transport " + DescribeKey(key);
@@ -187,6 +239,8 @@ Status CheckTransportKey(p11::Session &session, const KeyRef &key,
       {CKA_SIGN, "CKA_SIGN", false, true},
       {CKA_SIGN_RECOVER, "CKA_SIGN_RECOVER", false, true},
       {CKA_DERIVE, "CKA_DERIVE", false, true},
+      {CKA_MODIFIABLE, "CKA_MODIFIABLE", false, false},
+      {CKA_COPYABLE, "CKA_COPYABLE", false, true},
   };
   static constexpr RequiredFlag kSecretWrap[] = {
       {CKA_WRAP, "CKA_WRAP", true, false},
@@ -197,6 +251,9 @@ Status CheckTransportKey(p11::Session &session, const KeyRef &key,
       {CKA_SIGN, "CKA_SIGN", false, true},
       {CKA_VERIFY, "CKA_VERIFY", false, true},
       {CKA_DERIVE, "CKA_DERIVE", false, true},
+      {CKA_UNWRAP, "CKA_UNWRAP", false, true},
+      {CKA_MODIFIABLE, "CKA_MODIFIABLE", false, false},
+      {CKA_COPYABLE, "CKA_COPYABLE", false, true},
   };
   static constexpr RequiredFlag kSecretUnwrap[] = {
       {CKA_UNWRAP, "CKA_UNWRAP", true, false},
@@ -207,17 +264,21 @@ Status CheckTransportKey(p11::Session &session, const KeyRef &key,
       {CKA_SIGN, "CKA_SIGN", false, true},
       {CKA_VERIFY, "CKA_VERIFY", false, true},
       {CKA_DERIVE, "CKA_DERIVE", false, true},
+      {CKA_MODIFIABLE, "CKA_MODIFIABLE", false, false},
+      {CKA_COPYABLE, "CKA_COPYABLE", false, true},
   };
   if (key.cls == CKO_PUBLIC_KEY) {
     return RequireFlags(session, key.handle, kPublicWrap, what);
   }
-  if (key.cls == CKO_PRIVATE_KEY) {
-    return RequireFlags(session, key.handle, kPrivateUnwrap, what);
-  }
-  return RequireFlags(session, key.handle,
-                      wrapping ? std::span<const RequiredFlag>(kSecretWrap)
-                               : std::span<const RequiredFlag>(kSecretUnwrap),
-                      what);
+  Status s = key.cls == CKO_PRIVATE_KEY
+                 ? RequireFlags(session, key.handle, kPrivateUnwrap, what)
+                 : RequireFlags(
+                       session, key.handle,
+                       wrapping ? std::span<const RequiredFlag>(kSecretWrap)
+                                : std::span<const RequiredFlag>(kSecretUnwrap),
+                       what);
+  if (!s.ok() || wrapping) return s;
+  return RequireSensitiveUnwrapTemplate(session, key.handle, what);
 }
 
 // The record an import leaves in the receiving token (CKO_DATA, private):
@@ -237,13 +298,24 @@ p11::Template ImportRecordQuery(std::string_view label, const StoreId &id) {
 Result<CK_OBJECT_HANDLE> StoreImportRecord(p11::Session &session,
                                            std::string_view label,
                                            const Bundle &bundle) {
-  p11::Template t = ImportRecordQuery(label, bundle.store_id);
   const std::string text = "signer " + HexEncode(bundle.signer) + "\ncreated " +
                            FormatRfc3339(bundle.created) + "\n";
-  t.Bool(CKA_TOKEN, true).Bool(CKA_PRIVATE, true).String(CKA_VALUE, text);
+  // A user-PIN holder who could destroy or relabel the record could replay
+  // the bundle of a destroyed master; where the token knows
+  // CKA_DESTROYABLE (PKCS#11 3.0; SoftHSM 2.6 does) nobody can.
+  auto create = [&](bool lock, CK_OBJECT_HANDLE *h) {
+    p11::Template t = ImportRecordQuery(label, bundle.store_id);
+    t.Bool(CKA_TOKEN, true)
+        .Bool(CKA_PRIVATE, true)
+        .Bool(CKA_MODIFIABLE, false)
+        .String(CKA_VALUE, text);
+    if (lock) t.Bool(CKA_DESTROYABLE, false);
+    return P11_CALL(session, C_CreateObject, session.handle(), t.data(),
+                    t.size(), h);
+  };
   CK_OBJECT_HANDLE h = CK_INVALID_HANDLE;
-  Status s = P11_CALL(session, C_CreateObject, session.handle(), t.data(),
-                      t.size(), &h);
+  Status s = create(true, &h);
+  if (s.ckr() == CKR_ATTRIBUTE_TYPE_INVALID) s = create(false, &h);
   if (!s.ok()) return s.WithContext("storing the import record");
   return h;
 }

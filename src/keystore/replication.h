@@ -111,7 +111,8 @@ struct UnwrapKeyPair {
 // (the wrapping key's id), policy, wrapped bytes, created / not-after, all
 // signed in the token by `options.signer` (SignBundle). The wrapping key is
 // read back and refused (kPermissionDenied) unless wrap-only and, if
-// secret, sensitive and never extractable. Errors: kNotFound (no such master,
+// secret, sensitive, never extractable, unable to unwrap, and neither
+// modifiable nor copyable. Errors: kNotFound (no such master,
 // no such wrapping key), kFailedPrecondition (master not replicable or not
 // extractable; a wrapping key without CKA_WRAP, or untrusted while the
 // master requires a trusted one), kUnsupported (a wrapping key that is
@@ -139,8 +140,10 @@ struct ExportOptions {
 // with CKA_UNWRAP, in the session's token) and stores its policy.
 // Before anything is unwrapped, in this order, each refusal saying which
 // (kPermissionDenied unless noted): a version-1 bundle ("unsigned"); a
-// label mismatch (kInvalidArgument); an unwrap key weaker than wrap/unwrap
-// only and sensitive; a signer not pinned in this token ("unknown
+// label mismatch (kInvalidArgument); an unwrap key weaker than unwrap
+// only, sensitive, neither modifiable nor copyable, with a
+// CKA_UNWRAP_TEMPLATE forcing CKA_SENSITIVE=TRUE (where the token knows
+// the attribute); a signer not pinned in this token ("unknown
 // signer"); a signature that does not verify ("altered"); a recipient that
 // is not this unwrap key ("wrong recipient"); an expired bundle ("stale");
 // one valid for longer than kMaxBundleValidity ("validity is longer");

@@ -36,6 +36,12 @@ constexpr RequiredFlag kSignerFlags[] = {
     {CKA_UNWRAP, "CKA_UNWRAP", false, true},
     {CKA_DERIVE, "CKA_DERIVE", false, true},
     {CKA_SIGN_RECOVER, "CKA_SIGN_RECOVER", false, true},
+    // Set by the token alone: the key was generated inside it and was
+    // never readable. A user can create a key of known value with every
+    // flag above, and its holder could then sign bundles anywhere, forever.
+    {CKA_LOCAL, "CKA_LOCAL", true, false},
+    {CKA_ALWAYS_SENSITIVE, "CKA_ALWAYS_SENSITIVE", true, false},
+    {CKA_NEVER_EXTRACTABLE, "CKA_NEVER_EXTRACTABLE", true, false},
 };
 
 // What a pinned signer must be (InstallTrustedSigner).

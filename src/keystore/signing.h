@@ -82,7 +82,9 @@ struct SigningKeyPair {
 // SignBundle sets `bundle.signer` and `bundle.signature` (version 2) with
 // the private key `signer` names in the session's token (object=, id=).
 // The key is read back first and refused (kPermissionDenied) if weaker
-// than GenerateSigningKeyPair makes it; the signer line is the fingerprint
+// than GenerateSigningKeyPair makes it (including CKA_LOCAL,
+// CKA_ALWAYS_SENSITIVE and CKA_NEVER_EXTRACTABLE: generated in the token,
+// never readable); the signer line is the fingerprint
 // of the public key with the same CKA_ID, and the new signature is checked
 // with it (C_Verify) before returning.
 [[nodiscard]] Status SignBundle(p11::Session &session,

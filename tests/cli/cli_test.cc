@@ -327,20 +327,21 @@ Result<std::string> Open(KeyStore &store, const TicketKeys &keys,
   return std::string(pt.begin(), pt.begin() + pt_len);
 }
 
-// How InstallTransportKey makes a key; the defaults are what hsmstek
-// accepts (wrap/unwrap only, sensitive).
-struct TransportKeySpec {
-  const char *label = kTransportLabel;
-  const char *id = kTransportId;
-  bool decrypt = false;
-  bool sensitive = true;
-};
+// The AES transport key's value (a TEST value) in both tokens.
+Bytes TransportValue() {
+  Bytes value(32);
+  for (size_t i = 0; i < value.size(); ++i) {
+    value[i] = static_cast<uint8_t>(0x3c ^ (i * 29));
+  }
+  return value;
+}
 
-// Installs the same AES transport key (a TEST value) in `token` as the SO:
-// public, trusted, wrap and unwrap. Test set-up only; must run before any
-// user login of this process on `token`.
+// Installs the wrapping half of the AES transport key in `token` as the SO:
+// public, trusted, wrap only, neither modifiable nor copyable. Test set-up
+// only; must run before any user login of this process on `token`.
 void InstallTransportKey(const std::string &token,
-                         const TransportKeySpec &spec = {}) {
+                         const char *label = kTransportLabel,
+                         bool unwrap = false) {
   CK_FUNCTION_LIST *f = SoftHsm::Get().module()->functions();
   CK_ULONG count = 0;
   ASSERT_EQ(f->C_GetSlotList(CK_TRUE, nullptr, &count), CKR_OK);
@@ -359,28 +360,26 @@ void InstallTransportKey(const std::string &token,
                   reinterpret_cast<CK_UTF8CHAR_PTR>(const_cast<char *>(kSoPin)),
                   std::strlen(kSoPin)),
               CKR_OK);
-    Bytes value(32);
-    for (size_t i = 0; i < value.size(); ++i) {
-      value[i] = static_cast<uint8_t>(0x3c ^ (i * 29));
-    }
     p11::Template t;
     t.Ulong(CKA_CLASS, CKO_SECRET_KEY)
         .Ulong(CKA_KEY_TYPE, CKK_AES)
         .Bool(CKA_TOKEN, true)
         .Bool(CKA_PRIVATE, false)  // the SO can only create public objects
-        .Bool(CKA_SENSITIVE, spec.sensitive)
+        .Bool(CKA_SENSITIVE, true)
         .Bool(CKA_EXTRACTABLE, false)
+        .Bool(CKA_MODIFIABLE, false)
+        .Bool(CKA_COPYABLE, false)
         .Bool(CKA_TRUSTED, true)
         .Bool(CKA_WRAP, true)
-        .Bool(CKA_UNWRAP, true)
+        .Bool(CKA_UNWRAP, unwrap)
         .Bool(CKA_ENCRYPT, false)
-        .Bool(CKA_DECRYPT, spec.decrypt)
+        .Bool(CKA_DECRYPT, false)
         .Bool(CKA_SIGN, false)
         .Bool(CKA_VERIFY, false)
         .Bool(CKA_DERIVE, false)
-        .String(CKA_LABEL, spec.label)
-        .String(CKA_ID, spec.id)
-        .Data(CKA_VALUE, value);
+        .String(CKA_LABEL, label)
+        .String(CKA_ID, kTransportId)
+        .Data(CKA_VALUE, TransportValue());
     CK_OBJECT_HANDLE h;
     EXPECT_EQ(f->C_CreateObject(s, t.data(), t.size(), &h), CKR_OK);
     f->C_Logout(s);
@@ -388,6 +387,65 @@ void InstallTransportKey(const std::string &token,
     return;
   }
   FAIL() << "token " << token << " not found";
+}
+
+// How InstallUnwrapTransportKey makes the unwrapping half; the defaults
+// are what hsmstek accepts (unwrap only, sensitive, not modifiable, an
+// unwrap template that forces a master's attributes).
+struct TransportKeySpec {
+  const char *label = kTransportLabel;
+  const char *id = kTransportId;
+  bool decrypt = false;
+  bool sensitive = true;
+  bool modifiable = false;
+  bool unwrap_template = true;
+};
+
+// Installs the unwrapping half of the AES transport key in `token` as the
+// user (private), with the same value and CKA_ID as the wrapping half.
+void InstallUnwrapTransportKey(const std::string &token,
+                               const TransportKeySpec &spec = {}) {
+  p11::Session s = UserSession(token);
+  p11::Template forced;  // as replication.cc's UnwrapTemplate
+  forced.Ulong(CKA_CLASS, CKO_SECRET_KEY)
+      .Ulong(CKA_KEY_TYPE, CKK_AES)
+      .Bool(CKA_PRIVATE, true)
+      .Bool(CKA_SENSITIVE, true)
+      .Bool(CKA_WRAP_WITH_TRUSTED, true)
+      .Bool(CKA_DERIVE, true)
+      .Bool(CKA_ENCRYPT, false)
+      .Bool(CKA_DECRYPT, false)
+      .Bool(CKA_SIGN, false)
+      .Bool(CKA_VERIFY, false)
+      .Bool(CKA_WRAP, false)
+      .Bool(CKA_UNWRAP, false);
+  p11::Template t;
+  t.Ulong(CKA_CLASS, CKO_SECRET_KEY)
+      .Ulong(CKA_KEY_TYPE, CKK_AES)
+      .Bool(CKA_TOKEN, true)
+      .Bool(CKA_PRIVATE, true)
+      .Bool(CKA_SENSITIVE, spec.sensitive)
+      .Bool(CKA_EXTRACTABLE, false)
+      .Bool(CKA_MODIFIABLE, spec.modifiable)
+      .Bool(CKA_COPYABLE, false)
+      .Bool(CKA_WRAP, false)
+      .Bool(CKA_UNWRAP, true)
+      .Bool(CKA_ENCRYPT, false)
+      .Bool(CKA_DECRYPT, spec.decrypt)
+      .Bool(CKA_SIGN, false)
+      .Bool(CKA_VERIFY, false)
+      .Bool(CKA_DERIVE, false)
+      .String(CKA_LABEL, spec.label)
+      .String(CKA_ID, spec.id)
+      .Data(CKA_VALUE, TransportValue());
+  if (spec.unwrap_template) {
+    t.Data(CKA_UNWRAP_TEMPLATE,
+           ByteSpan(reinterpret_cast<const uint8_t *>(forced.data()),
+                    forced.size() * sizeof(CK_ATTRIBUTE)));
+  }
+  CK_OBJECT_HANDLE h;
+  Status st = P11_CALL(s, C_CreateObject, s.handle(), t.data(), t.size(), &h);
+  EXPECT_TRUE(st.ok()) << st.message();
 }
 
 class CliTest : public ::testing::Test {
@@ -398,10 +456,15 @@ class CliTest : public ::testing::Test {
     }
     InstallTransportKey(kAesA);
     InstallTransportKey(kAesB);
+    // A wrapping key that can also unwrap (what this suite used before).
+    InstallTransportKey(kAesA, "weak-unwraps", true);
+    InstallUnwrapTransportKey(kAesA);
+    InstallUnwrapTransportKey(kAesB);
     // Transport keys weaker than hsmstek accepts (one can also decrypt, one
     // is not sensitive), with the good key's id so only strength differs.
-    InstallTransportKey(kAesB, {"weak-decrypt", kTransportId, true, true});
-    InstallTransportKey(kAesB, {"weak-plain", kTransportId, false, false});
+    InstallUnwrapTransportKey(kAesB, {"weak-decrypt", kTransportId, true});
+    InstallUnwrapTransportKey(kAesB,
+                              {"weak-plain", kTransportId, false, false});
     SetUpSigner(kAesA, kAesB, AesSigner(kAesA));
     SetUpSigner(kAesB, kAesA, AesSigner(kAesB));
   }
@@ -1648,6 +1711,25 @@ TEST_F(CliTest, ForgedAlteredMisdirectedStaleAndReplayedBundlesChangeNothing) {
       return std::make_pair(st, h);
     };
     EXPECT_EQ(make(true).first.ckr(), CKR_ATTRIBUTE_READ_ONLY);
+    // Nor by generating a key pair whose public half is trusted.
+    {
+      p11::Template gpub;
+      gpub.Bool(CKA_TOKEN, false)
+          .Data(CKA_EC_PARAMS, p256)
+          .Bool(CKA_VERIFY, true)
+          .Bool(CKA_TRUSTED, true);
+      p11::Template gpriv;
+      gpriv.Bool(CKA_TOKEN, false)
+          .Bool(CKA_SENSITIVE, true)
+          .Bool(CKA_EXTRACTABLE, false)
+          .Bool(CKA_SIGN, true);
+      CK_MECHANISM gen{CKM_EC_KEY_PAIR_GEN, nullptr, 0};
+      CK_OBJECT_HANDLE gp = CK_INVALID_HANDLE, gk = CK_INVALID_HANDLE;
+      EXPECT_EQ(P11_CALL(s, C_GenerateKeyPair, s.handle(), &gen, gpub.data(),
+                         gpub.size(), gpriv.data(), gpriv.size(), &gp, &gk)
+                    .ckr(),
+                CKR_ATTRIBUTE_READ_ONLY);
+    }
     auto [st, h] = make(false);
     ASSERT_TRUE(st.ok()) << st.message();
     p11::ScopedObject owner(s, h);
@@ -1808,6 +1890,58 @@ TEST_F(CliTest, BundlesMintedWithTheSendersPinExpireWithinAWeek) {
   EXPECT_TRUE(Masters(kRecv, "mint").empty());
 }
 
+// The import record is what stops a destroyed master from coming back
+// through its old bundle. A user-PIN holder on the receiving token must not
+// be able to erase or relabel it and then replay the bundle.
+TEST_F(CliTest, AUserPinHolderCannotEraseTheImportRecord) {
+  SetUpRsaTransport("wrap-record");
+  RunResult p = Cli({"provision", Uri(kSend, "record"), "--replicable"});
+  ASSERT_EQ(p.code, 0) << Describe(p);
+  const std::string id = PrintedId(p);
+  const std::string path = Scratch() + "/record.bundle";
+  ASSERT_EQ(Cli({"export", Uri(kSend, "record"), "--id", id, "--wrap-key",
+                 "pkcs11:object=wrap-record", "--signer",
+                 SignerUri("wrap-record"), "--out", path})
+                .code,
+            0);
+  const std::vector<std::string> import = {
+      "import",       Uri(kRecv, "record"),
+      "--unwrap-key", "pkcs11:object=wrap-record",
+      "--in",         path};
+  RunResult ok = Cli(import);
+  ASSERT_EQ(ok.code, 0) << Describe(ok);
+  ASSERT_EQ(
+      Cli({"destroy", Uri(kRecv, "record"), "--id", id, "--yes", "--force"})
+          .code,
+      0);
+  {
+    p11::Session s = UserSession(kRecv);
+    p11::Template q;
+    q.Ulong(CKA_CLASS, CKO_DATA)
+        .String(CKA_APPLICATION, "hsmstek-import")
+        .String(CKA_LABEL, "record");
+    Result<std::vector<CK_OBJECT_HANDLE>> found = p11::FindObjects(s, q);
+    ASSERT_TRUE(found.ok());
+    ASSERT_EQ(found->size(), 1u);
+    const CK_OBJECT_HANDLE record = (*found)[0];
+    p11::Template relabel;
+    relabel.String(CKA_LABEL, "elsewhere");
+    EXPECT_EQ(P11_CALL(s, C_SetAttributeValue, s.handle(), record,
+                       relabel.data(), relabel.size())
+                  .ckr(),
+              CKR_ACTION_PROHIBITED);
+    EXPECT_EQ(P11_CALL(s, C_DestroyObject, s.handle(), record).ckr(),
+              CKR_ACTION_PROHIBITED);
+  }
+  RunResult replayed = Cli(import);
+  EXPECT_EQ(replayed.code, 1) << Describe(replayed);
+  EXPECT_NE(replayed.err.find("replayed bundle: master " + id +
+                              " was imported into store \"record\" before"),
+            std::string::npos)
+      << replayed.err;
+  EXPECT_TRUE(Masters(kRecv, "record").empty());
+}
+
 TEST_F(CliTest, WeakTransportAndSigningKeysAreRefused) {
   RunResult p = Cli({"provision", Uri(kAesA, "weak"), "--replicable"});
   ASSERT_EQ(p.code, 0) << Describe(p);
@@ -1865,6 +1999,156 @@ TEST_F(CliTest, WeakTransportAndSigningKeysAreRefused) {
                      "pkcs11:object=weak-signer", "--out", out});
   EXPECT_EQ(e.code, 1);
   EXPECT_NE(e.err.find("is weaker than required: CKA_EXTRACTABLE is TRUE"),
+            std::string::npos)
+      << e.err;
+  EXPECT_FALSE(std::filesystem::exists(out));
+}
+
+// AES transport keys a user-PIN holder could turn into a way to read the
+// masters of every bundle (bundles are public): one that is modifiable
+// (CKA_DECRYPT can be switched on), one without an unwrap template (unwrap
+// with CKA_SENSITIVE=FALSE), and a wrapping key that can also unwrap.
+TEST_F(CliTest, TransportKeysAUserCouldTurnAgainstBundlesAreRefused) {
+  InstallUnwrapTransportKey(
+      kAesB, {"weak-modifiable", kTransportId, false, true, true});
+  InstallUnwrapTransportKey(
+      kAesB, {"weak-untemplated", kTransportId, false, true, false, false});
+  RunResult p = Cli({"provision", Uri(kAesA, "turn"), "--replicable"});
+  ASSERT_EQ(p.code, 0) << Describe(p);
+  const std::string id = PrintedId(p);
+  const std::string path = Scratch() + "/turn.bundle";
+  ASSERT_EQ(Cli({"export", Uri(kAesA, "turn"), "--id", id, "--wrap-key",
+                 "pkcs11:object=transport", "--signer",
+                 "pkcs11:object=" + AesSigner(kAesA), "--out", path})
+                .code,
+            0);
+  Result<Bundle> bundle = ParseBundle(ReadAll(path));
+  ASSERT_TRUE(bundle.ok());
+  const size_t objects = CountTokenObjects(kAesB);
+  const std::pair<const char *, const char *> kWeak[] = {
+      {"weak-modifiable", "CKA_MODIFIABLE is TRUE (must be FALSE)"},
+      {"weak-untemplated",
+       "its CKA_UNWRAP_TEMPLATE does not force CKA_SENSITIVE=TRUE"}};
+  for (const auto &[label, why] : kWeak) {
+    RunResult r = Cli({"import", Uri(kAesB, "turn"), "--unwrap-key",
+                       std::string("pkcs11:object=") + label, "--in", path});
+    EXPECT_EQ(r.code, 1) << label;
+    EXPECT_NE(r.err.find(why), std::string::npos) << r.err;
+  }
+  EXPECT_EQ(CountTokenObjects(kAesB), objects);
+  // The export side: a wrapping key that also unwraps.
+  const std::string out = Scratch() + "/turn-unwraps.bundle";
+  RunResult e = Cli({"export", Uri(kAesA, "turn"), "--id", id, "--wrap-key",
+                     "pkcs11:object=weak-unwraps", "--signer",
+                     "pkcs11:object=" + AesSigner(kAesA), "--out", out});
+  EXPECT_EQ(e.code, 1);
+  EXPECT_NE(e.err.find("CKA_UNWRAP is TRUE (must be FALSE)"), std::string::npos)
+      << e.err;
+  EXPECT_FALSE(std::filesystem::exists(out));
+
+  // Why: what each weak key lets a user do with the public bundle, and
+  // what the accepted key refuses.
+  auto find = [](p11::Session &s, const char *label) {
+    p11::Template q;
+    q.Ulong(CKA_CLASS, CKO_SECRET_KEY)
+        .String(CKA_LABEL, label)
+        .Bool(CKA_UNWRAP, true);
+    Result<std::vector<CK_OBJECT_HANDLE>> f = p11::FindObjects(s, q);
+    EXPECT_TRUE(f.ok() && f->size() == 1u) << label;
+    return f.ok() && !f->empty() ? (*f)[0] : CK_INVALID_HANDLE;
+  };
+  auto readable = [&](p11::Session &s, CK_OBJECT_HANDLE key) {
+    p11::Template t;
+    t.Ulong(CKA_CLASS, CKO_SECRET_KEY)
+        .Ulong(CKA_KEY_TYPE, CKK_AES)
+        .Bool(CKA_TOKEN, false)
+        .Bool(CKA_SENSITIVE, false)
+        .Bool(CKA_EXTRACTABLE, true);
+    CK_MECHANISM m{CKM_AES_KEY_WRAP_PAD, nullptr, 0};
+    Bytes wrapped = bundle->wrapped;
+    CK_OBJECT_HANDLE h = CK_INVALID_HANDLE;
+    Status st = P11_CALL(s, C_UnwrapKey, s.handle(), &m, key, wrapped.data(),
+                         wrapped.size(), t.data(), t.size(), &h);
+    if (st.ok()) (void)P11_CALL(s, C_DestroyObject, s.handle(), h);
+    return st;
+  };
+  p11::Session b = UserSession(kAesB);
+  EXPECT_TRUE(readable(b, find(b, "weak-untemplated")).ok());
+  EXPECT_EQ(readable(b, find(b, "transport")).ckr(), CKR_TEMPLATE_INCONSISTENT);
+  p11::Template decrypt;
+  decrypt.Bool(CKA_DECRYPT, true);
+  EXPECT_TRUE(P11_CALL(b, C_SetAttributeValue, b.handle(),
+                       find(b, "weak-modifiable"), decrypt.data(),
+                       decrypt.size())
+                  .ok());
+  EXPECT_FALSE(P11_CALL(b, C_SetAttributeValue, b.handle(),
+                        find(b, "transport"), decrypt.data(), decrypt.size())
+                   .ok());
+  p11::Session a = UserSession(kAesA);
+  EXPECT_TRUE(readable(a, find(a, "weak-unwraps")).ok());
+}
+
+// A user-PIN holder of the sending token can create a signing key whose
+// value they know, with every usage flag of a good one. Its holder could
+// sign bundles outside the token, forever; export must not sign with it.
+TEST_F(CliTest, ExportRefusesASigningKeyMadeOutsideTheToken) {
+  RunResult p = Cli({"provision", Uri(kAesA, "known-signer"), "--replicable"});
+  ASSERT_EQ(p.code, 0) << Describe(p);
+  SoftwareSigner attacker;
+  BIGNUM *d = nullptr;
+  ASSERT_EQ(EVP_PKEY_get_bn_param(attacker.key, "priv", &d), 1);
+  Bytes scalar(32);
+  ASSERT_EQ(BN_bn2binpad(d, scalar.data(), 32), 32);
+  BN_clear_free(d);
+  Result<EcPublicKey> pub = EcPublicKeyFromPem(attacker.Pem());
+  ASSERT_TRUE(pub.ok());
+  Bytes point = {0x04, 0x41};
+  point.insert(point.end(), pub->point.begin(), pub->point.end());
+  const uint8_t p256[] = {0x06, 0x08, 0x2a, 0x86, 0x48,
+                          0xce, 0x3d, 0x03, 0x01, 0x07};
+  {
+    p11::Session s = UserSession(kAesA);
+    p11::Template priv;
+    priv.Ulong(CKA_CLASS, CKO_PRIVATE_KEY)
+        .Ulong(CKA_KEY_TYPE, CKK_EC)
+        .Bool(CKA_TOKEN, true)
+        .Bool(CKA_PRIVATE, true)
+        .Bool(CKA_SENSITIVE, true)
+        .Bool(CKA_EXTRACTABLE, false)
+        .Bool(CKA_MODIFIABLE, false)
+        .Bool(CKA_COPYABLE, false)
+        .Bool(CKA_SIGN, true)
+        .Bool(CKA_SIGN_RECOVER, false)
+        .Bool(CKA_DECRYPT, false)
+        .Bool(CKA_UNWRAP, false)
+        .Bool(CKA_DERIVE, false)
+        .String(CKA_LABEL, "known-signer")
+        .String(CKA_ID, "known-signer")
+        .Data(CKA_EC_PARAMS, p256)
+        .Data(CKA_VALUE, scalar);
+    p11::Template pubt;
+    pubt.Ulong(CKA_CLASS, CKO_PUBLIC_KEY)
+        .Ulong(CKA_KEY_TYPE, CKK_EC)
+        .Bool(CKA_TOKEN, true)
+        .Bool(CKA_VERIFY, true)
+        .String(CKA_LABEL, "known-signer")
+        .String(CKA_ID, "known-signer")
+        .Data(CKA_EC_PARAMS, p256)
+        .Data(CKA_EC_POINT, point);
+    CK_OBJECT_HANDLE h;
+    ASSERT_TRUE(
+        P11_CALL(s, C_CreateObject, s.handle(), priv.data(), priv.size(), &h)
+            .ok());
+    ASSERT_TRUE(
+        P11_CALL(s, C_CreateObject, s.handle(), pubt.data(), pubt.size(), &h)
+            .ok());
+  }
+  const std::string out = Scratch() + "/known-signer.bundle";
+  RunResult e = Cli({"export", Uri(kAesA, "known-signer"), "--id", PrintedId(p),
+                     "--wrap-key", "pkcs11:object=transport", "--signer",
+                     "pkcs11:object=known-signer", "--out", out});
+  EXPECT_EQ(e.code, 1) << Describe(e);
+  EXPECT_NE(e.err.find("is weaker than required: CKA_LOCAL is FALSE"),
             std::string::npos)
       << e.err;
   EXPECT_FALSE(std::filesystem::exists(out));
