@@ -173,7 +173,7 @@ Status KeyStore::ReloadLocked() {
 }
 
 Result<TicketKeys> KeyStore::KeysFor(const View &view, const Master &master,
-                                     uint64_t epoch) {
+                                     uint64_t epoch, bool old) {
   KeyName name = MakeKeyName(master.id, epoch);
   auto from_entry = [&](const CacheEntry &e) {
     return TicketKeys{name, e.keys.aes, e.keys.hmac, e.generation,
@@ -193,6 +193,14 @@ Result<TicketKeys> KeyStore::KeysFor(const View &view, const Master &master,
     if (it != cache_.end() && it->second.generation == view.generation) {
       return from_entry(it->second);
     }
+  }
+  // Remote clients choose old epochs freely (the name is read before any
+  // MAC): past the budget, decline instead of deriving on every handshake.
+  if (old && !old_derivations_.Take(options_.clock->NowUnix())) {
+    return Unavailable("store \"" + label_ + "\": more than " +
+                       std::to_string(kMaxOldDerivationsPerSecond) +
+                       " derivations of old epochs this second; ticket "
+                       "declined (full handshake)");
   }
   std::vector<DerivedKeys> doomed;
   {
@@ -309,7 +317,8 @@ DecryptLookup KeyStore::KeysForDecrypt(const KeyName &name) {
     out.verdict = verdict;
     return out;
   }
-  Result<TicketKeys> keys = KeysFor(v, *master, e);
+  Result<TicketKeys> keys =
+      KeysFor(v, *master, e, /*old=*/verdict == DecryptVerdict::kOld);
   if (!keys.ok()) {
     out.verdict = DecryptVerdict::kUnavailable;
     out.error = keys.status();

@@ -187,8 +187,9 @@ class KeyStore {
   // Makes room for one more derived pair under kMaxDerivedPairs (mu_
   // held); returns the pairs to destroy now.
   std::vector<DerivedKeys> MakeRoomLocked(const View &view, int64_t now);
+  // `old`: a derivation for an old epoch, under kMaxOldDerivationsPerSecond.
   Result<TicketKeys> KeysFor(const View &view, const Master &master,
-                             uint64_t epoch);
+                             uint64_t epoch, bool old = false);
   void EvictLocked(const View &view, int64_t now);
   // Destroys evicted key pairs that have waited a full maintenance pass.
   void DestroyEvicted(uint64_t pass);
@@ -222,6 +223,7 @@ class KeyStore {
 
   // Guarded by load_mu_.
   ReloadBackoff reload_backoff_;
+  DerivationBudget old_derivations_;
   Status last_reload_error_;
   uint64_t failed_generation_ = 0;
   std::set<std::string> logged_skips_;  // logged once each

@@ -35,6 +35,25 @@ class ReloadBackoff {
   int64_t retry_at_ = 0;
 };
 
+// Derivations of old epochs a store runs per second of its clock at most.
+// The bound above keeps few old pairs, so forged names cycling through more
+// in-window epochs than it holds would otherwise cost two derivations (and
+// two destroys) on every handshake, on the event loop. Over budget, an old
+// ticket is declined (a full handshake); the current and next epochs of the
+// active master are never limited.
+inline constexpr uint32_t kMaxOldDerivationsPerSecond = 8;
+
+// DerivationBudget counts old-epoch derivations per second. Not
+// thread-safe: the store calls it under its load lock.
+class DerivationBudget {
+ public:
+  bool Take(int64_t now);
+
+ private:
+  int64_t second_ = 0;
+  uint32_t used_ = 0;
+};
+
 // A cached pair as the bound sees it.
 struct CachedEpoch {
   int64_t epoch_start = 0;  // Unix time the pair's epoch began

@@ -434,6 +434,7 @@ TEST_F(KeyStoreTest, ForgedNamesForEveryInWindowEpochStayUnderTheBound) {
   const uint64_t n = EpochAt(clock_.NowUnix(), kHour);
   size_t peak = 0;
   for (uint64_t e = n - 168; e <= n; ++e) {
+    clock_.Advance(1);  // one a second: under the old-epoch budget
     DecryptLookup l = store->KeysForDecrypt(MakeKeyName(id, e));
     ASSERT_TRUE(l.verdict == DecryptVerdict::kOld ||
                 l.verdict == DecryptVerdict::kCurrent)
@@ -447,6 +448,40 @@ TEST_F(KeyStoreTest, ForgedNamesForEveryInWindowEpochStayUnderTheBound) {
   const uint64_t derived = store->derivations();
   ASSERT_TRUE(store->KeysForEncrypt().ok());
   EXPECT_EQ(store->derivations(), derived);
+}
+
+// The attack the bound invites: forged names cycling through more old
+// epochs than the bound keeps, each evicting the next one asked for. Without
+// a budget every lookup derives (and destroys) a pair on the event loop;
+// with it, at most kMaxOldDerivationsPerSecond a second, and the current
+// epoch keeps serving without a derivation.
+TEST_F(KeyStoreTest, ForgedOldNamesCannotForceADerivationPerHandshake) {
+  auto store = OpenStore("ks-d", "thrash");
+  Policy p = HourlyPolicy(0);
+  p.decrypt_window_s = 7 * kDay;
+  StoreId id = Provision(*store, p);
+  ASSERT_TRUE(store->Load().ok());
+  store->Maintain();
+  const uint64_t n = EpochAt(clock_.NowUnix(), kHour);
+  const uint64_t before = store->derivations();
+  size_t declined = 0;
+  for (int round = 0; round < 5; ++round) {
+    for (uint64_t e = n - 40; e < n; ++e) {
+      DecryptLookup l = store->KeysForDecrypt(MakeKeyName(id, e));
+      if (l.verdict == DecryptVerdict::kUnavailable) ++declined;
+    }
+  }
+  EXPECT_LE(store->derivations() - before, kMaxOldDerivationsPerSecond);
+  EXPECT_GT(declined, 0u);
+  const uint64_t derived = store->derivations();
+  ASSERT_TRUE(store->KeysForEncrypt().ok());
+  EXPECT_EQ(store->KeysForDecrypt(MakeKeyName(id, n)).verdict,
+            DecryptVerdict::kCurrent);
+  EXPECT_EQ(store->derivations(), derived);
+  // The next second has a fresh budget: old tickets resume again.
+  clock_.Advance(1);
+  EXPECT_EQ(store->KeysForDecrypt(MakeKeyName(id, n - 1)).verdict,
+            DecryptVerdict::kOld);
 }
 
 TEST_F(KeyStoreTest, StatesFollowTheClockThroughARotation) {
