@@ -100,10 +100,17 @@ Result<std::shared_ptr<const KeyStore::View>> KeyStore::CurrentView(
     if (!force_reload && view_ != view && fresh(view_)) return view_;
     view = view_;
   }
-  // A view whose handles are still good: served while a reload backs off.
+  // A view whose handles are still good: served while a reload backs off,
+  // but only for one more refresh interval. Past that it may hide a retire
+  // or a destroy made since (the emergency kind), so failing reloads then
+  // mean no tickets, as before the back-off existed.
   auto usable = [this](const std::shared_ptr<const View> &v) {
-    return v && token_->state() == p11::TokenState::kConnected &&
-           v->generation == token_->generation();
+    if (!v || token_->state() != p11::TokenState::kConnected ||
+        v->generation != token_->generation()) {
+      return false;
+    }
+    const int64_t age = options_.clock->NowUnix() - v->loaded_at;
+    return age >= 0 && age < 2 * options_.refresh_interval_s;
   };
   if (!force_reload && !ReloadDueLocked()) {
     if (usable(view)) return view;
