@@ -382,6 +382,49 @@ TEST_F(KeyStoreTest, DuplicatePoliciesResolveToTheMostRestrictive) {
   }
 }
 
+// Most restrictive field by field: a second policy object with a (distant)
+// retire-at must not bring a week-long window with it. Picking one whole
+// policy by retire-at first did: tickets six days old were accepted by a
+// master whose own policy says one day.
+TEST_F(KeyStoreTest, DuplicatePoliciesMergeFieldByField) {
+  auto store = OpenStore("ks-a", "dupes-merge");
+  Policy p = HourlyPolicy(0);
+  StoreId id = Provision(*store, p);
+  Policy planted = p;
+  planted.retire_at = clock_.NowUnix() + 365 * kDay;
+  planted.decrypt_window_s = 7 * kDay;
+  {
+    Result<p11::Session> s = store->token()->Acquire();
+    ASSERT_TRUE(s.ok());
+    ASSERT_TRUE(StorePolicyObject(*s, "dupes-merge", id, planted).ok());
+  }
+  ASSERT_TRUE(store->Load().ok());
+  Result<StoreSnapshot> snap = store->Describe();
+  ASSERT_TRUE(snap.ok());
+  ASSERT_EQ(snap->masters.size(), 1u);
+  EXPECT_EQ(snap->masters[0].policy.decrypt_window_s, kDay);
+  EXPECT_EQ(snap->masters[0].policy.retire_at, planted.retire_at);
+  const uint64_t n = EpochAt(clock_.NowUnix(), kHour);
+  EXPECT_EQ(store->KeysForDecrypt(MakeKeyName(id, n - 6 * 24)).verdict,
+            DecryptVerdict::kExpired);
+  // Another period cannot be merged: the master is left out, with the reason.
+  Policy other = p;
+  other.period_s = 2 * kHour;
+  {
+    Result<p11::Session> s = store->token()->Acquire();
+    ASSERT_TRUE(s.ok());
+    ASSERT_TRUE(StorePolicyObject(*s, "dupes-merge", id, other).ok());
+  }
+  ASSERT_TRUE(store->Load().ok());
+  snap = store->Describe();
+  ASSERT_TRUE(snap.ok());
+  EXPECT_TRUE(snap->masters.empty());
+  ASSERT_EQ(snap->skipped.size(), 1u);
+  EXPECT_NE(snap->skipped[0].reason.find("disagree on the period"),
+            std::string::npos)
+      << snap->skipped[0].reason;
+}
+
 // What SoftHSM 2.6 gives: CKA_ALLOWED_MECHANISMS on every key, no
 // CKA_DERIVE_TEMPLATE (it answers CKR_ATTRIBUTE_TYPE_INVALID): the master
 // is created without it, and the read-back says so.
