@@ -185,8 +185,9 @@ class KeyStore {
   bool ReloadDueLocked() const;
   void LogSkippedLocked(const std::vector<SkippedObject> &skipped);
   // Makes room for one more derived pair under kMaxDerivedPairs (mu_
-  // held); returns the pairs to destroy now.
-  std::vector<DerivedKeys> MakeRoomLocked(const View &view, int64_t now);
+  // held) by evicting cached pairs, destroyed a maintenance pass later.
+  // False when an `old` epoch must wait for that.
+  bool MakeRoomLocked(const View &view, int64_t now, bool old);
   // `old`: a derivation for an old epoch, under kMaxOldDerivationsPerSecond.
   Result<TicketKeys> KeysFor(const View &view, const Master &master,
                              uint64_t epoch, bool old = false);

@@ -14,8 +14,10 @@ namespace hsmstek::keystore {
 // epoch of the active master, a pending master's first epoch, and the
 // latest old epochs that tickets were presented for. Forged key names for
 // every in-window epoch can thus cost derivations but never more than
-// 2 * kMaxDerivedPairs objects. 16 leaves 13 old epochs cached; an older
-// ticket costs one derivation more, never a failure.
+// 2 * kMaxDerivedPairs objects (pairs evicted but not yet destroyed count).
+// 16 leaves 13 old epochs cached; an older ticket costs one derivation
+// more, or is declined (a full handshake) while evicted pairs wait out
+// their maintenance pass.
 inline constexpr size_t kMaxDerivedPairs = 16;
 
 // ReloadBackoff: after a failed reload, the next one waits 1 s, doubling
