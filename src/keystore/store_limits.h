@@ -14,7 +14,9 @@ namespace hsmstek::keystore {
 // epoch of the active master, a pending master's first epoch, and the
 // latest old epochs that tickets were presented for. Forged key names for
 // every in-window epoch can thus cost derivations but never more than
-// 2 * kMaxDerivedPairs objects (pairs evicted but not yet destroyed count).
+// 2 * kMaxDerivedPairs objects (pairs evicted but not yet destroyed count;
+// only a pinned epoch derived with the store full, e.g. the next epoch at a
+// boundary, goes over, until the next maintenance pass).
 // 16 leaves 13 old epochs cached; an older ticket costs one derivation
 // more, or is declined (a full handshake) while evicted pairs wait out
 // their maintenance pass.
