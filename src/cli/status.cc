@@ -104,6 +104,20 @@ void PrintTable(const keystore::StoreSnapshot &snap, const std::string &token,
   }
 }
 
+// CKA_LOCAL of a master: after a PIN compromise, every master from
+// outside is suspect (docs/SECURITY.md 2.3).
+std::string OriginName(const keystore::Protections &p) {
+  if (!p.generated_in_token) return "unknown";
+  return *p.generated_in_token
+             ? "generated in the token"
+             : "from outside the token (imported, or created by a PIN holder)";
+}
+
+std::string OriginJson(const keystore::Protections &p) {
+  if (!p.generated_in_token) return "unknown";
+  return *p.generated_in_token ? "generated" : "outside";
+}
+
 // The key protections section of the table (docs/SECURITY.md, "Key
 // attributes"): what each key carries beyond the SPEC §4 flags, and what
 // the token refused.
@@ -116,7 +130,8 @@ void PrintProtections(const keystore::StoreSnapshot &snap,
     std::cout << "  master " << HexEncode(m.id) << "  allowed-mechanisms "
               << ProtectionName(m.protections.allowed_mechanisms)
               << ", derive-template "
-              << ProtectionName(m.protections.derive_template) << "\n";
+              << ProtectionName(m.protections.derive_template) << ", origin "
+              << OriginName(m.protections) << "\n";
   }
   std::cout << "  derived epoch keys  allowed-mechanisms "
             << ProtectionName(derived) << "\n";
@@ -172,6 +187,7 @@ nlohmann::json ToJson(const keystore::StoreSnapshot &snap,
         {"replicable", m.policy.replicable},
         {"created", FormatRfc3339(m.policy.created_at)},
         {"protections", ProtectionsJson(m.protections)},
+        {"origin", OriginJson(m.protections)},
     };
     s["retire_at"] = m.policy.retire_at
                          ? nlohmann::json(FormatRfc3339(*m.policy.retire_at))

@@ -309,21 +309,24 @@ Result<Protections> VerifyKey(p11::Session &session, CK_OBJECT_HANDLE key,
   if (!length.ok()) return length.status();
   bool length_ok = std::find(rule.lengths.begin(), rule.lengths.end(),
                              *length) != rule.lengths.end();
+  std::optional<bool> local;
+  if (master) {
+    Result<std::vector<std::optional<bool>>> l =
+        p11::ReadBools(session, key, std::array{CKA_LOCAL});
+    if (!l.ok()) return l.status();
+    local = (*l)[0];
+  }
   // SoftHSM 2.6 records CKA_VALUE_LEN 0 for an unwrapped key and refuses the
   // attribute in an unwrap template; such a master (CKA_LOCAL FALSE) was
   // proved equal to the exporter's 32-byte master by its check value.
-  if (master && *length == 0) {
-    Result<std::vector<std::optional<bool>>> local =
-        p11::ReadBools(session, key, std::array{CKA_LOCAL});
-    if (!local.ok()) return local.status();
-    length_ok = (*local)[0] == false;
-  }
+  if (master && *length == 0) length_ok = local == false;
   if (*key_type != rule.key_type || !length_ok) {
     return PermissionDenied(std::string(what) +
                             " is not a key of the expected type and length");
   }
 
   Protections out;
+  out.generated_in_token = local;
   Result<std::optional<Bytes>> allowed =
       ReadOptional(session, key, CKA_ALLOWED_MECHANISMS);
   if (!allowed.ok()) return allowed.status();

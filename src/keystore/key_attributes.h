@@ -15,6 +15,7 @@
 #include <atomic>
 #include <cstdint>
 #include <functional>
+#include <optional>
 #include <span>
 #include <string>
 #include <string_view>
@@ -66,6 +67,10 @@ std::string_view ProtectionName(Protection p);
 struct Protections {
   Protection allowed_mechanisms = Protection::kNotApplicable;
   Protection derive_template = Protection::kNotApplicable;
+  // Masters: CKA_LOCAL, i.e. generated in this token (TRUE) or brought in
+  // from outside (FALSE: imported, or created of known bytes by anyone
+  // with the user PIN; attributes cannot tell these two apart).
+  std::optional<bool> generated_in_token;
 };
 
 // The per-call part of a key's template.

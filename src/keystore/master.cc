@@ -74,23 +74,24 @@ Status VerifyMasterAttributes(p11::Session &session, CK_OBJECT_HANDLE key,
   return VerifyKey(session, key, spec, what).status();
 }
 
-size_t MostRestrictive(const std::vector<Policy> &policies) {
-  auto stricter = [](const Policy &a, const Policy &b) {
-    if (a.retire_at != b.retire_at) {
-      if (!b.retire_at) return true;
-      if (!a.retire_at) return false;
-      return *a.retire_at < *b.retire_at;
+Result<Policy> MostRestrictive(const std::vector<Policy> &policies) {
+  // Field by field, not one whole policy: a policy with an earlier
+  // retire-at must not bring in a longer window or an earlier activation.
+  Policy out = policies.front();
+  for (const Policy &p : policies) {
+    if (p.period_s != out.period_s || p.kdf != out.kdf) {
+      return FailedPrecondition(
+          "policy objects that disagree on the period or the derivation");
     }
-    if (a.decrypt_window_s != b.decrypt_window_s) {
-      return a.decrypt_window_s < b.decrypt_window_s;
+    if (p.retire_at && (!out.retire_at || *p.retire_at < *out.retire_at)) {
+      out.retire_at = p.retire_at;
     }
-    return a.not_before > b.not_before;
-  };
-  size_t best = 0;
-  for (size_t i = 1; i < policies.size(); ++i) {
-    if (stricter(policies[i], policies[best])) best = i;
+    out.decrypt_window_s = std::min(out.decrypt_window_s, p.decrypt_window_s);
+    out.not_before = std::max(out.not_before, p.not_before);
+    out.replicable = out.replicable && p.replicable;
+    out.created_at = std::max(out.created_at, p.created_at);
   }
-  return best;
+  return out;
 }
 
 namespace {
@@ -175,12 +176,14 @@ Result<std::vector<Master>> LoadMasters(p11::Session &session,
       skip(what, "no policy object (a provision interrupted half-way?)");
       continue;
     }
-    const size_t chosen = MostRestrictive(policies);
-    m.policy = policies[chosen];
-    m.policy_object = handles[chosen];
-    for (size_t i = 0; i < handles.size(); ++i) {
-      if (i != chosen) m.extra_policy_objects.push_back(handles[i]);
+    Result<Policy> merged = MostRestrictive(policies);
+    if (!merged.ok()) {
+      skip(what, merged.status().message());
+      continue;
     }
+    m.policy = *merged;
+    m.policy_object = handles.front();
+    m.extra_policy_objects.assign(handles.begin() + 1, handles.end());
     KeySpec spec;
     spec.kind = KeyKind::kMaster;
     spec.replicable = m.policy.replicable;

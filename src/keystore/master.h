@@ -89,10 +89,14 @@ std::vector<MasterState> ComputeStates(const std::vector<Master> &masters,
     p11::Session &session, std::string_view label,
     std::vector<SkippedObject> *skipped = nullptr);
 
-// MostRestrictive returns the index of the policy that gives the least:
-// the earliest retire-at (any before none), then the shortest decrypt
-// window, then the latest activation. `policies` is not empty.
-size_t MostRestrictive(const std::vector<Policy> &policies);
+// MostRestrictive merges several policies of one master field by field
+// into the one that gives the least: the earliest retire-at (any before
+// none), the shortest decrypt window, the latest activation, replicable
+// only if all are. Policies that disagree on the period or the derivation
+// cannot be merged (kFailedPrecondition: the master is left out).
+// `policies` is not empty.
+[[nodiscard]] Result<Policy> MostRestrictive(
+    const std::vector<Policy> &policies);
 
 // VerifyMasterAttributes is VerifyKey (key_attributes.h) for a master:
 // refuses (kPermissionDenied) a key that is not sensitive, is extractable

@@ -144,10 +144,17 @@ Result<std::shared_ptr<const KeyStore::View>> KeyStore::CurrentView(
     if (!force_reload && view_ != view && fresh(view_)) return view_;
     view = view_;
   }
-  // A view whose handles are still good: served while a reload backs off.
+  // A view whose handles are still good: served while a reload backs off,
+  // but only for one more refresh interval. Past that it may hide a retire
+  // or a destroy made since (the emergency kind), so failing reloads then
+  // mean no tickets, as before the back-off existed.
   auto usable = [this](const std::shared_ptr<const View> &v) {
-    return v && token_->state() == p11::TokenState::kConnected &&
-           v->generation == token_->generation();
+    if (!v || token_->state() != p11::TokenState::kConnected ||
+        v->generation != token_->generation()) {
+      return false;
+    }
+    const int64_t age = options_.clock->NowUnix() - v->loaded_at;
+    return age >= 0 && age < 2 * options_.refresh_interval_s;
   };
   if (!force_reload && !ReloadDueLocked()) {
     if (usable(view)) return view;
@@ -217,7 +224,7 @@ Status KeyStore::ReloadLocked() {
 }
 
 Result<TicketKeys> KeyStore::KeysFor(const View &view, const Master &master,
-                                     uint64_t epoch) {
+                                     uint64_t epoch, bool old) {
   KeyName name = MakeKeyName(master.id, epoch);
   auto from_entry = [&](const CacheEntry &e) {
     return TicketKeys{name, e.keys.aes, e.keys.hmac, e.generation,
@@ -238,20 +245,28 @@ Result<TicketKeys> KeyStore::KeysFor(const View &view, const Master &master,
       return from_entry(it->second);
     }
   }
-  std::vector<DerivedKeys> doomed;
+  // Remote clients choose old epochs freely (the name is read before any
+  // MAC): past the budget, decline instead of deriving on every handshake.
+  if (old && !old_derivations_.Take(options_.clock->NowUnix())) {
+    return Unavailable("store \"" + label_ + "\": more than " +
+                       std::to_string(kMaxOldDerivationsPerSecond) +
+                       " derivations of old epochs this second; ticket "
+                       "declined (full handshake)");
+  }
   {
     std::lock_guard<std::mutex> lock(mu_);
-    doomed = MakeRoomLocked(view, options_.clock->NowUnix());
+    if (!MakeRoomLocked(view, options_.clock->NowUnix(), old)) {
+      return Unavailable("store \"" + label_ + "\" holds " +
+                         std::to_string(kMaxDerivedPairs) +
+                         " derived key pairs; ticket of an old epoch declined "
+                         "until evicted ones are destroyed");
+    }
   }
   DerivedKeys derived;
   Status status = token_->WithObjectSession([&](p11::Session &session) {
     if (session.generation() != view.generation) {
       return Unavailable("token reconnected; reloading the store");
     }
-    // Destroyed at once, not a maintenance pass later: the bound holds in
-    // the token. A ticket operation that just took one of these handles
-    // fails soft into a full handshake.
-    for (const DerivedKeys &d : doomed) DestroyDerivedKeys(session, d);
     Result<DerivedKeys> keys =
         DeriveEpochKeys(session, master.key, epoch, &refused_lockdown_);
     if (!keys.ok()) return keys.status();
@@ -354,7 +369,8 @@ DecryptLookup KeyStore::KeysForDecrypt(const KeyName &name) {
     out.verdict = verdict;
     return out;
   }
-  Result<TicketKeys> keys = KeysFor(v, *master, e);
+  Result<TicketKeys> keys =
+      KeysFor(v, *master, e, /*old=*/verdict == DecryptVerdict::kOld);
   if (!keys.ok()) {
     out.verdict = DecryptVerdict::kUnavailable;
     out.error = keys.status();
@@ -365,24 +381,16 @@ DecryptLookup KeyStore::KeysForDecrypt(const KeyName &name) {
   return out;
 }
 
-std::vector<DerivedKeys> KeyStore::MakeRoomLocked(const View &view,
-                                                  int64_t now) {
-  std::vector<DerivedKeys> out;
-  // Pairs already evicted but not yet destroyed count against the bound.
+bool KeyStore::MakeRoomLocked(const View &view, int64_t now, bool old) {
+  // Evicted pairs are not destroyed here: a ticket operation on another
+  // thread (or the maintenance thread's) may hold their handles, and an
+  // invalid handle reads as a lost token (a full reconnect). They wait a
+  // maintenance pass in evicted_ (DestroyEvicted) and count meanwhile.
   size_t used = cache_.size();
   for (const Evicted &e : evicted_) {
     if (e.generation == view.generation) ++used;
   }
-  if (used + 1 <= kMaxDerivedPairs) return out;
-  for (auto it = evicted_.begin(); it != evicted_.end();) {
-    if (used + 1 <= kMaxDerivedPairs) break;
-    if (it->generation == view.generation) {
-      out.push_back(it->keys);
-      --used;
-    }
-    it = evicted_.erase(it);
-  }
-  if (used + 1 <= kMaxDerivedPairs) return out;
+  if (used + 1 <= kMaxDerivedPairs) return true;
   std::vector<MasterState> states = ComputeStates(view.masters, now);
   std::vector<NameBytes> names;
   std::vector<CachedEpoch> entries;
@@ -402,13 +410,22 @@ std::vector<DerivedKeys> KeyStore::MakeRoomLocked(const View &view,
     names.push_back(name);
     entries.push_back(c);
   }
-  for (size_t i : EvictionOrder(entries, kMaxDerivedPairs - 1)) {
+  // Several at once, so that after one pass there is room for a second's
+  // budget of old epochs.
+  const size_t keep = kMaxDerivedPairs > kMaxOldDerivationsPerSecond
+                          ? kMaxDerivedPairs - kMaxOldDerivationsPerSecond
+                          : 0;
+  for (size_t i : EvictionOrder(entries, keep)) {
     auto it = cache_.find(names[i]);
-    if (it->second.generation == view.generation)
-      out.push_back(it->second.keys);
+    if (it->second.generation == view.generation) {
+      evicted_.push_back(
+          {it->second.keys, it->second.generation, maintenance_passes_});
+    }
     cache_.erase(it);
   }
-  return out;
+  // An old epoch waits (the ticket is declined) until the evicted pairs are
+  // gone; the active master's current and next epochs never wait.
+  return !old;
 }
 
 void KeyStore::EvictLocked(const View &view, int64_t now) {

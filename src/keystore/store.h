@@ -196,10 +196,12 @@ class KeyStore final : public atfork::Participant {
   bool ReloadDueLocked() const;
   void LogSkippedLocked(const std::vector<SkippedObject> &skipped);
   // Makes room for one more derived pair under kMaxDerivedPairs (mu_
-  // held); returns the pairs to destroy now.
-  std::vector<DerivedKeys> MakeRoomLocked(const View &view, int64_t now);
+  // held) by evicting cached pairs, destroyed a maintenance pass later.
+  // False when an `old` epoch must wait for that.
+  bool MakeRoomLocked(const View &view, int64_t now, bool old);
+  // `old`: a derivation for an old epoch, under kMaxOldDerivationsPerSecond.
   Result<TicketKeys> KeysFor(const View &view, const Master &master,
-                             uint64_t epoch);
+                             uint64_t epoch, bool old = false);
   void EvictLocked(const View &view, int64_t now);
   // Destroys evicted key pairs that have waited a full maintenance pass.
   void DestroyEvicted(uint64_t pass);
@@ -236,6 +238,7 @@ class KeyStore final : public atfork::Participant {
 
   // Guarded by load_mu_.
   ReloadBackoff reload_backoff_;
+  DerivationBudget old_derivations_;
   Status last_reload_error_;
   uint64_t failed_generation_ = 0;
   std::set<std::string> logged_skips_;  // logged once each

@@ -11,6 +11,16 @@ void ReloadBackoff::Failed(int64_t now, int64_t max_s) {
   retry_at_ = now + delay_s_;
 }
 
+bool DerivationBudget::Take(int64_t now) {
+  if (now != second_) {
+    second_ = now;
+    used_ = 0;
+  }
+  if (used_ >= kMaxOldDerivationsPerSecond) return false;
+  ++used_;
+  return true;
+}
+
 std::vector<size_t> EvictionOrder(const std::vector<CachedEpoch> &entries,
                                   size_t keep) {
   if (entries.size() <= keep) return {};

@@ -14,8 +14,12 @@ namespace hsmstek::keystore {
 // epoch of the active master, a pending master's first epoch, and the
 // latest old epochs that tickets were presented for. Forged key names for
 // every in-window epoch can thus cost derivations but never more than
-// 2 * kMaxDerivedPairs objects. 16 leaves 13 old epochs cached; an older
-// ticket costs one derivation more, never a failure.
+// 2 * kMaxDerivedPairs objects (pairs evicted but not yet destroyed count;
+// only a pinned epoch derived with the store full, e.g. the next epoch at a
+// boundary, goes over, until the next maintenance pass).
+// 16 leaves 13 old epochs cached; an older ticket costs one derivation
+// more, or is declined (a full handshake) while evicted pairs wait out
+// their maintenance pass.
 inline constexpr size_t kMaxDerivedPairs = 16;
 
 // ReloadBackoff: after a failed reload, the next one waits 1 s, doubling
@@ -33,6 +37,25 @@ class ReloadBackoff {
  private:
   int64_t delay_s_ = 0;
   int64_t retry_at_ = 0;
+};
+
+// Derivations of old epochs a store runs per second of its clock at most.
+// The bound above keeps few old pairs, so forged names cycling through more
+// in-window epochs than it holds would otherwise cost two derivations (and
+// two destroys) on every handshake, on the event loop. Over budget, an old
+// ticket is declined (a full handshake); the current and next epochs of the
+// active master are never limited.
+inline constexpr uint32_t kMaxOldDerivationsPerSecond = 8;
+
+// DerivationBudget counts old-epoch derivations per second. Not
+// thread-safe: the store calls it under its load lock.
+class DerivationBudget {
+ public:
+  bool Take(int64_t now);
+
+ private:
+  int64_t second_ = 0;
+  uint32_t used_ = 0;
 };
 
 // A cached pair as the bound sees it.

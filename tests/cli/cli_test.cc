@@ -785,6 +785,43 @@ TEST_F(CliTest, StatusShowsProtectionsAndLeftOutObjects) {
   }
 }
 
+// A user-PIN holder can plant a master of bytes they know, with the
+// attributes of a genuine one and a policy that makes it active: nothing
+// in its attributes refuses it (docs/SECURITY.md 2.3), but `status` shows
+// that it did not come from this token, the audit after a PIN compromise.
+TEST_F(CliTest, StatusShowsWhereEachMasterCameFrom) {
+  const std::string uri = Uri(kMain, "origin");
+  ASSERT_EQ(Cli({"provision", uri}).code, 0);
+  StoreId planted = {6, 6, 6, 6, 6, 6, 6, 6};
+  {
+    p11::Session s = UserSession(kMain);
+    p11::Template t = MasterTemplate("origin", planted, false, true);
+    Bytes known(32, 0x5a);
+    t.Data(CKA_VALUE, known);
+    CK_OBJECT_HANDLE h;
+    ASSERT_TRUE(
+        P11_CALL(s, C_CreateObject, s.handle(), t.data(), t.size(), &h).ok());
+    keystore::Policy p;
+    p.period_s = 3600;
+    p.decrypt_window_s = 86400;
+    p.not_before = time(nullptr) - 60;
+    p.created_at = p.not_before;
+    ASSERT_TRUE(keystore::StorePolicyObject(s, "origin", planted, p).ok());
+  }
+  Json j = StatusJson(kMain, "origin");
+  ASSERT_EQ(j["stores"].size(), 2u);
+  std::map<std::string, std::string> origin;
+  for (const Json &m : j["stores"]) origin[m["id"]] = m["origin"];
+  EXPECT_EQ(origin[HexEncode(planted)], "outside");
+  origin.erase(HexEncode(planted));
+  ASSERT_EQ(origin.size(), 1u);
+  EXPECT_EQ(origin.begin()->second, "generated");
+  RunResult table = Cli({"status", uri});
+  ASSERT_EQ(table.code, 0) << Describe(table);
+  EXPECT_NE(table.out.find("origin from outside the token"), std::string::npos)
+      << table.out;
+}
+
 // ---------------------------------------------------------------------------
 // rotate, retire, destroy
 

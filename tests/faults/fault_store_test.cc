@@ -178,5 +178,50 @@ TEST_F(LockdownTest, AFailedReloadBacksOff) {
   EXPECT_FALSE(TicketOfResult(r).empty());
 }
 
+// The stale view served during the back-off must not outlive a retire:
+// an operator retires a compromised master, then every reload fails (here
+// C_FindObjectsInit, without a reconnect). Before, the view loaded before
+// the retire kept sealing and resuming under that master for as long as
+// the reloads failed.
+TEST_F(LockdownTest, RetireTakesEffectWhileReloadsFail) {
+  EnsureFaultStore("stale-retire");
+  auto store = OpenStore("stale-retire");
+  auto context = ContextFor(store);
+  auto server = ServerCtx(context, TLS1_3_VERSION);
+  auto client = NewClientCtx(TLS1_3_VERSION);
+  HandshakeResult first = Handshake(client.get(), server.get());
+  ASSERT_TRUE(first.ok) << first.error;
+  ASSERT_FALSE(TicketOfResult(first).empty());
+  {
+    keystore::StoreOptions options;
+    options.background_maintenance = false;
+    options.token.read_write = true;
+    auto admin = keystore::KeyStore::Open(
+        SoftHsm::Get().Uri(kFaultToken, "stale-retire"), options);
+    ASSERT_TRUE(admin.ok());
+    Result<p11::Session> s = (*admin)->token()->Acquire();
+    ASSERT_TRUE(s.ok());
+    Result<std::vector<keystore::Master>> masters =
+        keystore::LoadMasters(*s, "stale-retire");
+    ASSERT_TRUE(masters.ok());
+    ASSERT_EQ(masters->size(), 1u);
+    keystore::Policy retired = (*masters)[0].policy;
+    retired.retire_at = clock_.NowUnix();
+    ASSERT_TRUE(
+        keystore::UpdatePolicy(*s, (*masters)[0], "stale-retire", retired)
+            .ok());
+  }
+  SetRules("fail C_FindObjectsInit after 0 always with CKR_FUNCTION_FAILED\n");
+  clock_.Advance(kHour);
+  UniqueSslSession offer = Reoffer(first.session.get());
+  for (int i = 0; i < 20; ++i) {
+    clock_.Advance(60);
+    HandshakeResult r = Handshake(client.get(), server.get(), offer.get());
+    ASSERT_TRUE(r.ok) << r.error;
+    EXPECT_FALSE(r.reused) << "handshake " << i;
+    EXPECT_TRUE(TicketOfResult(r).empty()) << "handshake " << i;
+  }
+}
+
 }  // namespace
 }  // namespace hsmstek::testing

@@ -382,6 +382,49 @@ TEST_F(KeyStoreTest, DuplicatePoliciesResolveToTheMostRestrictive) {
   }
 }
 
+// Most restrictive field by field: a second policy object with a (distant)
+// retire-at must not bring a week-long window with it. Picking one whole
+// policy by retire-at first did: tickets six days old were accepted by a
+// master whose own policy says one day.
+TEST_F(KeyStoreTest, DuplicatePoliciesMergeFieldByField) {
+  auto store = OpenStore("ks-a", "dupes-merge");
+  Policy p = HourlyPolicy(0);
+  StoreId id = Provision(*store, p);
+  Policy planted = p;
+  planted.retire_at = clock_.NowUnix() + 365 * kDay;
+  planted.decrypt_window_s = 7 * kDay;
+  {
+    Result<p11::Session> s = store->token()->Acquire();
+    ASSERT_TRUE(s.ok());
+    ASSERT_TRUE(StorePolicyObject(*s, "dupes-merge", id, planted).ok());
+  }
+  ASSERT_TRUE(store->Load().ok());
+  Result<StoreSnapshot> snap = store->Describe();
+  ASSERT_TRUE(snap.ok());
+  ASSERT_EQ(snap->masters.size(), 1u);
+  EXPECT_EQ(snap->masters[0].policy.decrypt_window_s, kDay);
+  EXPECT_EQ(snap->masters[0].policy.retire_at, planted.retire_at);
+  const uint64_t n = EpochAt(clock_.NowUnix(), kHour);
+  EXPECT_EQ(store->KeysForDecrypt(MakeKeyName(id, n - 6 * 24)).verdict,
+            DecryptVerdict::kExpired);
+  // Another period cannot be merged: the master is left out, with the reason.
+  Policy other = p;
+  other.period_s = 2 * kHour;
+  {
+    Result<p11::Session> s = store->token()->Acquire();
+    ASSERT_TRUE(s.ok());
+    ASSERT_TRUE(StorePolicyObject(*s, "dupes-merge", id, other).ok());
+  }
+  ASSERT_TRUE(store->Load().ok());
+  snap = store->Describe();
+  ASSERT_TRUE(snap.ok());
+  EXPECT_TRUE(snap->masters.empty());
+  ASSERT_EQ(snap->skipped.size(), 1u);
+  EXPECT_NE(snap->skipped[0].reason.find("disagree on the period"),
+            std::string::npos)
+      << snap->skipped[0].reason;
+}
+
 // What SoftHSM 2.6 gives: CKA_ALLOWED_MECHANISMS on every key, no
 // CKA_DERIVE_TEMPLATE (it answers CKR_ATTRIBUTE_TYPE_INVALID): the master
 // is created without it, and the read-back says so.
@@ -433,20 +476,99 @@ TEST_F(KeyStoreTest, ForgedNamesForEveryInWindowEpochStayUnderTheBound) {
   store->Maintain();
   const uint64_t n = EpochAt(clock_.NowUnix(), kHour);
   size_t peak = 0;
+  size_t declined = 0;
   for (uint64_t e = n - 168; e <= n; ++e) {
+    clock_.Advance(1);  // one a second: under the old-epoch budget
+    store->Maintain();  // the background pass, once a second
     DecryptLookup l = store->KeysForDecrypt(MakeKeyName(id, e));
+    // Declined while evicted pairs wait out their maintenance pass.
     ASSERT_TRUE(l.verdict == DecryptVerdict::kOld ||
-                l.verdict == DecryptVerdict::kCurrent)
+                l.verdict == DecryptVerdict::kCurrent ||
+                l.verdict == DecryptVerdict::kUnavailable)
         << e;
+    declined += l.verdict == DecryptVerdict::kUnavailable ? 1 : 0;
     peak = std::max(peak, session_keys() - before);
   }
-  EXPECT_GE(store->derivations(), 168u);
+  EXPECT_GE(store->derivations(), 168u - declined);
+  EXPECT_LT(declined, 168u / 2);
   static_assert(kMaxDerivedPairs <= 16, "a small bound, whatever the window");
   EXPECT_LE(peak, 2 * kMaxDerivedPairs);
   // The current and next epoch stayed: no derivation to seal.
   const uint64_t derived = store->derivations();
   ASSERT_TRUE(store->KeysForEncrypt().ok());
   EXPECT_EQ(store->derivations(), derived);
+}
+
+// The attack the bound invites: forged names cycling through more old
+// epochs than the bound keeps, each evicting the next one asked for. Without
+// a budget every lookup derives (and destroys) a pair on the event loop;
+// with it, at most kMaxOldDerivationsPerSecond a second, and the current
+// epoch keeps serving without a derivation.
+TEST_F(KeyStoreTest, ForgedOldNamesCannotForceADerivationPerHandshake) {
+  auto store = OpenStore("ks-d", "thrash");
+  Policy p = HourlyPolicy(0);
+  p.decrypt_window_s = 7 * kDay;
+  StoreId id = Provision(*store, p);
+  ASSERT_TRUE(store->Load().ok());
+  store->Maintain();
+  const uint64_t n = EpochAt(clock_.NowUnix(), kHour);
+  const uint64_t before = store->derivations();
+  size_t declined = 0;
+  for (int round = 0; round < 5; ++round) {
+    for (uint64_t e = n - 40; e < n; ++e) {
+      DecryptLookup l = store->KeysForDecrypt(MakeKeyName(id, e));
+      if (l.verdict == DecryptVerdict::kUnavailable) ++declined;
+    }
+  }
+  EXPECT_LE(store->derivations() - before, kMaxOldDerivationsPerSecond);
+  EXPECT_GT(declined, 0u);
+  const uint64_t derived = store->derivations();
+  ASSERT_TRUE(store->KeysForEncrypt().ok());
+  EXPECT_EQ(store->KeysForDecrypt(MakeKeyName(id, n)).verdict,
+            DecryptVerdict::kCurrent);
+  EXPECT_EQ(store->derivations(), derived);
+  // The next second has a fresh budget: old tickets resume again.
+  clock_.Advance(1);
+  EXPECT_EQ(store->KeysForDecrypt(MakeKeyName(id, n - 1)).verdict,
+            DecryptVerdict::kOld);
+}
+
+// Making room must not destroy a pair another thread may be using: its
+// handle would fail with CKR_KEY_HANDLE_INVALID, which the token layer
+// takes for a lost token (every session dropped, every derived key gone).
+// Here the "other thread" holds the oldest epoch's keys while forged names
+// for newer old epochs push it out of the cache.
+TEST_F(KeyStoreTest, EvictionKeepsHandlesInUseAlive) {
+  auto store = OpenStore("ks-d", "inuse");
+  Policy p = HourlyPolicy(0);
+  p.decrypt_window_s = 7 * kDay;
+  StoreId id = Provision(*store, p);
+  ASSERT_TRUE(store->Load().ok());
+  store->Maintain();
+  const uint64_t n = EpochAt(clock_.NowUnix(), kHour);
+  DecryptLookup held = store->KeysForDecrypt(MakeKeyName(id, n - 100));
+  ASSERT_EQ(held.verdict, DecryptVerdict::kOld);
+  const uint64_t generation = store->token()->generation();
+  for (uint64_t e = n - 30; e < n; ++e) {
+    clock_.Advance(1);
+    (void)store->KeysForDecrypt(MakeKeyName(id, e));
+  }
+  EXPECT_LE(store->cached_keys(), kMaxDerivedPairs);
+  {
+    Result<p11::Session> s = store->token()->Acquire();
+    ASSERT_TRUE(s.ok());
+    CK_MECHANISM mac{CKM_SHA256_HMAC, nullptr, 0};
+    Status init = P11_CALL(*s, C_SignInit, s->handle(), &mac, held.keys.hmac);
+    EXPECT_TRUE(init.ok()) << init.message();
+    if (init.ok()) {
+      uint8_t data[1] = {0};
+      uint8_t tag[32];
+      CK_ULONG tag_len = sizeof(tag);
+      EXPECT_TRUE(
+          P11_CALL(*s, C_Sign, s->handle(), data, 1, tag, &tag_len).ok());
+    }
+  }
+  EXPECT_EQ(store->token()->generation(), generation);
 }
 
 TEST_F(KeyStoreTest, StatesFollowTheClockThroughARotation) {
