@@ -295,6 +295,10 @@ void ArmedPool::Arm(const Task &task) {
     if (status.ok()) {
       armed.emplace(std::move(*session), task.kind, task.key, task.generation,
                     iv);
+    } else {
+      // As on the on-demand path: a session whose *Init failed is closed,
+      // never handed to a later user with whatever the module left active.
+      session->Discard();
     }
   }
   std::optional<ArmedOp> discard;  // destroyed after the lock is released
