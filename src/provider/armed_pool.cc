@@ -26,14 +26,63 @@ std::mutex &PoolMutex() {
   return *mu;
 }
 
-void LockForFork() { PoolMutex().lock(); }
-void UnlockAfterFork() { PoolMutex().unlock(); }
+// Re-armer threads inside the token module (all pools), and whether a
+// fork() waits for them to leave it; guarded by PoolMutex. A thread forked
+// away in the middle of a token call leaves the child the locks it held:
+// the token's (Acquire and ReturnSession hold it across C_OpenSession and
+// C_CloseSession) and the module's own, so the child would hang at its
+// first call. The prepare handler waits for these calls to end and no new
+// one starts until the fork is done.
+size_t g_rearmers_in_token = 0;
+bool g_fork_pending = false;
+
+std::condition_variable *&ForkCv() {
+  static std::condition_variable *cv = new std::condition_variable;  // leaked
+  return cv;
+}
+
+void LockForFork() {
+  std::unique_lock<std::mutex> lock(PoolMutex());
+  g_fork_pending = true;
+  ForkCv()->wait(lock, [] { return g_rearmers_in_token == 0; });
+  lock.release();  // held across fork(), unlocked by the handlers below
+}
+
+void UnlockAfterForkInParent() {
+  g_fork_pending = false;
+  PoolMutex().unlock();
+  ForkCv()->notify_all();  // re-armers waiting for the fork to be done
+}
+
+void UnlockAfterForkInChild() {
+  g_fork_pending = false;
+  g_rearmers_in_token = 0;                 // their threads are not here
+  ForkCv() = new std::condition_variable;  // the old one counts ghosts
+  PoolMutex().unlock();
+}
 
 void RegisterForkHandlersOnce() {
   static const bool registered =
-      pthread_atfork(LockForFork, UnlockAfterFork, UnlockAfterFork) == 0;
+      pthread_atfork(LockForFork, UnlockAfterForkInParent,
+                     UnlockAfterForkInChild) == 0;
   (void)registered;
 }
+
+// Marks the calling re-armer as inside the token module while it exists;
+// constructed and destroyed with PoolMutex held by `lock`.
+class TokenCallScope {
+ public:
+  explicit TokenCallScope(std::unique_lock<std::mutex> &lock) {
+    ForkCv()->wait(lock, [] { return !g_fork_pending; });
+    ++g_rearmers_in_token;
+  }
+  ~TokenCallScope() {
+    if (g_rearmers_in_token > 0) --g_rearmers_in_token;
+    if (g_fork_pending && g_rearmers_in_token == 0) ForkCv()->notify_all();
+  }
+  TokenCallScope(const TokenCallScope &) = delete;
+  TokenCallScope &operator=(const TokenCallScope &) = delete;
+};
 
 size_t Index(ArmedKind kind) { return static_cast<size_t>(kind); }
 
@@ -247,6 +296,7 @@ void ArmedPool::RearmLoop() {
     std::vector<ArmedOp> stale;
     std::optional<Task> task = NextTaskLocked(&stale);
     if (!stale.empty()) {
+      TokenCallScope in_token(lock);
       lock.unlock();
       stale.clear();  // closes the sessions: cancels their operations
       lock.lock();
@@ -257,6 +307,8 @@ void ArmedPool::RearmLoop() {
       cv->wait_for(lock, std::chrono::seconds(1));
       continue;
     }
+    TokenCallScope in_token(lock);
+    if (stop_ || fork_count_ != forks) break;  // changed while waiting
     ++pending_[Index(task->kind)];
     lock.unlock();
     Arm(*task);

@@ -12,6 +12,7 @@
 // And the pre-armed path under faults: handshakes complete, a ticket is
 // usable only if the token sealed it, and tickets resume after recovery.
 #include <openssl/ssl.h>
+#include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -252,6 +253,54 @@ TEST_P(RoundTripTest, ForkedChildNeverUsesTheParentsArmedOperations) {
       EXPECT_NE(all[i], all[j]) << "IV used twice: tickets " << i << ", " << j;
     }
   }
+}
+
+// fork() while a re-armer thread is inside the token (here closing the
+// sessions of cancelled operations, C_CloseSession delayed): the child
+// would inherit the token's lock (held across C_CloseSession) and the
+// module's, and hang at its first ticket. The pool's fork handler waits
+// for re-armers to leave the token first; the child's tickets resume.
+TEST_P(RoundTripTest, ForkWhileAReArmerIsInTheTokenLeavesTheChildWorking) {
+  if (!IsTls13(GetParam())) GTEST_SKIP() << "one TLS version is enough";
+  StartServer(/*prearm=*/true);
+  HandshakeResult warm = Handshake(client_.get(), server_.get());
+  ASSERT_TRUE(warm.ok) << warm.error;
+  ASSERT_TRUE(context_->armed->WaitUntilArmed(kArmTimeout));
+  Result<keystore::TicketKeys> keys = store_->KeysForEncrypt();
+  ASSERT_TRUE(keys.ok()) << keys.status().message();
+  SetRules("delay C_CloseSession 200ms\n");
+  const size_t mark = TraceMark();
+  // Another target: the re-armer closes every armed session, one slow call
+  // after the other. Once the first close is traced, the next is under way.
+  context_->armed->SetCurrent(keys->aes + 1000, keys->hmac + 1000,
+                              keys->generation);
+  while (Count(TraceSince(mark), "C_CloseSession") == 0) ::usleep(1000);
+  pid_t pid = fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    HandshakeResult r = Handshake(client_.get(), server_.get());
+    if (!r.ok || !r.session) _exit(3);
+    UniqueSslSession offer = Reoffer(r.session.get());
+    HandshakeResult again =
+        Handshake(client_.get(), server_.get(), offer.get());
+    _exit(again.ok && again.reused ? 0 : 4);
+  }
+  // A hang, not a timing: the child needs well under a second.
+  int status = 0;
+  pid_t done = 0;
+  for (int i = 0; i < 600 && done == 0; ++i) {
+    done = waitpid(pid, &status, WNOHANG);
+    if (done == 0) ::usleep(100 * 1000);
+  }
+  if (done == 0) {
+    ::kill(pid, SIGKILL);
+    waitpid(pid, &status, 0);
+  }
+  SetRules("");
+  context_->armed->SetCurrent(keys->aes, keys->hmac, keys->generation);
+  ASSERT_NE(done, 0) << "the forked child hung (a lock inherited held)";
+  ASSERT_TRUE(WIFEXITED(status));
+  EXPECT_EQ(WEXITSTATUS(status), 0) << "the child's ticket did not resume";
 }
 
 INSTANTIATE_TEST_SUITE_P(Versions, RoundTripTest,
