@@ -16,8 +16,12 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <chrono>
+#include <mutex>
+#include <set>
 #include <string>
+#include <thread>
 #include <tuple>
 #include <vector>
 
@@ -301,6 +305,79 @@ TEST_P(RoundTripTest, ForkWhileAReArmerIsInTheTokenLeavesTheChildWorking) {
   ASSERT_NE(done, 0) << "the forked child hung (a lock inherited held)";
   ASSERT_TRUE(WIFEXITED(status));
   EXPECT_EQ(WEXITSTATUS(status), 0) << "the child's ticket did not resume";
+}
+
+// Handshakes on several threads at once take armed operations while the
+// re-armers refill them and the pool is moved to another target and back
+// (what a rotation does): every ticket resumes and no IV is used twice.
+// Run under TSan for the pool's races.
+TEST_P(RoundTripTest, ConcurrentPrearmedHandshakesResumeWithDistinctIvs) {
+  StartServer(/*prearm=*/true);
+  Result<keystore::TicketKeys> keys = store_->KeysForEncrypt();
+  ASSERT_TRUE(keys.ok()) << keys.status().message();
+  // The armed path is in use (a full pool and one handshake: a count).
+  HandshakeResult warm = Handshake(client_.get(), server_.get());
+  ASSERT_TRUE(warm.ok) << warm.error;
+  ASSERT_TRUE(context_->armed->WaitUntilArmed(kArmTimeout));
+  ASSERT_TRUE(Handshake(client_.get(), server_.get()).ok);
+  ASSERT_GT(context_->armed->Snapshot()
+                .hits[static_cast<size_t>(provider::ArmedKind::kEncrypt)],
+            0u);
+  constexpr int kThreads = 6;
+  constexpr int kRounds = 8;
+  std::vector<std::vector<Bytes>> ivs(kThreads);
+  std::atomic<int> failures{0};
+  std::mutex mu;
+  std::string what;  // guarded by mu
+  std::vector<std::thread> threads;
+  for (int t = 0; t < kThreads; ++t) {
+    threads.emplace_back([&, t] {
+      for (int i = 0; i < kRounds; ++i) {
+        if (t == 0 && i % 2 == 1) {
+          // Another target (the two keys swapped: arming fails with a
+          // key-type error, not a handle error that would reconnect the
+          // token), then the store's keys again at the next ticket: the
+          // re-armers cancel what they armed while the other threads take.
+          context_->armed->SetCurrent(keys->hmac, keys->aes, keys->generation);
+        }
+        HandshakeResult r = Handshake(client_.get(), server_.get());
+        if (!r.ok || !r.session) {
+          ++failures;
+          std::lock_guard<std::mutex> lock(mu);
+          what += "full handshake: " + r.error + "\n";
+          continue;
+        }
+        Bytes ticket = TicketOf(r.session.get());
+        if (ticket.size() >= 32) {
+          ivs[t].emplace_back(ticket.begin() + 16, ticket.begin() + 32);
+        }
+        UniqueSslSession offer = Reoffer(r.session.get());
+        HandshakeResult again =
+            Handshake(client_.get(), server_.get(), offer.get());
+        if (!again.ok || !again.reused) {
+          ++failures;
+          std::lock_guard<std::mutex> lock(mu);
+          what += "resumption: ok=" + std::to_string(again.ok) + " " +
+                  again.error + "\n";
+        }
+      }
+    });
+  }
+  for (std::thread &th : threads) th.join();
+  const tls::TicketCounters tc = context_->stats->Snapshot();
+  EXPECT_EQ(failures.load(), 0)
+      << what << "token errors " << tc.token_errors << ", unknown key "
+      << tc.rejected_unknown_key << ", expired " << tc.rejected_expired;
+  std::set<Bytes> seen;
+  size_t n = 0;
+  for (const std::vector<Bytes> &v : ivs) {
+    for (const Bytes &iv : v) {
+      ++n;
+      seen.insert(iv);
+    }
+  }
+  EXPECT_EQ(n, static_cast<size_t>(kThreads * kRounds));
+  EXPECT_EQ(seen.size(), n) << "an IV was used twice";
 }
 
 INSTANTIATE_TEST_SUITE_P(Versions, RoundTripTest,
