@@ -35,6 +35,10 @@ std::mutex &PoolMutex() {
 // one starts until the fork is done.
 size_t g_rearmers_in_token = 0;
 bool g_fork_pending = false;
+// This thread is a re-armer inside a token call: a module that forks from
+// inside a call (p11-kit's remote transport spawns its helper that way)
+// must not wait for itself.
+thread_local bool t_in_token = false;
 
 std::condition_variable *&ForkCv() {
   static std::condition_variable *cv = new std::condition_variable;  // leaked
@@ -44,7 +48,8 @@ std::condition_variable *&ForkCv() {
 void LockForFork() {
   std::unique_lock<std::mutex> lock(PoolMutex());
   g_fork_pending = true;
-  ForkCv()->wait(lock, [] { return g_rearmers_in_token == 0; });
+  const size_t self = t_in_token ? 1 : 0;
+  ForkCv()->wait(lock, [self] { return g_rearmers_in_token <= self; });
   lock.release();  // held across fork(), unlocked by the handlers below
 }
 
@@ -75,8 +80,10 @@ class TokenCallScope {
   explicit TokenCallScope(std::unique_lock<std::mutex> &lock) {
     ForkCv()->wait(lock, [] { return !g_fork_pending; });
     ++g_rearmers_in_token;
+    t_in_token = true;
   }
   ~TokenCallScope() {
+    t_in_token = false;
     if (g_rearmers_in_token > 0) --g_rearmers_in_token;
     if (g_fork_pending && g_rearmers_in_token == 0) ForkCv()->notify_all();
   }
