@@ -106,7 +106,7 @@ void Token::ForgetParentLocked() {
   leased_ = 0;
   held_module_.reset();
   state_ = TokenState::kDisconnected;
-  generation_.fetch_add(1);
+  first_own_generation_ = generation_.fetch_add(1) + 1;
 }
 
 Result<std::shared_ptr<Token>> Token::Create(const TokenUri &uri,
@@ -411,6 +411,9 @@ Result<Session> Token::Acquire() {
 void Token::ReturnSession(CK_FUNCTION_LIST *functions, CK_SESSION_HANDLE h,
                           uint64_t gen, bool dead) {
   std::lock_guard<std::mutex> lock(mu_);
+  // The parent's session outliving a fork in an object of the child (a
+  // pre-armed operation): not ours to close, not one of our leases.
+  if (gen < first_own_generation_ && !ForkedSinceConnect()) return;
   if (leased_ > 0) --leased_;
   bool current = state_ == TokenState::kConnected &&
                  gen == generation_.load() && !ForkedSinceConnect();

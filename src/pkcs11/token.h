@@ -198,6 +198,11 @@ class Token final : public std::enable_shared_from_this<Token>,
   // at that time. The same PIN is not sent again until the source changes.
   std::optional<std::string> rejected_pin_source_;
   std::atomic<uint64_t> generation_{0};
+  // The first generation of this process (set when a forked child drops the
+  // parent's connection): a session of an older one is the parent's, even
+  // after the child connected, and is forgotten on return, never closed
+  // (its handle may name one of the child's sessions) nor counted.
+  uint64_t first_own_generation_ = 0;
 
   std::mutex object_mu_;  // serialises use of object_session_
 };

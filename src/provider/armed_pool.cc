@@ -26,14 +26,70 @@ std::mutex &PoolMutex() {
   return *mu;
 }
 
-void LockForFork() { PoolMutex().lock(); }
-void UnlockAfterFork() { PoolMutex().unlock(); }
+// Re-armer threads inside the token module (all pools), and whether a
+// fork() waits for them to leave it; guarded by PoolMutex. A thread forked
+// away in the middle of a token call leaves the child the locks it held:
+// the token's (Acquire and ReturnSession hold it across C_OpenSession and
+// C_CloseSession) and the module's own, so the child would hang at its
+// first call. The prepare handler waits for these calls to end and no new
+// one starts until the fork is done.
+size_t g_rearmers_in_token = 0;
+bool g_fork_pending = false;
+// This thread is a re-armer inside a token call: a module that forks from
+// inside a call (p11-kit's remote transport spawns its helper that way)
+// must not wait for itself.
+thread_local bool t_in_token = false;
+
+std::condition_variable *&ForkCv() {
+  static std::condition_variable *cv = new std::condition_variable;  // leaked
+  return cv;
+}
+
+void LockForFork() {
+  std::unique_lock<std::mutex> lock(PoolMutex());
+  g_fork_pending = true;
+  const size_t self = t_in_token ? 1 : 0;
+  ForkCv()->wait(lock, [self] { return g_rearmers_in_token <= self; });
+  lock.release();  // held across fork(), unlocked by the handlers below
+}
+
+void UnlockAfterForkInParent() {
+  g_fork_pending = false;
+  PoolMutex().unlock();
+  ForkCv()->notify_all();  // re-armers waiting for the fork to be done
+}
+
+void UnlockAfterForkInChild() {
+  g_fork_pending = false;
+  g_rearmers_in_token = 0;                 // their threads are not here
+  ForkCv() = new std::condition_variable;  // the old one counts ghosts
+  PoolMutex().unlock();
+}
 
 void RegisterForkHandlersOnce() {
   static const bool registered =
-      pthread_atfork(LockForFork, UnlockAfterFork, UnlockAfterFork) == 0;
+      pthread_atfork(LockForFork, UnlockAfterForkInParent,
+                     UnlockAfterForkInChild) == 0;
   (void)registered;
 }
+
+// Marks the calling re-armer as inside the token module while it exists;
+// constructed and destroyed with PoolMutex held by `lock`.
+class TokenCallScope {
+ public:
+  explicit TokenCallScope(std::unique_lock<std::mutex> &lock) {
+    ForkCv()->wait(lock, [] { return !g_fork_pending; });
+    ++g_rearmers_in_token;
+    t_in_token = true;
+  }
+  ~TokenCallScope() {
+    t_in_token = false;
+    if (g_rearmers_in_token > 0) --g_rearmers_in_token;
+    if (g_fork_pending && g_rearmers_in_token == 0) ForkCv()->notify_all();
+  }
+  TokenCallScope(const TokenCallScope &) = delete;
+  TokenCallScope &operator=(const TokenCallScope &) = delete;
+};
 
 size_t Index(ArmedKind kind) { return static_cast<size_t>(kind); }
 
@@ -247,6 +303,7 @@ void ArmedPool::RearmLoop() {
     std::vector<ArmedOp> stale;
     std::optional<Task> task = NextTaskLocked(&stale);
     if (!stale.empty()) {
+      TokenCallScope in_token(lock);
       lock.unlock();
       stale.clear();  // closes the sessions: cancels their operations
       lock.lock();
@@ -257,6 +314,8 @@ void ArmedPool::RearmLoop() {
       cv->wait_for(lock, std::chrono::seconds(1));
       continue;
     }
+    TokenCallScope in_token(lock);
+    if (stop_ || fork_count_ != forks) break;  // changed while waiting
     ++pending_[Index(task->kind)];
     lock.unlock();
     Arm(*task);
@@ -295,6 +354,10 @@ void ArmedPool::Arm(const Task &task) {
     if (status.ok()) {
       armed.emplace(std::move(*session), task.kind, task.key, task.generation,
                     iv);
+    } else {
+      // As on the on-demand path: a session whose *Init failed is closed,
+      // never handed to a later user with whatever the module left active.
+      session->Discard();
     }
   }
   std::optional<ArmedOp> discard;  // destroyed after the lock is released

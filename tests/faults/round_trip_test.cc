@@ -12,11 +12,16 @@
 // And the pre-armed path under faults: handshakes complete, a ticket is
 // usable only if the token sealed it, and tickets resume after recovery.
 #include <openssl/ssl.h>
+#include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <chrono>
+#include <mutex>
+#include <set>
 #include <string>
+#include <thread>
 #include <tuple>
 #include <vector>
 
@@ -212,8 +217,20 @@ TEST_P(RoundTripTest, ForkedChildNeverUsesTheParentsArmedOperations) {
   ASSERT_GE(pid, 0);
   if (pid == 0) {
     close(fds[0]);
+    const size_t mark = TraceMark();
+    // The child talks to the token before its first ticket (a health check,
+    // another store on the token): it is connected when the pool forgets
+    // the parent's operations.
+    if (!store_->token()->Acquire().ok()) _exit(5);
     std::vector<Bytes> ivs = issue();
     if (ivs.size() != kHandshakes) _exit(3);
+    // The parent's sessions are the parent's: the child never closes one
+    // (on a module that numbers its sessions afresh after the child's
+    // C_Initialize, such a handle names one of the child's own sessions).
+    // Clean handshakes close nothing of the child's either.
+    if (Count(OnThisThread(TraceSince(mark)), "C_CloseSession") != 0) {
+      _exit(4);
+    }
     for (const Bytes &iv : ivs) {
       if (write(fds[1], iv.data(), iv.size()) != ssize_t(iv.size())) _exit(2);
     }
@@ -232,13 +249,135 @@ TEST_P(RoundTripTest, ForkedChildNeverUsesTheParentsArmedOperations) {
   ASSERT_EQ(waitpid(pid, &status, 0), pid);
   ASSERT_TRUE(WIFEXITED(status));
   EXPECT_EQ(WEXITSTATUS(status), 0)
-      << "the child's tickets did not all resume (3) or a pipe failed (2)";
+      << "the child's tickets did not all resume (3), a pipe failed (2) or "
+         "the child closed sessions it never opened (4)";
   ASSERT_EQ(all.size(), static_cast<size_t>(2 * kHandshakes));
   for (size_t i = 0; i < all.size(); ++i) {
     for (size_t j = i + 1; j < all.size(); ++j) {
       EXPECT_NE(all[i], all[j]) << "IV used twice: tickets " << i << ", " << j;
     }
   }
+}
+
+// fork() while a re-armer thread is inside the token (here closing the
+// sessions of cancelled operations, C_CloseSession delayed): the child
+// would inherit the token's lock (held across C_CloseSession) and the
+// module's, and hang at its first ticket. The pool's fork handler waits
+// for re-armers to leave the token first; the child's tickets resume.
+TEST_P(RoundTripTest, ForkWhileAReArmerIsInTheTokenLeavesTheChildWorking) {
+  if (!IsTls13(GetParam())) GTEST_SKIP() << "one TLS version is enough";
+  StartServer(/*prearm=*/true);
+  HandshakeResult warm = Handshake(client_.get(), server_.get());
+  ASSERT_TRUE(warm.ok) << warm.error;
+  ASSERT_TRUE(context_->armed->WaitUntilArmed(kArmTimeout));
+  Result<keystore::TicketKeys> keys = store_->KeysForEncrypt();
+  ASSERT_TRUE(keys.ok()) << keys.status().message();
+  SetRules("delay C_CloseSession 200ms\n");
+  const size_t mark = TraceMark();
+  // Another target: the re-armer closes every armed session, one slow call
+  // after the other. Once the first close is traced, the next is under way.
+  context_->armed->SetCurrent(keys->aes + 1000, keys->hmac + 1000,
+                              keys->generation);
+  while (Count(TraceSince(mark), "C_CloseSession") == 0) ::usleep(1000);
+  pid_t pid = fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    HandshakeResult r = Handshake(client_.get(), server_.get());
+    if (!r.ok || !r.session) _exit(3);
+    UniqueSslSession offer = Reoffer(r.session.get());
+    HandshakeResult again =
+        Handshake(client_.get(), server_.get(), offer.get());
+    _exit(again.ok && again.reused ? 0 : 4);
+  }
+  // A hang, not a timing: the child needs well under a second.
+  int status = 0;
+  pid_t done = 0;
+  for (int i = 0; i < 600 && done == 0; ++i) {
+    done = waitpid(pid, &status, WNOHANG);
+    if (done == 0) ::usleep(100 * 1000);
+  }
+  if (done == 0) {
+    ::kill(pid, SIGKILL);
+    waitpid(pid, &status, 0);
+  }
+  SetRules("");
+  context_->armed->SetCurrent(keys->aes, keys->hmac, keys->generation);
+  ASSERT_NE(done, 0) << "the forked child hung (a lock inherited held)";
+  ASSERT_TRUE(WIFEXITED(status));
+  EXPECT_EQ(WEXITSTATUS(status), 0) << "the child's ticket did not resume";
+}
+
+// Handshakes on several threads at once take armed operations while the
+// re-armers refill them and the pool is moved to another target and back
+// (what a rotation does): every ticket resumes and no IV is used twice.
+// Run under TSan for the pool's races.
+TEST_P(RoundTripTest, ConcurrentPrearmedHandshakesResumeWithDistinctIvs) {
+  StartServer(/*prearm=*/true);
+  Result<keystore::TicketKeys> keys = store_->KeysForEncrypt();
+  ASSERT_TRUE(keys.ok()) << keys.status().message();
+  // The armed path is in use (a full pool and one handshake: a count).
+  HandshakeResult warm = Handshake(client_.get(), server_.get());
+  ASSERT_TRUE(warm.ok) << warm.error;
+  ASSERT_TRUE(context_->armed->WaitUntilArmed(kArmTimeout));
+  ASSERT_TRUE(Handshake(client_.get(), server_.get()).ok);
+  ASSERT_GT(context_->armed->Snapshot()
+                .hits[static_cast<size_t>(provider::ArmedKind::kEncrypt)],
+            0u);
+  constexpr int kThreads = 6;
+  constexpr int kRounds = 8;
+  std::vector<std::vector<Bytes>> ivs(kThreads);
+  std::atomic<int> failures{0};
+  std::mutex mu;
+  std::string what;  // guarded by mu
+  std::vector<std::thread> threads;
+  for (int t = 0; t < kThreads; ++t) {
+    threads.emplace_back([&, t] {
+      for (int i = 0; i < kRounds; ++i) {
+        if (t == 0 && i % 2 == 1) {
+          // Another target (the two keys swapped: arming fails with a
+          // key-type error, not a handle error that would reconnect the
+          // token), then the store's keys again at the next ticket: the
+          // re-armers cancel what they armed while the other threads take.
+          context_->armed->SetCurrent(keys->hmac, keys->aes, keys->generation);
+        }
+        HandshakeResult r = Handshake(client_.get(), server_.get());
+        if (!r.ok || !r.session) {
+          ++failures;
+          std::lock_guard<std::mutex> lock(mu);
+          what += "full handshake: " + r.error + "\n";
+          continue;
+        }
+        Bytes ticket = TicketOf(r.session.get());
+        if (ticket.size() >= 32) {
+          ivs[t].emplace_back(ticket.begin() + 16, ticket.begin() + 32);
+        }
+        UniqueSslSession offer = Reoffer(r.session.get());
+        HandshakeResult again =
+            Handshake(client_.get(), server_.get(), offer.get());
+        if (!again.ok || !again.reused) {
+          ++failures;
+          std::lock_guard<std::mutex> lock(mu);
+          what += "resumption: ok=" + std::to_string(again.ok) + " " +
+                  again.error + "\n";
+        }
+      }
+    });
+  }
+  for (std::thread &th : threads) th.join();
+  const tls::TicketCounters tc = context_->stats->Snapshot();
+  EXPECT_EQ(failures.load(), 0)
+      << what << "token errors " << tc.token_errors << ", unknown key "
+      << tc.rejected_unknown_key << ", expired " << tc.rejected_expired;
+  std::set<Bytes> seen;
+  size_t n = 0;
+  for (const std::vector<Bytes> &v : ivs) {
+    for (const Bytes &iv : v) {
+      ++n;
+      seen.insert(iv);
+    }
+  }
+  EXPECT_EQ(n, static_cast<size_t>(kThreads * kRounds));
+  EXPECT_EQ(seen.size(), n) << "an IV was used twice";
 }
 
 INSTANTIATE_TEST_SUITE_P(Versions, RoundTripTest,
