@@ -14,9 +14,11 @@
 
 #include <atomic>
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <thread>
 
+#include "common/log.h"
 #include "fault_fixture.h"
 #include "pkcs11/module.h"
 
@@ -174,6 +176,56 @@ TEST_F(ForkUnderLoadTest, ForkWhileAnotherThreadLoadsAModule) {
   EXPECT_EQ(hung, 0) << "of " << forks
                      << " children, these hung on the module registry lock";
   EXPECT_EQ(failed, 0);
+}
+
+// A host's log sink that forks (a logger that spawns a helper with fork())
+// when the store reports a maintenance error. The store logged that while
+// holding its thread lock, which the fork's prepare handler then waited on
+// in the same thread: the process hung for ever. Run in a child so a hang
+// is bounded and killed. Fails without ReportBackground logging unlocked.
+std::atomic<int> g_sink_forks{0};
+void ForkingSink(int, const char *msg, void *) {
+  if (std::strstr(msg, "maintenance:") == nullptr) return;
+  pid_t pid = ::fork();
+  if (pid == 0) _exit(0);
+  if (pid > 0) {
+    int status = 0;
+    waitpid(pid, &status, 0);
+    g_sink_forks.fetch_add(1);
+  }
+}
+
+TEST_F(ForkUnderLoadTest, LogSinkThatForksOnAMaintenanceErrorDoesNotHang) {
+  SetRules("fail C_DeriveKey after 0 always with CKR_FUNCTION_FAILED\n");
+  int fds[2];
+  ASSERT_EQ(pipe(fds), 0);
+  pid_t pid = ::fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    close(fds[0]);
+    std::shared_ptr<keystore::KeyStore> store = OpenStore("forkload");
+    char result = 1;
+    if (store->Load().ok()) {
+      log::SetSink(ForkingSink, nullptr);
+      store->Maintain();  // derivations fail: one maintenance warning
+      log::SetSink(nullptr, nullptr);
+      result = g_sink_forks.load() > 0 ? 0 : 2;
+    }
+    (void)!write(fds[1], &result, 1);
+    _exit(0);
+  }
+  close(fds[1]);
+  pollfd p{fds[0], POLLIN, 0};
+  char result = 9;
+  bool hung =
+      !(poll(&p, 1, 10 * kChildBoundMs) == 1 && read(fds[0], &result, 1) == 1);
+  if (hung) kill(pid, SIGKILL);
+  close(fds[0]);
+  int status = 0;
+  ASSERT_EQ(waitpid(pid, &status, 0), pid);
+  SetRules("");
+  EXPECT_FALSE(hung) << "the sink's fork deadlocked on a lock of the store";
+  EXPECT_EQ(result, 0) << "1: store did not load; 2: no maintenance warning";
 }
 
 }  // namespace
