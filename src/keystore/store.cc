@@ -502,7 +502,15 @@ void KeyStore::MaintenanceLoop() {
   std::unique_lock<std::mutex> lock(thread_mu_);
   while (!stop_) {
     lock.unlock();
-    Maintain();
+    // The thread's own barrier: an exception leaving a std::thread's body
+    // calls std::terminate, which would kill the host (an nginx worker).
+    // A failed pass is retried on the next one.
+    try {
+      Maintain();
+    } catch (...) {
+      exceptions_.fetch_add(1);
+      barrier::ReportCaught("store maintenance thread");
+    }
     lock.lock();
     thread_cv_.wait_for(lock, std::chrono::seconds(1),
                         [this] { return stop_; });
