@@ -193,8 +193,12 @@ HSMSTEK_EXPORT int hsmstek_store_token_stats(hsmstek_store *store,
 #define HSMSTEK_LOG_DEBUG 3
 
 /* hsmstek_set_log_callback routes the library's log messages to |cb| (NULL:
- * discard them; the default). |cb| may be called from any thread, must not
- * call back into hsmstek, and gets messages without PINs or key values. */
+ * discard them; the default). |cb| may be called from any thread, with
+ * internal locks held: it must not call back into hsmstek nor fork() (a
+ * fork would wait for a lock its own thread holds), and while it blocks a
+ * fork in another thread waits. It gets messages without PINs or key
+ * values; labels and URIs in them are quoted and escaped. Setting the same
+ * (cb, arg) again costs no memory. */
 HSMSTEK_EXPORT void hsmstek_set_log_callback(
     void (*cb)(int level, const char *msg, void *arg), void *arg);
 

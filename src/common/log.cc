@@ -28,6 +28,14 @@ constexpr size_t kMaxMessage = 1024;
 void SetSink(Sink sink, void *arg) {
   SinkEntry *entry = nullptr;
   if (sink != nullptr) {
+    // A pair set before is reused: a host that sets its sink again and
+    // again (per request, per reload) must not grow the kept list.
+    for (SinkEntry *e = g_entries.load(); e != nullptr; e = e->next) {
+      if (e->sink == sink && e->arg == arg) {
+        g_sink.store(e, std::memory_order_release);
+        return;
+      }
+    }
     entry = new (std::nothrow) SinkEntry{sink, arg, g_entries.load()};
     if (entry == nullptr) return;  // keeps the previous sink
     while (!g_entries.compare_exchange_weak(entry->next, entry)) {
@@ -48,6 +56,12 @@ void Emit(Level level, std::string_view msg) noexcept {
   }
   text[n] = '\0';
   entry->sink(static_cast<int>(level), text, entry->arg);
+}
+
+size_t KeptSinkEntries() {
+  size_t n = 0;
+  for (const SinkEntry *e = g_entries.load(); e != nullptr; e = e->next) ++n;
+  return n;
 }
 
 }  // namespace hsmstek::log

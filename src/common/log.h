@@ -3,6 +3,7 @@
 // stderr itself. Messages carry metadata only: never PINs or key values.
 #pragma once
 
+#include <cstddef>
 #include <string_view>
 
 namespace hsmstek::log {
@@ -18,6 +19,10 @@ void SetSink(Sink sink, void *arg);
 // set. Never throws and never allocates: the exception barriers log through
 // it. The sink must not throw either (it is C). Thread-safe.
 void Emit(Level level, std::string_view msg) noexcept;
+
+// KeptSinkEntries counts the distinct (sink, arg) pairs ever set: they are
+// kept for the process (see log.cc), so this is the log path's memory.
+size_t KeptSinkEntries();
 
 inline void Error(std::string_view m) noexcept { Emit(Level::kError, m); }
 inline void Warning(std::string_view m) noexcept { Emit(Level::kWarning, m); }

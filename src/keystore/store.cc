@@ -603,10 +603,15 @@ void KeyStore::ReportBackground(const Status &status) {
   std::string message = status.ok() ? std::string()
                                     : "store " + QuoteForMessage(label_) +
                                           ": maintenance: " + status.message();
-  std::lock_guard<std::mutex> lock(thread_mu_);
-  // Once per cause: a token that stays away must not flood the log.
-  if (message == last_background_error_) return;
-  last_background_error_ = message;
+  {
+    std::lock_guard<std::mutex> lock(thread_mu_);
+    // Once per cause: a token that stays away must not flood the log.
+    if (message == last_background_error_) return;
+    last_background_error_ = message;
+  }
+  // The sink runs with no lock of ours held: a host's sink that blocks
+  // must not stall a fork's prepare handler behind thread_mu_, and one
+  // that forks would deadlock in it (thread_mu_ is not recursive).
   if (status.ok()) {
     log::Info("store " + QuoteForMessage(label_) + ": maintenance recovered");
   } else {
@@ -618,7 +623,15 @@ void KeyStore::MaintenanceLoop() {
   std::unique_lock<std::mutex> lock(thread_mu_);
   while (!stop_) {
     lock.unlock();
-    Maintain();
+    // The thread's own barrier: an exception leaving a std::thread's body
+    // calls std::terminate, which would kill the host (an nginx worker).
+    // A failed pass is retried on the next one.
+    try {
+      Maintain();
+    } catch (...) {
+      exceptions_.fetch_add(1);
+      barrier::ReportCaught("store maintenance thread");
+    }
     lock.lock();
     thread_cv_.wait_for(lock, std::chrono::seconds(1),
                         [this] { return stop_; });

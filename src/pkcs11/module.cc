@@ -24,12 +24,48 @@ std::map<std::string, std::shared_ptr<Module>> &Registry() {
 
 }  // namespace
 
+// The module registry's fork participant: g_registry_mu is held across
+// dlopen and C_GetFunctionList, so a fork from another thread in that
+// window would hand the child a held lock and hang its first open. It also
+// stands in for every module (modules live for the process), so no module
+// registers itself under g_registry_mu: that would wait on the fork
+// registry's lock, which a forking thread holds while it waits for ours.
+class ModuleRegistryFork final : public atfork::Participant {
+ public:
+  void ForkPrepare(atfork::Rank rank) override {
+    if (rank != atfork::Rank::kModule) return;
+    g_registry_mu.lock();
+    for (auto &[key, module] : Registry()) module->ForkPrepare(rank);
+  }
+  void ForkParent(atfork::Rank rank) override {
+    if (rank != atfork::Rank::kModule) return;
+    for (auto &[key, module] : Registry()) module->ForkParent(rank);
+    g_registry_mu.unlock();
+  }
+  void ForkChild(atfork::Rank rank) override {
+    if (rank != atfork::Rank::kModule) return;
+    for (auto &[key, module] : Registry()) module->ForkChild(rank);
+    g_registry_mu.unlock();
+  }
+
+  // Registers once; call without holding g_registry_mu.
+  static void Ensure() {
+    static ModuleRegistryFork *participant = [] {
+      auto *p = new ModuleRegistryFork;  // leaked, like the registry
+      atfork::Register(p);
+      return p;
+    }();
+    (void)participant;
+  }
+
+ protected:
+  ~ModuleRegistryFork() = default;
+};
+
 uint64_t Module::ForkCount() { return atfork::ForkCount(); }
 
 Module::Module(std::string name, CK_FUNCTION_LIST *fn)
-    : name_(std::move(name)), fn_(fn) {
-  atfork::Register(this);
-}
+    : name_(std::move(name)), fn_(fn) {}
 
 void Module::ForkPrepare(atfork::Rank rank) {
   if (rank == atfork::Rank::kModule) mu_.lock();
@@ -48,6 +84,7 @@ void Module::ForkChild(atfork::Rank rank) {
 }
 
 Result<std::shared_ptr<Module>> Module::FromPath(const std::string &path) {
+  ModuleRegistryFork::Ensure();
   std::lock_guard<std::mutex> lock(g_registry_mu);
   auto it = Registry().find("path:" + path);
   if (it != Registry().end()) return it->second;
@@ -79,6 +116,7 @@ Result<std::shared_ptr<Module>> Module::FromPath(const std::string &path) {
 
 Result<std::vector<std::shared_ptr<Module>>> Module::FromP11Kit(
     const std::string &name) {
+  ModuleRegistryFork::Ensure();
   std::lock_guard<std::mutex> lock(g_registry_mu);
   // Unmanaged: we call C_Initialize ourselves, with our own flags.
   CK_FUNCTION_LIST **list =
@@ -161,6 +199,6 @@ void Module::TokenDisconnected() {
   if (connected_tokens_ > 0) --connected_tokens_;
 }
 
-Module::~Module() { atfork::Unregister(this); }
+Module::~Module() = default;
 
 }  // namespace hsmstek::p11

@@ -60,8 +60,10 @@ class Module final : public atfork::Participant {
   Module &operator=(const Module &) = delete;
   ~Module();
 
-  // Fork participant (rank kModule): mu_ is held across fork; the child
-  // counts no connected token.
+  // Fork hooks (rank kModule), called by the module registry's one fork
+  // participant (module.cc) with the registry lock held, never registered
+  // per module: mu_ is held across fork; the child counts no connected
+  // token.
   void ForkPrepare(atfork::Rank rank) override;
   void ForkParent(atfork::Rank rank) override;
   void ForkChild(atfork::Rank rank) override;

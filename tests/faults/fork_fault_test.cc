@@ -8,13 +8,19 @@
 // (poll on a pipe); nothing sleeps.
 #include <poll.h>
 #include <signal.h>
+#include <stdlib.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <atomic>
+#include <cstdlib>
+#include <cstring>
+#include <filesystem>
 #include <thread>
 
+#include "common/log.h"
 #include "fault_fixture.h"
+#include "pkcs11/module.h"
 
 namespace hsmstek::testing {
 namespace {
@@ -107,6 +113,119 @@ TEST_F(ForkUnderLoadTest, HundredForksMidDerivationEveryChildHandshakes) {
   EXPECT_GT(store->derivations(), 0u);
   // The parent is unharmed: it still issues and resumes.
   EXPECT_EQ(ChildHandshakes(client.get(), server.get()), 0);
+}
+
+// A fork while another thread loads a module (hsmstek_open of a new module
+// path: dlopen and C_GetFunctionList under the module registry's lock,
+// C_GetFunctionList delayed here) must not hand the child that lock held:
+// the child's own open would hang on it for ever. Each child looks up a
+// module (a registry hit) within the bound. Fails without the module
+// registry's fork participant (module.cc): the children forked during the
+// delay hang.
+TEST_F(ForkUnderLoadTest, ForkWhileAnotherThreadLoadsAModule) {
+  const char *module_path = std::getenv("HSMSTEK_TEST_MODULE");
+  ASSERT_NE(module_path, nullptr);
+  ASSERT_TRUE(p11::Module::FromPath(module_path).ok());
+  // A new path to the same module: a registry miss, so the loader runs
+  // (dlopen finds the loaded object; C_GetFunctionList is called again).
+  char dir_template[] = "/tmp/hsmstek-forkmod-XXXXXX";
+  ASSERT_NE(mkdtemp(dir_template), nullptr);
+  const std::filesystem::path link =
+      std::filesystem::path(dir_template) / "module.so";
+  std::filesystem::create_symlink(module_path, link);
+
+  SetRules("delay C_GetFunctionList 300ms\n");
+  std::atomic<bool> started{false}, done{false};
+  std::thread loader([&] {
+    started.store(true);
+    EXPECT_TRUE(p11::Module::FromPath(link.string()).ok());
+    done.store(true);
+  });
+  while (!started.load()) std::this_thread::yield();
+
+  int forks = 0, hung = 0, failed = 0;
+  while (!done.load() || forks == 0) {
+    int fds[2];
+    ASSERT_EQ(pipe(fds), 0);
+    pid_t pid = ::fork();
+    ASSERT_GE(pid, 0);
+    if (pid == 0) {
+      close(fds[0]);
+      char result = p11::Module::FromPath(module_path).ok() ? 0 : 1;
+      (void)!write(fds[1], &result, 1);
+      _exit(0);
+    }
+    ++forks;
+    close(fds[1]);
+    pollfd p{fds[0], POLLIN, 0};
+    char result = 9;
+    if (poll(&p, 1, kChildBoundMs) == 1 && read(fds[0], &result, 1) == 1) {
+      if (result != 0) ++failed;
+    } else {
+      ++hung;
+      kill(pid, SIGKILL);
+    }
+    close(fds[0]);
+    int status = 0;
+    ASSERT_EQ(waitpid(pid, &status, 0), pid);
+  }
+  loader.join();
+  SetRules("");
+  std::filesystem::remove_all(dir_template);
+
+  EXPECT_EQ(hung, 0) << "of " << forks
+                     << " children, these hung on the module registry lock";
+  EXPECT_EQ(failed, 0);
+}
+
+// A host's log sink that forks (a logger that spawns a helper with fork())
+// when the store reports a maintenance error. The store logged that while
+// holding its thread lock, which the fork's prepare handler then waited on
+// in the same thread: the process hung for ever. Run in a child so a hang
+// is bounded and killed. Fails without ReportBackground logging unlocked.
+std::atomic<int> g_sink_forks{0};
+void ForkingSink(int, const char *msg, void *) {
+  if (std::strstr(msg, "maintenance:") == nullptr) return;
+  pid_t pid = ::fork();
+  if (pid == 0) _exit(0);
+  if (pid > 0) {
+    int status = 0;
+    waitpid(pid, &status, 0);
+    g_sink_forks.fetch_add(1);
+  }
+}
+
+TEST_F(ForkUnderLoadTest, LogSinkThatForksOnAMaintenanceErrorDoesNotHang) {
+  SetRules("fail C_DeriveKey after 0 always with CKR_FUNCTION_FAILED\n");
+  int fds[2];
+  ASSERT_EQ(pipe(fds), 0);
+  pid_t pid = ::fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    close(fds[0]);
+    std::shared_ptr<keystore::KeyStore> store = OpenStore("forkload");
+    char result = 1;
+    if (store->Load().ok()) {
+      log::SetSink(ForkingSink, nullptr);
+      store->Maintain();  // derivations fail: one maintenance warning
+      log::SetSink(nullptr, nullptr);
+      result = g_sink_forks.load() > 0 ? 0 : 2;
+    }
+    (void)!write(fds[1], &result, 1);
+    _exit(0);
+  }
+  close(fds[1]);
+  pollfd p{fds[0], POLLIN, 0};
+  char result = 9;
+  bool hung =
+      !(poll(&p, 1, 10 * kChildBoundMs) == 1 && read(fds[0], &result, 1) == 1);
+  if (hung) kill(pid, SIGKILL);
+  close(fds[0]);
+  int status = 0;
+  ASSERT_EQ(waitpid(pid, &status, 0), pid);
+  SetRules("");
+  EXPECT_FALSE(hung) << "the sink's fork deadlocked on a lock of the store";
+  EXPECT_EQ(result, 0) << "1: store did not load; 2: no maintenance warning";
 }
 
 }  // namespace

@@ -1,6 +1,7 @@
 #include <gtest/gtest.h>
 
 #include "common/bytes.h"
+#include "common/log.h"
 #include "common/status.h"
 
 namespace hsmstek {
@@ -68,6 +69,25 @@ TEST(Status, ContextKeepsCodeAndCkr) {
   EXPECT_EQ(c.code(), ErrorCode::kUnavailable);
   EXPECT_EQ(c.ckr(), 0x30u);
   EXPECT_EQ(c.message(), "sealing ticket: C_Sign: CKR_DEVICE_ERROR");
+}
+
+void SinkA(int, const char *, void *) {}
+void SinkB(int, const char *, void *) {}
+
+// A host that sets its log callback again and again (per request, per
+// reload: hsmstek_set_log_callback) must not grow the log path's memory:
+// every set used to keep a new entry for the life of the process.
+TEST(Log, SettingTheSameSinksAgainKeepsNoMoreEntries) {
+  int a = 0, b = 0;
+  log::SetSink(SinkA, &a);
+  log::SetSink(SinkB, &b);
+  const size_t kept = log::KeptSinkEntries();
+  for (int i = 0; i < 10000; ++i) {
+    log::SetSink(SinkA, &a);
+    log::SetSink(SinkB, &b);
+    log::SetSink(nullptr, nullptr);
+  }
+  EXPECT_EQ(log::KeptSinkEntries(), kept);
 }
 
 }  // namespace
