@@ -18,6 +18,8 @@ enum class Point : uint8_t {
   kProviderDispatch,  // entry of a provider dispatch function: std::bad_alloc
   kTokenOperation,    // a provider token operation (session lease and
                       // PKCS#11 calls): std::bad_alloc
+  kTokenMacInput,     // the token HMAC buffering a ticket's bytes:
+                      // std::bad_alloc
   kCount,
 };
 

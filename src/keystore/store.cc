@@ -188,8 +188,8 @@ bool KeyStore::ReloadDueLocked() const {
 
 void KeyStore::LogSkippedLocked(const std::vector<SkippedObject> &skipped) {
   for (const SkippedObject &o : skipped) {
-    std::string line = "hsmstek: store " + QuoteForMessage(label_) + ": " + o.what +
-                       " left out: " + o.reason +
+    std::string line = "hsmstek: store " + QuoteForMessage(label_) + ": " +
+                       o.what + " left out: " + o.reason +
                        " (the rest of the store serves; see hsmstek status)";
     if (logged_skips_.insert(line).second) log::Warning(line);
   }
@@ -591,8 +591,8 @@ void KeyStore::EnsureMaintenanceThread() {
     auto thread = std::make_unique<std::thread>([this] { MaintenanceLoop(); });
     thread_ = thread.release();
   } catch (...) {
-    exceptions_.fetch_add(1);
     barrier::ReportCaught("store maintenance thread start");
+    exceptions_.fetch_add(1);  // last: an observer of it sees the report
     return;
   }
   thread_fork_count_ = forks;
@@ -629,8 +629,8 @@ void KeyStore::MaintenanceLoop() {
     try {
       Maintain();
     } catch (...) {
-      exceptions_.fetch_add(1);
       barrier::ReportCaught("store maintenance thread");
+      exceptions_.fetch_add(1);  // last: an observer of it sees the report
     }
     lock.lock();
     thread_cv_.wait_for(lock, std::chrono::seconds(1),

@@ -90,6 +90,9 @@ struct MacCtx {
   std::array<char, 64> digest{};
   bool digest_too_long = false;
   bool fail_soft = false;  // kFailSoftParam
+  // An update could not buffer its input (an exception): final then fails
+  // soft like a token error instead of failing libssl's connection.
+  bool input_lost = false;
 };
 
 OSSL_FUNC_mac_newctx_fn MacNewCtx;
@@ -149,6 +152,7 @@ void *MacDupCtx(void *vsrc) {
   dst->digest = src->digest;
   dst->digest_too_long = src->digest_too_long;
   dst->fail_soft = src->fail_soft;
+  dst->input_lost = src->input_lost;
   return dst;
 }
 
@@ -200,6 +204,7 @@ int MacSetCtxParams(void *vctx, const OSSL_PARAM params[]) {
     ctx->token_mode = true;
     ctx->ref = std::move(ref);
     ctx->data.clear();
+    ctx->input_lost = false;
   } else if (key_param != nullptr) {
     ctx->token_mode = false;
     ctx->ref = TokenKeyRef();
@@ -222,6 +227,7 @@ int MacInit(void *vctx, const unsigned char *key, size_t keylen,
   }
   if (ctx->token_mode) {
     ctx->data.clear();
+    ctx->input_lost = false;
     return 1;
   }
   if (!EnsureDelegate(ctx)) return 0;
@@ -241,7 +247,16 @@ int MacUpdate(void *vctx, const unsigned char *in, size_t inl) {
                               std::to_string(kMaxTokenMacInput) + " bytes");
     return 0;
   }
-  ctx->data.insert(ctx->data.end(), in, in + inl);
+  try {
+    seam::Hit(seam::Point::kTokenMacInput);
+    ctx->data.insert(ctx->data.end(), in, in + inl);
+  } catch (...) {
+    // Failing here would make libssl end the connection; with fail-soft
+    // the MAC is unusable instead (a full handshake), and counted.
+    if (!ctx->fail_soft) throw;  // the dispatch barrier raises the error
+    (void)CaughtAsStatus(ctx->ref, "MacUpdate");
+    ctx->input_lost = true;
+  }
   return 1;
 }
 
@@ -319,7 +334,9 @@ int MacFinal(void *vctx, unsigned char *out, size_t *outl, size_t outsize) {
                                 ctx->ref.generation);
   }
   bool ok;
-  if (armed) {
+  if (ctx->input_lost) {
+    ok = false;  // counted when the update failed; the armed op is cancelled
+  } else if (armed) {
     ok = RunArmedTokenOp(*ctx->prov, ctx->ref, TokenOp::kSign, mode, *armed,
                          [&](p11::Session &session) {
                            return SignOnArmed(session, ctx->data, out,
@@ -333,6 +350,7 @@ int MacFinal(void *vctx, unsigned char *out, size_t *outl, size_t outsize) {
         });
   }
   ctx->data.clear();  // the next update starts a new MAC under the same key
+  ctx->input_lost = false;
   if (!ok) {
     // Fail-soft: a MAC that matches nothing (see provider.h).
     if (!ctx->fail_soft || !FillRandom(*ctx->prov, out, kSha256Size)) return 0;

@@ -91,6 +91,43 @@ TEST_P(ExceptionTest, ThrowInATokenOperationIsFailSoft) {
   EXPECT_FALSE(resume.reused);
 }
 
+// The token HMAC buffers a ticket's bytes (an allocation) in its update,
+// after the callback returned: libssl ends the connection on any failure
+// there, so a lost input must fail soft (an unusable MAC: a full handshake
+// when opening, an unusable ticket when sealing) and be counted.
+TEST_P(ExceptionTest, ThrowWhileBufferingTheMacInputIsFailSoft) {
+  auto context = ContextFor(ProvisionedStore("exceptions", "macinput"));
+  auto server = TicketOnly(context);
+  auto client = NewClientCtx(version());
+  HandshakeResult full = Handshake(client.get(), server.get());
+  ASSERT_TRUE(full.ok && full.session) << full.error;
+
+  // Opening: the MAC check's update throws.
+  seam::Arm(seam::Point::kTokenMacInput, 1);
+  HandshakeResult resume =
+      Handshake(client.get(), server.get(), full.session.get());
+  ASSERT_TRUE(resume.ok) << resume.error;
+  EXPECT_FALSE(resume.reused);
+  EXPECT_EQ(context->stats->Snapshot().exceptions, 1u);
+  ASSERT_TRUE(resume.session);
+
+  // Sealing: the ticket issued in this handshake carries a random MAC.
+  seam::Arm(seam::Point::kTokenMacInput, 1);
+  HandshakeResult sealed = Handshake(client.get(), server.get());
+  ASSERT_TRUE(sealed.ok && sealed.session) << sealed.error;
+  EXPECT_EQ(context->stats->Snapshot().exceptions, 2u);
+  HandshakeResult unusable =
+      Handshake(client.get(), server.get(), sealed.session.get());
+  ASSERT_TRUE(unusable.ok) << unusable.error;
+  EXPECT_FALSE(unusable.reused);
+
+  // Disarmed: the first ticket still resumes.
+  HandshakeResult again =
+      Handshake(client.get(), server.get(), full.session.get());
+  ASSERT_TRUE(again.ok) << again.error;
+  EXPECT_TRUE(again.reused);
+}
+
 TEST_P(ExceptionTest, FailedThreadStartLeavesTheHandshakeAlone) {
   keystore::StoreOptions options;
   options.clock = &clock_;
