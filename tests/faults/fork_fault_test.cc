@@ -92,8 +92,13 @@ TEST_F(ForkUnderLoadTest, HundredForksMidDerivationEveryChildHandshakes) {
     close(fds[1]);
     pollfd p{fds[0], POLLIN, 0};
     char result = 9;
-    if (poll(&p, 1, kChildBoundMs) == 1 && read(fds[0], &result, 1) == 1) {
+    // A child that exits without answering (a crash, a sanitizer report)
+    // is a failure, not a hang: only a child still silent at the bound is.
+    const bool answered = poll(&p, 1, kChildBoundMs) == 1;
+    if (answered && read(fds[0], &result, 1) == 1) {
       if (result != 0) ++failed;
+    } else if (answered) {
+      ++failed;
     } else {
       ++hung;
       kill(pid, SIGKILL);
@@ -101,6 +106,9 @@ TEST_F(ForkUnderLoadTest, HundredForksMidDerivationEveryChildHandshakes) {
     close(fds[0]);
     int status = 0;
     ASSERT_EQ(waitpid(pid, &status, 0), pid);
+    if (answered && !(WIFEXITED(status) && WEXITSTATUS(status) == 0)) {
+      ADD_FAILURE() << "child exited with status " << status;
+    }
   }
   stop.store(true);
   deriver.join();
@@ -159,8 +167,13 @@ TEST_F(ForkUnderLoadTest, ForkWhileAnotherThreadLoadsAModule) {
     close(fds[1]);
     pollfd p{fds[0], POLLIN, 0};
     char result = 9;
-    if (poll(&p, 1, kChildBoundMs) == 1 && read(fds[0], &result, 1) == 1) {
+    // A child that exits without answering (a crash, a sanitizer report)
+    // is a failure, not a hang: only a child still silent at the bound is.
+    const bool answered = poll(&p, 1, kChildBoundMs) == 1;
+    if (answered && read(fds[0], &result, 1) == 1) {
       if (result != 0) ++failed;
+    } else if (answered) {
+      ++failed;
     } else {
       ++hung;
       kill(pid, SIGKILL);
@@ -168,6 +181,9 @@ TEST_F(ForkUnderLoadTest, ForkWhileAnotherThreadLoadsAModule) {
     close(fds[0]);
     int status = 0;
     ASSERT_EQ(waitpid(pid, &status, 0), pid);
+    if (answered && !(WIFEXITED(status) && WEXITSTATUS(status) == 0)) {
+      ADD_FAILURE() << "child exited with status " << status;
+    }
   }
   loader.join();
   SetRules("");
