@@ -466,5 +466,43 @@ TEST_F(Pkcs11Test, LabelWithControlBytesReachesTheLogQuoted) {
   EXPECT_TRUE(seen) << "no quoted connect line among " << lines.size();
 }
 
+// The access layer refuses CKA_VALUE by construction. The key here is one
+// the token WOULD reveal (not sensitive, extractable), so only the guard in
+// object.cc stands between the caller and the bytes: the test checks the
+// guard's own error, and would fail if the guard were removed (the token
+// then answers with the value).
+TEST_F(Pkcs11Test, CkaValueOfASecretKeyIsRefusedByTheLayerItself) {
+  std::shared_ptr<Token> token = Open(SoftHsm::Get().Uri("p11-a"));
+  ASSERT_TRUE(token->Connect().ok());
+  Result<Session> session = token->Acquire();
+  ASSERT_TRUE(session.ok()) << session.status().message();
+  CK_MECHANISM gen{CKM_AES_KEY_GEN, nullptr, 0};
+  Template t;
+  t.Bool(CKA_TOKEN, false)
+      .Bool(CKA_SENSITIVE, false)
+      .Bool(CKA_EXTRACTABLE, true)
+      .Bool(CKA_ENCRYPT, true)
+      .Ulong(CKA_VALUE_LEN, 32);
+  CK_OBJECT_HANDLE key = CK_INVALID_HANDLE;
+  ASSERT_TRUE(P11_CALL(*session, C_GenerateKey, session->handle(), &gen,
+                       t.data(), t.size(), &key)
+                  .ok());
+  ScopedObject owner(*session, key);
+
+  Result<Bytes> value = ReadAttribute(*session, key, CKA_VALUE);
+  ASSERT_FALSE(value.ok());
+  EXPECT_EQ(value.status().code(), ErrorCode::kInternal);
+  EXPECT_EQ(value.status().message(),
+            "refusing to read CKA_VALUE through ReadAttribute");
+  Result<Bytes> data = ReadDataValue(*session, key);
+  ASSERT_FALSE(data.ok());
+  EXPECT_EQ(data.status().message(),
+            "refusing to read CKA_VALUE of a non-data object");
+  // Other attributes still read: the refusal is about CKA_VALUE alone.
+  Result<CK_ULONG> length = ReadUlong(*session, key, CKA_VALUE_LEN);
+  ASSERT_TRUE(length.ok());
+  EXPECT_EQ(*length, 32u);
+}
+
 }  // namespace
 }  // namespace hsmstek::p11
