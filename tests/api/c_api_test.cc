@@ -252,6 +252,14 @@ TEST_F(CApiTest, CppWrapperOwnsTheStoreAndReportsErrors) {
       Handshake(client.get(), ctx.get(), full.session.get());
   EXPECT_TRUE(again.reused);
   EXPECT_EQ(store.Stats().tickets_resumed, 1u);
+  EXPECT_EQ(store.ResumptionStats().opened_not_resumed, 0u);
+  // Declaring another policy: the session no longer resumes there.
+  ASSERT_TRUE(Store::SetPolicy(ctx.get(), "admins", 6, &error)) << error;
+  HandshakeResult other =
+      Handshake(client.get(), ctx.get(), full.session.get());
+  ASSERT_TRUE(other.ok) << other.error;
+  EXPECT_FALSE(other.reused);
+  EXPECT_EQ(store.ResumptionStats().rejected_policy, 1u);
 }
 
 }  // namespace
