@@ -278,6 +278,13 @@ expect_ok valid_early_data_opt_in "
         hsmstek_early_data on;
     }" ""
 
+expect_ok valid_early_data_opt_in_inherited "
+    hsmstek_store web \"$uri\";
+    hsmstek_tickets web;
+    ssl_early_data on;
+    hsmstek_early_data on;
+    server { listen 127.0.0.1:18443 ssl; }" ""
+
 expect_ok valid_early_data_without_store "
     hsmstek_store web \"$uri\";
     server {

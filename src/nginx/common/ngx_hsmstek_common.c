@@ -269,8 +269,9 @@ ngx_hsmstek_srv_conf_t *ngx_hsmstek_create_srv_conf(ngx_conf_t *cf) {
 char *ngx_hsmstek_merge_srv_conf(ngx_conf_t *cf, ngx_hsmstek_main_conf_t *mcf,
                                  ngx_hsmstek_srv_conf_t *prev,
                                  ngx_hsmstek_srv_conf_t *conf) {
-  ngx_conf_merge_value(conf->early_data,
-                       prev != NULL ? prev->early_data : NGX_CONF_UNSET, 0);
+  /* A plain variable: the merge macro does not parenthesise its argument. */
+  ngx_flag_t prev_early_data = prev != NULL ? prev->early_data : NGX_CONF_UNSET;
+  ngx_conf_merge_value(conf->early_data, prev_early_data, 0);
   if (conf->enabled == NGX_CONF_UNSET && prev != NULL) {
     conf->enabled = prev->enabled;
     conf->name = prev->name;
