@@ -146,6 +146,13 @@ policy=$(sed -n 's/^hsmstek_tickets_rejected_total{store="web",reason="policy"} 
 check "status_counts_policy_rejections ($policy)" p test "${policy:-0}" -ge 4
 check "status_has_not_resumed_counter" p \
   grep -q '^hsmstek_tickets_not_resumed_total{store="web"} ' <<<"$status"
+# Resumption counters match the resumptions clients saw (one worker): the
+# refused tickets were opened by the token but are not counted as resumed.
+metric() { sed -n "s/^$1{store=\"web\"} //p" <<<"$status"; }
+counted=$(($(metric hsmstek_tickets_resumed_total) + $(metric hsmstek_tickets_renewed_total)))
+seen=$(cat "$tmp"/v*/*.out | grep -c '^Reused, ')
+check "status_counts_the_resumptions_clients_saw ($counted counted, $seen seen)" p \
+  test "$counted" -eq "$seen"
 check "no_errors_logged" p not_in_log p '[alert]'
 
 finish
