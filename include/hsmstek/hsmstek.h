@@ -35,8 +35,7 @@ extern "C" {
 #define HSMSTEK_OK 0
 #define HSMSTEK_ERR_INVALID_ARGUMENT (-1)  /* bad URI, option or value */
 #define HSMSTEK_ERR_NOT_FOUND (-2)         /* no such module, token or store */
-#define HSMSTEK_ERR_PERMISSION_DENIED (-3) /* wrong PIN, weak key attributes \
-                                            */
+#define HSMSTEK_ERR_PERMISSION_DENIED (-3) /* wrong PIN, weak key attributes */
 #define HSMSTEK_ERR_UNAVAILABLE (-4)       /* token fault; may succeed later */
 #define HSMSTEK_ERR_UNSUPPORTED (-5)       /* token lacks a mechanism */
 #define HSMSTEK_ERR_FAILED_PRECONDITION (-6)

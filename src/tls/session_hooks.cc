@@ -7,7 +7,6 @@
 #include <cstring>
 #include <memory>
 
-#include "common/barrier.h"
 #include "common/log.h"
 
 namespace hsmstek::tls {

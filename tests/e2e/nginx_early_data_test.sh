@@ -55,8 +55,10 @@ check "full_handshake_gets_a_store_ticket" e fresh_ticket "$tmp/full" "$store_id
 check "ticket_allows_early_data" e \
   grep -qE 'Max Early Data: [1-9]' <(openssl sess_id -in "$tmp/full.pem" -noout -text)
 early "$port" "$tmp/e1" "$tmp/full.pem"
+# ($ssl_early_data is 1 only if nginx read the request before the handshake
+# completed: a race, so not checked.)
 check "early_data_accepted_on_resumption" e \
-  eval 'grep -q "Early data was accepted" "$tmp/e1.out" && grep -q "early=1" "$tmp/e1.out"'
+  eval 'grep -q "Early data was accepted" "$tmp/e1.out" && grep -q "^Reused, " "$tmp/e1.out"'
 # The replay the opt-in accepts: the same ticket and early data, again, on
 # another server of the store.
 early "$port2" "$tmp/e2" "$tmp/full.pem"
