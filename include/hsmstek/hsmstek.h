@@ -88,6 +88,18 @@ enum hsmstek_option {
   /* 1 (default): a TLS 1.3 resumption with a current ticket asks for a
    * fresh ticket (single-use tickets); 0: it does not. */
   HSMSTEK_OPT_TLS13_RENEW = 2,
+  /* 0 (default): hsmstek_ssl_ctx_install and hsmstek_ssl_ctx_new refuse an
+   * SSL_CTX with TLS 1.3 early data (0-RTT) enabled
+   * (SSL_CTX_set_max_early_data > 0) with HSMSTEK_ERR_FAILED_PRECONDITION,
+   * and tickets of an SSL_CTX that enables it later carry no early data.
+   * 1: accept early data knowing that stateless tickets give no replay
+   * protection: a recorded 0-RTT flight can be replayed on every server
+   * sharing the store for as long as its ticket is accepted (the store's
+   * decrypt window, at most 7 days). Installing then sets
+   * SSL_OP_NO_ANTI_REPLAY so that OpenSSL keeps TLS 1.3 tickets stateless
+   * (sealed in the token) instead of switching to in-memory ones. Applies to
+   * SSL_CTXs installed after it is set. */
+  HSMSTEK_OPT_EARLY_DATA = 3,
 };
 
 /* hsmstek_store_set_option sets |option| to |value|. Returns
@@ -114,13 +126,43 @@ HSMSTEK_EXPORT SSL_CTX *hsmstek_ssl_ctx_new(hsmstek_store *store,
  * its own reference to the key store (|store| may be closed first). Not
  * thread-safe with respect to other uses of |ctx|.
  *
+ * Tickets are bound to |ctx|'s security policy: a digest of its verify mode
+ * and depth, verify flags, the certificates and CRLs of its X509_STORE (and
+ * verify store) and its client CA list, computed now, travels in every
+ * ticket; a ticket whose digest differs from the resuming SSL_CTX's gives a
+ * full handshake. Configure verification before installing, or call
+ * hsmstek_ssl_ctx_set_policy after changing it (a change of verify mode,
+ * depth, store or CA list detected at handshake time makes |ctx|'s tickets
+ * stop resuming, logged once).
+ *
+ * Also installs |ctx|'s session ticket callbacks
+ * (SSL_CTX_set_session_ticket_cb; WARNING: replaces the application's own)
+ * and an info callback that calls the one |ctx| had. Fails with
+ * HSMSTEK_ERR_FAILED_PRECONDITION if |ctx| enables early data and
+ * HSMSTEK_OPT_EARLY_DATA is 0.
+ *
  * SNI: when a servername callback switches a connection to another SSL_CTX
  * (SSL_set_SSL_CTX), OpenSSL keeps calling the callback of the context the
  * connection started on, while hsmstek uses the store installed on the
  * current context. Install the same store on every context a connection can
  * be switched to (a switched context without one issues and accepts no
- * tickets). */
+ * tickets). Tickets are checked against the policy of the SSL_CTX current
+ * when OpenSSL opens them, which is before the servername callback runs:
+ * switch contexts in a client hello callback (SSL_CTX_set_client_hello_cb)
+ * for tickets of a switched context to resume. */
 HSMSTEK_EXPORT int hsmstek_ssl_ctx_install(hsmstek_store *store, SSL_CTX *ctx);
+
+/* hsmstek_ssl_ctx_set_policy recomputes the policy digest of |ctx| (see
+ * hsmstek_ssl_ctx_install) from its current verification settings plus the
+ * |declared_len| bytes at |declared| (may be NULL when 0): whatever else
+ * decides who is admitted that OpenSSL does not see, e.g. a verify callback's
+ * rules, CApath directories, authorisation by certificate field. Servers
+ * that must accept each other's tickets declare the same bytes. Returns
+ * HSMSTEK_ERR_FAILED_PRECONDITION if no store is installed on |ctx|. Not
+ * thread-safe with respect to handshakes on |ctx|: call it before serving. */
+HSMSTEK_EXPORT int hsmstek_ssl_ctx_set_policy(SSL_CTX *ctx,
+                                              const void *declared,
+                                              size_t declared_len);
 
 /* hsmstek_enable_process_wide makes the default library context prefer the
  * hsmstek provider ("?provider=hsmstek"), for servers that create their own
@@ -139,18 +181,18 @@ typedef struct hsmstek_latency {
 
 /* Counters of one store since it was opened. */
 typedef struct hsmstek_stats {
-  uint64_t tickets_issued;        /* sealed new tickets */
-  uint64_t tickets_resumed;       /* accepted, no renewal asked */
-  uint64_t tickets_renewed;       /* accepted, a fresh ticket asked */
-  uint64_t rejected_unknown_key;  /* name not ours or key unknown */
-  uint64_t rejected_expired;      /* epoch older than the decrypt window */
-  uint64_t rejected_future;       /* epoch beyond the clock-skew tolerance */
-  uint64_t rejected_not_routed;   /* HMAC context not from the provider */
-  uint64_t token_errors;          /* token failures seen by the callback */
-  uint64_t derivations;           /* per-epoch keys derived in the token */
-  uint64_t reconnects;            /* successful token (re)connects */
-  hsmstek_latency seal;           /* encrypt + HMAC of one ticket */
-  hsmstek_latency open;           /* HMAC + decrypt of one ticket */
+  uint64_t tickets_issued;       /* sealed new tickets */
+  uint64_t tickets_resumed;      /* resumed, no renewal asked */
+  uint64_t tickets_renewed;      /* resumed, a fresh ticket asked */
+  uint64_t rejected_unknown_key; /* name not ours or key unknown */
+  uint64_t rejected_expired;     /* epoch older than the decrypt window */
+  uint64_t rejected_future;      /* epoch beyond the clock-skew tolerance */
+  uint64_t rejected_not_routed;  /* HMAC context not from the provider */
+  uint64_t token_errors;         /* token failures seen by the callback */
+  uint64_t derivations;          /* per-epoch keys derived in the token */
+  uint64_t reconnects;           /* successful token (re)connects */
+  hsmstek_latency seal;          /* encrypt + HMAC of one ticket */
+  hsmstek_latency open;          /* HMAC + decrypt of one ticket */
 } hsmstek_stats;
 
 /* hsmstek_store_stats fills |*out| with |store|'s counters. */
@@ -185,6 +227,27 @@ typedef struct hsmstek_token_stats {
 HSMSTEK_EXPORT int hsmstek_store_token_stats(hsmstek_store *store,
                                              hsmstek_token_stats *out,
                                              size_t out_size);
+
+/* What became of tickets after hsmstek opened them. Later versions may
+ * append fields; callers pass sizeof(hsmstek_resumption_stats). */
+typedef struct hsmstek_resumption_stats {
+  /* Opened and handed to OpenSSL, which still completed a full handshake
+   * (session id context, protocol version, cipher or 0-RTT checks); not
+   * counted in tickets_resumed / tickets_renewed. */
+  uint64_t opened_not_resumed;
+  /* Opened, but issued under another security policy (or before policy
+   * binding existed): full handshake. */
+  uint64_t rejected_policy;
+  /* Tickets issued without early data because early data was enabled on
+   * an SSL_CTX without HSMSTEK_OPT_EARLY_DATA. */
+  uint64_t early_data_refused;
+} hsmstek_resumption_stats;
+
+/* hsmstek_store_resumption_stats fills the first |out_size| bytes of |*out|
+ * (at most sizeof(hsmstek_resumption_stats)) with |store|'s counters. */
+HSMSTEK_EXPORT int hsmstek_store_resumption_stats(hsmstek_store *store,
+                                                  hsmstek_resumption_stats *out,
+                                                  size_t out_size);
 
 /* Log levels passed to the log callback. */
 #define HSMSTEK_LOG_ERROR 0

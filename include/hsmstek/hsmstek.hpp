@@ -71,6 +71,21 @@ class Store {
     return out;
   }
 
+  // ResumptionStats returns what became of opened tickets (zeros on an
+  // empty Store; hsmstek_store_resumption_stats).
+  hsmstek_resumption_stats ResumptionStats() const {
+    hsmstek_resumption_stats out{};
+    (void)hsmstek_store_resumption_stats(store_.get(), &out, sizeof(out));
+    return out;
+  }
+
+  // SetPolicy declares what else decides admission on `ctx`, which this or
+  // another store was installed on (hsmstek_ssl_ctx_set_policy).
+  static bool SetPolicy(SSL_CTX *ctx, const void *declared, size_t len,
+                        std::string *error = nullptr) {
+    return Report(hsmstek_ssl_ctx_set_policy(ctx, declared, len), error);
+  }
+
  private:
   struct Closer {
     void operator()(hsmstek_store *s) const { hsmstek_store_close(s); }

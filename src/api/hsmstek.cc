@@ -8,6 +8,7 @@
 #include <exception>
 #include <memory>
 #include <new>
+#include <span>
 #include <string>
 
 #include "common/log.h"
@@ -158,6 +159,12 @@ int hsmstek_store_set_option(hsmstek_store *store, int option, long value) {
         }
         store->options.tls13_renew = value == 1;
         return Succeed();
+      case HSMSTEK_OPT_EARLY_DATA:
+        if (value != 0 && value != 1) {
+          return Fail(InvalidArgument("HSMSTEK_OPT_EARLY_DATA takes 0 or 1"));
+        }
+        store->options.allow_early_data = value == 1;
+        return Succeed();
       default:
         return Fail(
             InvalidArgument("unknown option " + std::to_string(option)));
@@ -187,6 +194,20 @@ int hsmstek_ssl_ctx_install(hsmstek_store *store, SSL_CTX *ctx) {
     }
     hsmstek::Status s =
         hsmstek::tls::InstallTicketCallback(ctx, hsmstek::ContextFor(store));
+    return s.ok() ? Succeed() : Fail(s);
+  });
+}
+
+int hsmstek_ssl_ctx_set_policy(SSL_CTX *ctx, const void *declared,
+                               size_t declared_len) {
+  return Guard([&] {
+    if (ctx == nullptr || (declared == nullptr && declared_len != 0)) {
+      return Fail(
+          InvalidArgument("hsmstek_ssl_ctx_set_policy: invalid argument"));
+    }
+    std::span<const uint8_t> bytes(static_cast<const uint8_t *>(declared),
+                                   declared_len);
+    hsmstek::Status s = hsmstek::tls::SetDeclaredPolicy(ctx, bytes);
     return s.ok() ? Succeed() : Fail(s);
   });
 }
@@ -250,6 +271,24 @@ int hsmstek_store_token_stats(hsmstek_store *store, hsmstek_token_stats *out,
       }
     }
     // Older callers pass a smaller struct: fill only what they have.
+    std::memcpy(out, &full, std::min(out_size, sizeof(full)));
+    return Succeed();
+  });
+}
+
+int hsmstek_store_resumption_stats(hsmstek_store *store,
+                                   hsmstek_resumption_stats *out,
+                                   size_t out_size) {
+  return Guard([&] {
+    if (!Valid(store) || out == nullptr) {
+      return Fail(
+          InvalidArgument("hsmstek_store_resumption_stats: invalid argument"));
+    }
+    hsmstek::tls::TicketCounters c = store->stats->Snapshot();
+    hsmstek_resumption_stats full{};
+    full.opened_not_resumed = c.not_resumed;
+    full.rejected_policy = c.rejected_policy;
+    full.early_data_refused = c.early_data_refused;
     std::memcpy(out, &full, std::min(out_size, sizeof(full)));
     return Succeed();
   });

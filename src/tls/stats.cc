@@ -84,6 +84,9 @@ void TicketStats::Reject(RejectReason reason) {
     case RejectReason::kNotRouted:
       not_routed_.fetch_add(1);
       break;
+    case RejectReason::kPolicy:
+      policy_.fetch_add(1);
+      break;
     default:
       break;
   }
@@ -105,9 +108,17 @@ void TicketStats::OnTokenOp(provider::TokenOp op, bool ok) {
   } else if (op == provider::TokenOp::kDecrypt &&
              (f.pending == Pending::kOpenResume ||
               f.pending == Pending::kOpenRenew)) {
-    (f.pending == Pending::kOpenRenew ? renewed_ : resumed_).fetch_add(1);
+    // Opened; whether it resumed is known at the end of the handshake.
     open_.Record(elapsed);
     f = InFlight{};
+  }
+}
+
+void TicketStats::HandshakeDone(bool reused, bool renew) {
+  if (!reused) {
+    not_resumed_.fetch_add(1);
+  } else {
+    (renew ? renewed_ : resumed_).fetch_add(1);
   }
 }
 
@@ -128,6 +139,9 @@ TicketCounters TicketStats::Snapshot() const {
   c.rejected_expired = expired_.load();
   c.rejected_future = future_.load();
   c.rejected_not_routed = not_routed_.load();
+  c.rejected_policy = policy_.load();
+  c.not_resumed = not_resumed_.load();
+  c.early_data_refused = early_data_refused_.load();
   c.token_errors = token_errors_.load();
   c.exceptions = exceptions_.load();
   c.seal = seal_.Summarize();

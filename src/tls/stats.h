@@ -30,13 +30,21 @@ enum class RejectReason : uint8_t {
   kUnknownKey,
   kExpired,
   kFuture,
-  kNotRouted
+  kNotRouted,
+  // Opened, but issued under another security policy (tls/policy_digest.h).
+  kPolicy
 };
 
 struct TicketCounters {
   uint64_t issued = 0, resumed = 0, renewed = 0;
   uint64_t rejected_unknown_key = 0, rejected_expired = 0, rejected_future = 0,
-           rejected_not_routed = 0;
+           rejected_not_routed = 0, rejected_policy = 0;
+  // Tickets we opened and handed to OpenSSL that still ended in a full
+  // handshake (session id context, version, cipher, 0-RTT checks).
+  uint64_t not_resumed = 0;
+  // Tickets issued without early data because early data was enabled on
+  // the SSL_CTX without the early-data option (ticket_callback.h).
+  uint64_t early_data_refused = 0;
   uint64_t token_errors = 0;
   // Exceptions stopped at a barrier (the ticket callback, a token
   // operation) while working for this store: each also counts as a token
@@ -52,9 +60,10 @@ struct TicketCounters {
 
 // TicketStats counts what the callback decides and what the token then
 // does. A seal counts as issued when its last token step (the HMAC) has
-// succeeded; an accepted ticket counts as resumed/renewed when its last
-// step (the decryption, which libssl runs only after the HMAC matched) has
-// succeeded. Latency runs from the callback's entry to that last step.
+// succeeded. An opened ticket counts as resumed/renewed only when the
+// handshake it was presented in completed as a resumption (HandshakeDone),
+// and as not_resumed when OpenSSL completed a full handshake instead.
+// Latency runs from the callback's entry to the last token step.
 class TicketStats final : public provider::TokenOpObserver {
  public:
   // Called by the callback on the handshake thread before it returns.
@@ -62,6 +71,9 @@ class TicketStats final : public provider::TokenOpObserver {
   void BeginOpen(bool renew);
   void Reject(RejectReason reason);
   void TokenError() { token_errors_.fetch_add(1); }
+  // A handshake in which we accepted a ticket has completed.
+  void HandshakeDone(bool reused, bool renew);
+  void EarlyDataRefused() { early_data_refused_.fetch_add(1); }
 
   void OnTokenOp(provider::TokenOp op, bool ok) override;
   void OnException() noexcept override { exceptions_.fetch_add(1); }
@@ -72,7 +84,9 @@ class TicketStats final : public provider::TokenOpObserver {
 
  private:
   std::atomic<uint64_t> issued_{0}, resumed_{0}, renewed_{0};
-  std::atomic<uint64_t> unknown_{0}, expired_{0}, future_{0}, not_routed_{0};
+  std::atomic<uint64_t> unknown_{0}, expired_{0}, future_{0}, not_routed_{0},
+      policy_{0};
+  std::atomic<uint64_t> not_resumed_{0}, early_data_refused_{0};
   std::atomic<uint64_t> token_errors_{0};
   std::atomic<uint64_t> exceptions_{0};
   std::atomic<uint64_t> seals_begun_{0}, opens_begun_{0}, seal_calls_{0},

@@ -10,6 +10,7 @@
 #include "common/log_limit.h"
 #include "provider/provider.h"
 #include "tls/iv_pool.h"
+#include "tls/session_hooks.h"
 
 namespace hsmstek::tls {
 namespace {
@@ -30,11 +31,7 @@ int ContextIndex() {
   return index;
 }
 
-TicketContext *ContextOf(SSL *ssl) {
-  auto *holder = static_cast<std::shared_ptr<TicketContext> *>(
-      SSL_CTX_get_ex_data(SSL_get_SSL_CTX(ssl), ContextIndex()));
-  return holder == nullptr ? nullptr : holder->get();
-}
+TicketContext *ContextOf(SSL *ssl) { return TicketContextOf(ssl); }
 
 // Logs the routing error at most once a minute per context.
 void ReportNotRouted(TicketContext &context) {
@@ -213,6 +210,17 @@ int Open(SSL *ssl, TicketContext &context, const unsigned char key_name[16],
 
 }  // namespace
 
+TicketContext *TicketContextOf(SSL_CTX *ctx) {
+  if (ctx == nullptr) return nullptr;
+  auto *holder = static_cast<std::shared_ptr<TicketContext> *>(
+      SSL_CTX_get_ex_data(ctx, ContextIndex()));
+  return holder == nullptr ? nullptr : holder->get();
+}
+
+TicketContext *TicketContextOf(const SSL *ssl) {
+  return TicketContextOf(SSL_get_SSL_CTX(ssl));
+}
+
 int TicketKeyCallback(SSL *ssl, unsigned char key_name[16],
                       unsigned char iv[16], EVP_CIPHER_CTX *cipher_ctx,
                       EVP_MAC_CTX *mac_ctx, int encrypt) {
@@ -252,24 +260,57 @@ Status InstallTicketCallback(SSL_CTX *ctx,
     context->armed =
         std::make_shared<provider::ArmedPool>(context->store->token());
   }
+  if (SSL_CTX_get_max_early_data(ctx) > 0 &&
+      !context->options.allow_early_data) {
+    return FailedPrecondition(
+        "hsmstek: this SSL_CTX accepts TLS 1.3 early data (0-RTT, "
+        "SSL_CTX_set_max_early_data > 0): session tickets sealed in the "
+        "token are stateless, so a recorded 0-RTT flight could be replayed "
+        "on every server sharing the store; turn early data off or accept "
+        "the risk with HSMSTEK_OPT_EARLY_DATA=1 (docs/SECURITY.md)");
+  }
   Status registered = provider::RegisterProvider();
   if (!registered.ok()) return registered;
   int index = ContextIndex();
   if (index < 0) return Internal("SSL_CTX_get_ex_new_index failed");
-  auto *holder = new std::shared_ptr<TicketContext>(std::move(context));
+  // Bound to the policy as configured now (nginx installs in its workers,
+  // after every server's verification is set up).
+  if (!InstallSessionHooks(ctx)) {
+    return Internal("SSL_CTX_set_session_ticket_cb failed");
+  }
   auto *previous = static_cast<std::shared_ptr<TicketContext> *>(
       SSL_CTX_get_ex_data(ctx, index));
+  auto *holder = new std::shared_ptr<TicketContext>(std::move(context));
   if (SSL_CTX_set_ex_data(ctx, index, holder) != 1) {
     delete holder;
     return Internal("SSL_CTX_set_ex_data failed");
   }
   delete previous;
+  if ((*holder)->options.allow_early_data) {
+    // Keeps TLS 1.3 tickets stateless (sealed in the token) with early
+    // data on: OpenSSL's anti-replay cache would make them in-memory ones.
+    SSL_CTX_set_options(ctx, SSL_OP_NO_ANTI_REPLAY);
+  }
   if (SSL_CTX_set_tlsext_ticket_key_evp_cb(ctx, GuardedTicketKeyCallback) !=
       1) {
     return Internal("SSL_CTX_set_tlsext_ticket_key_evp_cb failed");
   }
   if (SSL_CTX_get_timeout(ctx) > kOneWeekSeconds) {
     SSL_CTX_set_timeout(ctx, kOneWeekSeconds);
+  }
+  return Status::Ok();
+}
+
+Status SetDeclaredPolicy(SSL_CTX *ctx, std::span<const uint8_t> declared) {
+  CtxHooks *hooks = HooksOf(ctx);
+  if (hooks == nullptr || TicketContextOf(ctx) == nullptr) {
+    return FailedPrecondition(
+        "hsmstek_ssl_ctx_set_policy: no hsmstek store is installed on this "
+        "SSL_CTX");
+  }
+  hooks->declared.assign(declared.begin(), declared.end());
+  if (!InstallSessionHooks(ctx)) {
+    return Internal("SSL_CTX_set_session_ticket_cb failed");
   }
   return Status::Ok();
 }

@@ -11,7 +11,9 @@
 #include <openssl/ssl.h>
 
 #include <atomic>
+#include <cstdint>
 #include <memory>
+#include <span>
 
 #include "common/status.h"
 #include "keystore/store.h"
@@ -26,6 +28,13 @@ struct TicketOptions {
   // Keep token operations initialised ahead of use (provider/armed_pool.h):
   // one token round trip per step on the handshake thread instead of two.
   bool prearm = true;
+  // TLS 1.3 early data (0-RTT) accepted on SSL_CTXs that enable it. Off:
+  // installing on such an SSL_CTX fails, and tickets issued where it was
+  // enabled later carry no early data. On: SSL_OP_NO_ANTI_REPLAY is set so
+  // that tickets stay stateless (sealed in the token); a recorded 0-RTT
+  // flight can then be replayed on every server of the fleet for the
+  // ticket's lifetime (docs/SECURITY.md).
+  bool allow_early_data = false;
 };
 
 // What one SSL_CTX's callback works with. Owned by the SSL_CTX (ex_data)
@@ -39,15 +48,32 @@ struct TicketContext {
   std::shared_ptr<provider::ArmedPool> armed;
   // Rate limit for the "not routed" error: next Unix second to log at.
   std::atomic<int64_t> next_routing_log{0};
+  // Log-once flag for early data enabled after install (session_hooks.h).
+  std::atomic<bool> early_data_logged{false};
 };
+
+// TicketContextOf returns the context installed on `ssl`'s current SSL_CTX,
+// or null.
+TicketContext *TicketContextOf(const SSL *ssl);
+TicketContext *TicketContextOf(SSL_CTX *ctx);
 
 // InstallTicketCallback makes `ctx` seal and open its tickets through
 // `context`'s store, replacing any other ticket key callback (and any
 // previously installed context), and caps the session timeout (the
 // advertised ticket lifetime) at 7 days. Registers the provider. Does not
 // change whether tickets are enabled (SSL_OP_NO_TICKET is respected).
+// Binds tickets to `ctx`'s security policy as configured now and installs
+// the session hooks (tls/session_hooks.h). Fails with kFailedPrecondition
+// if `ctx` has early data enabled and `context->options.allow_early_data`
+// is off.
 [[nodiscard]] Status InstallTicketCallback(
     SSL_CTX *ctx, std::shared_ptr<TicketContext> context);
+
+// SetDeclaredPolicy recomputes the policy digest of `ctx` (which must have
+// a context installed) from its current verification settings plus
+// `declared`. Call it after changing `ctx`'s verification, before serving.
+[[nodiscard]] Status SetDeclaredPolicy(SSL_CTX *ctx,
+                                       std::span<const uint8_t> declared);
 
 // NewScopedSslCtx returns an SSL_CTX created with
 // SSL_CTX_new_ex(NULL, "?provider=hsmstek", method) with the callback

@@ -80,6 +80,46 @@ TEST_F(CApiTest, TokenProblemsAreDeferredToCheck) {
   hsmstek_store_close(store);
 }
 
+// Early data needs an explicit opt-in; the policy API and the resumption
+// counters are reachable from C.
+TEST_F(CApiTest, EarlyDataOptInPolicyAndResumptionStats) {
+  hsmstek_store *store = nullptr;
+  ASSERT_EQ(
+      hsmstek_store_open(SoftHsm::Get().Uri("capi", "web").c_str(), &store),
+      HSMSTEK_OK);
+  SSL_CTX *early = SSL_CTX_new(TLS_server_method());
+  ASSERT_EQ(SSL_CTX_set_max_early_data(early, 16384), 1);
+  EXPECT_EQ(hsmstek_ssl_ctx_install(store, early),
+            HSMSTEK_ERR_FAILED_PRECONDITION);
+  EXPECT_NE(std::string(hsmstek_last_error()).find("HSMSTEK_OPT_EARLY_DATA"),
+            std::string::npos);
+  EXPECT_EQ(hsmstek_store_set_option(store, HSMSTEK_OPT_EARLY_DATA, 2),
+            HSMSTEK_ERR_INVALID_ARGUMENT);
+  ASSERT_EQ(hsmstek_store_set_option(store, HSMSTEK_OPT_EARLY_DATA, 1),
+            HSMSTEK_OK);
+  EXPECT_EQ(hsmstek_ssl_ctx_install(store, early), HSMSTEK_OK)
+      << hsmstek_last_error();
+  EXPECT_NE(SSL_CTX_get_options(early) & SSL_OP_NO_ANTI_REPLAY, 0u);
+  SSL_CTX_free(early);
+
+  SSL_CTX *plain = SSL_CTX_new(TLS_server_method());
+  EXPECT_EQ(hsmstek_ssl_ctx_set_policy(plain, "x", 1),
+            HSMSTEK_ERR_FAILED_PRECONDITION);
+  ASSERT_EQ(hsmstek_ssl_ctx_install(store, plain), HSMSTEK_OK);
+  EXPECT_EQ(hsmstek_ssl_ctx_set_policy(plain, "x", 1), HSMSTEK_OK);
+  EXPECT_EQ(hsmstek_ssl_ctx_set_policy(plain, nullptr, 1),
+            HSMSTEK_ERR_INVALID_ARGUMENT);
+  SSL_CTX_free(plain);
+
+  hsmstek_resumption_stats r;
+  ASSERT_EQ(hsmstek_store_resumption_stats(store, &r, sizeof(r)), HSMSTEK_OK);
+  EXPECT_EQ(r.opened_not_resumed, 0u);
+  EXPECT_EQ(r.rejected_policy, 0u);
+  EXPECT_EQ(hsmstek_store_resumption_stats(nullptr, &r, sizeof(r)),
+            HSMSTEK_ERR_INVALID_ARGUMENT);
+  hsmstek_store_close(store);
+}
+
 TEST_F(CApiTest, WrongPinIsReportedByCheckWithoutThePin) {
   hsmstek_store *store = nullptr;
   std::string uri =
@@ -212,6 +252,14 @@ TEST_F(CApiTest, CppWrapperOwnsTheStoreAndReportsErrors) {
       Handshake(client.get(), ctx.get(), full.session.get());
   EXPECT_TRUE(again.reused);
   EXPECT_EQ(store.Stats().tickets_resumed, 1u);
+  EXPECT_EQ(store.ResumptionStats().opened_not_resumed, 0u);
+  // Declaring another policy: the session no longer resumes there.
+  ASSERT_TRUE(Store::SetPolicy(ctx.get(), "admins", 6, &error)) << error;
+  HandshakeResult other =
+      Handshake(client.get(), ctx.get(), full.session.get());
+  ASSERT_TRUE(other.ok) << other.error;
+  EXPECT_FALSE(other.reused);
+  EXPECT_EQ(store.ResumptionStats().rejected_policy, 1u);
 }
 
 }  // namespace

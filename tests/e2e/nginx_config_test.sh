@@ -245,6 +245,54 @@ else
   fail "http_sni_default_without_store (nginx -t must fail naming both servers; rc=$rc)"
 fi
 
+# TLS 1.3 early data with a store: replayable on every server sharing the
+# store, so only with an explicit opt-in (docs/SECURITY.md).
+expect_fail http_early_data_without_opt_in "
+    hsmstek_store web \"$uri\";
+    server { #@
+        listen 127.0.0.1:18443 ssl;
+        ssl_early_data on;
+        hsmstek_tickets web;
+    }" "" \
+  'has "ssl_early_data on" and uses store "web"'
+
+expect_fail http_early_data_inherited_store_without_opt_in "
+    hsmstek_store web \"$uri\";
+    hsmstek_tickets web;
+    server {
+        listen 127.0.0.1:18443 ssl;
+        hsmstek_early_data on;
+    }
+    server { #@
+        listen 127.0.0.1:18444 ssl;
+        ssl_early_data on;
+    }" "" \
+  'has "ssl_early_data on" and uses store "web"'
+
+expect_ok valid_early_data_opt_in "
+    hsmstek_store web \"$uri\";
+    server {
+        listen 127.0.0.1:18443 ssl;
+        ssl_early_data on;
+        hsmstek_tickets web;
+        hsmstek_early_data on;
+    }" ""
+
+expect_ok valid_early_data_opt_in_inherited "
+    hsmstek_store web \"$uri\";
+    hsmstek_tickets web;
+    ssl_early_data on;
+    hsmstek_early_data on;
+    server { listen 127.0.0.1:18443 ssl; }" ""
+
+expect_ok valid_early_data_without_store "
+    hsmstek_store web \"$uri\";
+    server {
+        listen 127.0.0.1:18443 ssl;
+        ssl_early_data on;
+        hsmstek_tickets off;
+    }" ""
+
 expect_fail http_unknown_store "
     hsmstek_store web \"$uri\";
     server {

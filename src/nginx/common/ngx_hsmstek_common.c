@@ -262,12 +262,16 @@ ngx_hsmstek_srv_conf_t *ngx_hsmstek_create_srv_conf(ngx_conf_t *cf) {
     return NULL;
   }
   scf->enabled = NGX_CONF_UNSET;
+  scf->early_data = NGX_CONF_UNSET;
   return scf;
 }
 
 char *ngx_hsmstek_merge_srv_conf(ngx_conf_t *cf, ngx_hsmstek_main_conf_t *mcf,
                                  ngx_hsmstek_srv_conf_t *prev,
                                  ngx_hsmstek_srv_conf_t *conf) {
+  /* A plain variable: the merge macro does not parenthesise its argument. */
+  ngx_flag_t prev_early_data = prev != NULL ? prev->early_data : NGX_CONF_UNSET;
+  ngx_conf_merge_value(conf->early_data, prev_early_data, 0);
   if (conf->enabled == NGX_CONF_UNSET && prev != NULL) {
     conf->enabled = prev->enabled;
     conf->name = prev->name;
@@ -320,13 +324,15 @@ ngx_int_t ngx_hsmstek_add_install(ngx_conf_t *cf, ngx_hsmstek_main_conf_t *mcf,
                   file, line, &scf->name);
     return NGX_OK;
   }
-  return ngx_hsmstek_add_install_store(cf, mcf, ctx, scf->store, file, line);
+  return ngx_hsmstek_add_install_store(cf, mcf, ctx, scf->store,
+                                       scf->early_data == 1, file, line);
 }
 
 ngx_int_t ngx_hsmstek_add_install_store(ngx_conf_t *cf,
                                         ngx_hsmstek_main_conf_t *mcf,
                                         SSL_CTX *ctx, ngx_uint_t store,
-                                        u_char *file, ngx_uint_t line) {
+                                        ngx_flag_t early_data, u_char *file,
+                                        ngx_uint_t line) {
   ngx_hsmstek_install_t *in = mcf->installs.elts;
   for (ngx_uint_t i = 0; i < mcf->installs.nelts; i++) {
     if (in[i].ctx == ctx) {
@@ -341,6 +347,7 @@ ngx_int_t ngx_hsmstek_add_install_store(ngx_conf_t *cf,
   in->ctx = ctx;
   in->store = store;
   in->active = 0;
+  in->early_data = early_data;
   in->server.data = ngx_pnalloc(cf->pool, ngx_strlen(file) + 64);
   if (in->server.data == NULL) {
     return NGX_ERROR;
@@ -377,6 +384,24 @@ ngx_int_t ngx_hsmstek_postconfiguration(ngx_conf_t *cf,
                                         ngx_hsmstek_main_conf_t *mcf) {
   if (mcf->installs.nelts == 0) {
     return NGX_OK;
+  }
+  /* After every server{} was merged, so "ssl_early_data" is applied. With
+   * early data, OpenSSL either issues in-memory tickets (anti-replay on)
+   * or replayable stateless ones (nginx sets SSL_OP_NO_ANTI_REPLAY). */
+  ngx_hsmstek_store_conf_t *stores = mcf->stores.elts;
+  ngx_hsmstek_install_t *ins = mcf->installs.elts;
+  for (ngx_uint_t i = 0; i < mcf->installs.nelts; i++) {
+    if (SSL_CTX_get_max_early_data(ins[i].ctx) > 0 && !ins[i].early_data) {
+      ngx_log_error(NGX_LOG_EMERG, cf->log, 0,
+                    "hsmstek: the %V has \"ssl_early_data on\" and uses "
+                    "store \"%V\": stateless tickets give no replay "
+                    "protection, so a recorded 0-RTT request could be "
+                    "replayed on every server sharing the store; set "
+                    "\"ssl_early_data off\", or \"hsmstek_early_data on\" in "
+                    "that server to accept the risk (docs/SECURITY.md)",
+                    &ins[i].server, &stores[ins[i].store].name);
+      return NGX_ERROR;
+    }
   }
   /* Only sets the default property query of OpenSSL's default library
    * context; tickets' HMAC is fetched per handshake, so SSL_CTXs created
@@ -493,7 +518,10 @@ ngx_int_t ngx_hsmstek_open_stores(ngx_cycle_t *cycle,
       ngx_hsmstek_disable_tickets(in[i].ctx);
       continue;
     }
-    if (hsmstek_ssl_ctx_install(sc->store, in[i].ctx) != HSMSTEK_OK) {
+    /* Options are read at install: the early-data opt-in is per server. */
+    if (hsmstek_store_set_option(sc->store, HSMSTEK_OPT_EARLY_DATA,
+                                 in[i].early_data ? 1 : 0) != HSMSTEK_OK ||
+        hsmstek_ssl_ctx_install(sc->store, in[i].ctx) != HSMSTEK_OK) {
       ngx_log_error(NGX_LOG_ERR, cycle->log, 0,
                     "hsmstek: cannot install store \"%V\" on the %V: %s; it "
                     "issues no session tickets",

@@ -39,9 +39,10 @@ typedef struct {
 /* One SSL_CTX that gets a store's ticket callback in every worker. */
 typedef struct {
   SSL_CTX *ctx;
-  ngx_uint_t store;  /* index into ngx_hsmstek_main_conf_t.stores */
-  ngx_str_t server;  /* "server at file:line", for messages */
-  ngx_uint_t active; /* the store's callback is installed (worker) */
+  ngx_uint_t store;      /* index into ngx_hsmstek_main_conf_t.stores */
+  ngx_str_t server;      /* "server at file:line", for messages */
+  ngx_uint_t active;     /* the store's callback is installed (worker) */
+  ngx_flag_t early_data; /* hsmstek_early_data of the server */
 } ngx_hsmstek_install_t;
 
 /* Main configuration (http{} or stream{}). */
@@ -60,6 +61,9 @@ typedef struct {
   u_char *file; /* where the directive is, for messages */
   ngx_uint_t line;
   ngx_uint_t store; /* index of the store, resolved at merge */
+  /* hsmstek_early_data: accept TLS 1.3 early data (replayable) with the
+   * store's tickets. NGX_CONF_UNSET until merged, then 0 or 1. */
+  ngx_flag_t early_data;
 } ngx_hsmstek_srv_conf_t;
 
 /* ngx_hsmstek_init_main_conf initialises |mcf| (allocated in cf->pool).
@@ -104,14 +108,19 @@ NGX_HSMSTEK_LOCAL ngx_int_t ngx_hsmstek_add_install(
     SSL_CTX *ctx, ngx_flag_t session_tickets, u_char *file, ngx_uint_t line);
 
 /* ngx_hsmstek_add_install_store records that |ctx| (of the server at
- * |file|:|line|, with tickets on) gets the callback of store index |store|.
+ * |file|:|line|, with tickets on and hsmstek_early_data |early_data|) gets
+ * the callback of store index |store|.
  * Returns NGX_OK (also if already recorded with that store), NGX_DECLINED if
  * |ctx| is already recorded with another store, or NGX_ERROR. */
 NGX_HSMSTEK_LOCAL ngx_int_t ngx_hsmstek_add_install_store(
     ngx_conf_t *cf, ngx_hsmstek_main_conf_t *mcf, SSL_CTX *ctx,
-    ngx_uint_t store, u_char *file, ngx_uint_t line);
+    ngx_uint_t store, ngx_flag_t early_data, u_char *file, ngx_uint_t line);
 
-/* ngx_hsmstek_postconfiguration ends the configuration of |mcf|: if any
+/* ngx_hsmstek_postconfiguration ends the configuration of |mcf|. A server
+ * whose SSL_CTX accepts TLS 1.3 early data ("ssl_early_data on") with a
+ * store but without "hsmstek_early_data on" is a configuration error (a
+ * recorded 0-RTT flight could be replayed on every server sharing the
+ * store). Then, if any
  * server uses a store it makes the process prefer the hsmstek provider
  * (hsmstek_enable_process_wide: sets an OpenSSL property query, no PKCS#11
  * call), which must happen before workers fork. In a single-process

@@ -41,6 +41,11 @@ static ngx_command_t ngx_http_hsmstek_commands[] = {
      NGX_HTTP_MAIN_CONF | NGX_HTTP_SRV_CONF | NGX_CONF_TAKE1,
      ngx_hsmstek_tickets_directive, NGX_HTTP_SRV_CONF_OFFSET, 0, NULL},
 
+    {ngx_string("hsmstek_early_data"),
+     NGX_HTTP_MAIN_CONF | NGX_HTTP_SRV_CONF | NGX_CONF_FLAG,
+     ngx_conf_set_flag_slot, NGX_HTTP_SRV_CONF_OFFSET,
+     offsetof(ngx_hsmstek_srv_conf_t, early_data), NULL},
+
     {ngx_string("hsmstek_status"), NGX_HTTP_LOC_CONF | NGX_CONF_NOARGS,
      ngx_http_hsmstek_status, 0, 0, NULL},
 
@@ -148,9 +153,9 @@ static ngx_int_t ngx_http_hsmstek_sni(ngx_conf_t *cf,
           continue;
         }
         if (dflt_store >= 0 && scf->enabled == NGX_CONF_UNSET) {
-          ngx_int_t rc = ngx_hsmstek_add_install_store(cf, mcf, sscf->ssl.ctx,
-                                                       (ngx_uint_t)dflt_store,
-                                                       v->file_name, v->line);
+          ngx_int_t rc = ngx_hsmstek_add_install_store(
+              cf, mcf, sscf->ssl.ctx, (ngx_uint_t)dflt_store,
+              scf->early_data == 1, v->file_name, v->line);
           if (rc == NGX_ERROR) {
             return NGX_ERROR;
           }
@@ -213,6 +218,131 @@ static ngx_int_t ngx_http_hsmstek_sni(ngx_conf_t *cf,
   return NGX_OK;
 }
 
+/* ngx_http_hsmstek_sni_host extracts the host name of the ClientHello's
+ * server_name extension into |buf| (256 bytes), lowercased and without a
+ * trailing dot, as nginx's servername callback will see it. Returns its
+ * length, or 0 if absent or not a plain host name (nginx then refuses or
+ * keeps the default server itself). */
+static size_t ngx_http_hsmstek_sni_host(ngx_ssl_conn_t *ssl_conn, u_char *buf) {
+  const unsigned char *ext;
+  size_t len;
+  if (!SSL_client_hello_get0_ext(ssl_conn, TLSEXT_TYPE_server_name, &ext,
+                                 &len) ||
+      len < 5 || (size_t)((ext[0] << 8) | ext[1]) != len - 2 ||
+      ext[2] != TLSEXT_NAMETYPE_host_name) {
+    return 0;
+  }
+  size_t n = (size_t)((ext[3] << 8) | ext[4]);
+  if (n == 0 || n > 255 || n > len - 5) {
+    return 0;
+  }
+  for (size_t i = 0; i < n; i++) {
+    u_char ch = ext[5 + i];
+    if (ch == '/' || ch == '\\' || ch == '\0' || ch <= ' ' || ch >= 0x7f ||
+        (ch == '.' && (i == 0 || buf[i - 1] == '.'))) {
+      return 0;
+    }
+    buf[i] = ngx_tolower(ch);
+  }
+  if (buf[n - 1] == '.') {
+    n--;
+  }
+  return n;
+}
+
+/* ngx_http_hsmstek_find_server finds the server{} of |host| among |names|
+ * the way nginx does for SNI: exact and wildcard names, then regexes. */
+static ngx_http_core_srv_conf_t *ngx_http_hsmstek_find_server(
+    ngx_http_virtual_names_t *names, u_char *host, size_t len) {
+  ngx_http_core_srv_conf_t *cscf =
+      ngx_hash_find_combined(&names->names, ngx_hash_key(host, len), host, len);
+  if (cscf != NULL) {
+    return cscf;
+  }
+#if (NGX_PCRE)
+  ngx_str_t name = {len, host};
+  for (ngx_uint_t i = 0; i < names->nregex; i++) {
+    ngx_int_t rc = ngx_regex_exec(names->regex[i].regex->regex, &name, NULL, 0);
+    if (rc == NGX_REGEX_NO_MATCHED) {
+      continue;
+    }
+    return rc >= 0 ? names->regex[i].server : NULL;
+  }
+#endif
+  return NULL;
+}
+
+/* ngx_http_hsmstek_client_hello selects the name-based virtual server's
+ * SSL_CTX before OpenSSL opens the session ticket. nginx 1.22 switches in
+ * its servername callback, which OpenSSL runs after ticket decryption: the
+ * ticket would be checked against the default server's security policy
+ * (libhsmstek binds tickets to the policy of the SSL_CTX current when they
+ * are opened). nginx's own callback later switches to the same SSL_CTX
+ * again and does the rest (request config, ssl_servername). Never fails the
+ * handshake. */
+static int ngx_http_hsmstek_client_hello(ngx_ssl_conn_t *ssl_conn, int *al,
+                                         void *arg) {
+  (void)al;
+  (void)arg;
+  u_char host[256];
+  size_t len = ngx_http_hsmstek_sni_host(ssl_conn, host);
+  if (len == 0) {
+    return SSL_CLIENT_HELLO_SUCCESS;
+  }
+  ngx_connection_t *c = ngx_ssl_get_connection(ssl_conn);
+  ngx_http_connection_t *hc = c != NULL ? c->data : NULL;
+  if (hc == NULL || hc->addr_conf == NULL ||
+      hc->addr_conf->virtual_names == NULL) {
+    return SSL_CLIENT_HELLO_SUCCESS;
+  }
+  ngx_http_core_srv_conf_t *cscf =
+      ngx_http_hsmstek_find_server(hc->addr_conf->virtual_names, host, len);
+  if (cscf == NULL) {
+    return SSL_CLIENT_HELLO_SUCCESS;
+  }
+  ngx_http_ssl_srv_conf_t *sscf =
+      ngx_http_get_module_srv_conf(cscf->ctx, ngx_http_ssl_module);
+  SSL_CTX *ctx = sscf->ssl.ctx;
+  if (ctx == NULL || ctx == SSL_get_SSL_CTX(ssl_conn) ||
+      SSL_set_SSL_CTX(ssl_conn, ctx) == NULL) {
+    return SSL_CLIENT_HELLO_SUCCESS;
+  }
+  /* What nginx's servername callback adjusts after SSL_set_SSL_CTX. */
+  SSL_set_verify(ssl_conn, SSL_CTX_get_verify_mode(ctx),
+                 SSL_CTX_get_verify_callback(ctx));
+  SSL_set_verify_depth(ssl_conn, SSL_CTX_get_verify_depth(ctx));
+  SSL_clear_options(ssl_conn,
+                    SSL_get_options(ssl_conn) & ~SSL_CTX_get_options(ctx));
+  SSL_set_options(ssl_conn, SSL_CTX_get_options(ctx));
+  return SSL_CLIENT_HELLO_SUCCESS;
+}
+
+/* ngx_http_hsmstek_early_sni installs the client hello callback on the
+ * SSL_CTX of every TLS address's default server that uses a store (the
+ * context connections start with). */
+static void ngx_http_hsmstek_early_sni(ngx_http_core_main_conf_t *cmcf) {
+  if (cmcf->ports == NULL) {
+    return;
+  }
+  ngx_http_conf_port_t *ports = cmcf->ports->elts;
+  for (ngx_uint_t p = 0; p < cmcf->ports->nelts; p++) {
+    ngx_http_conf_addr_t *addrs = ports[p].addrs.elts;
+    for (ngx_uint_t a = 0; a < ports[p].addrs.nelts; a++) {
+      if (!addrs[a].opt.ssl || addrs[a].servers.nelts < 2) {
+        continue;
+      }
+      ngx_http_core_srv_conf_t *dflt = addrs[a].default_server;
+      if (ngx_http_hsmstek_effective(dflt) < 0) {
+        continue;
+      }
+      ngx_http_ssl_srv_conf_t *sscf =
+          dflt->ctx->srv_conf[ngx_http_ssl_module.ctx_index];
+      SSL_CTX_set_client_hello_cb(sscf->ssl.ctx, ngx_http_hsmstek_client_hello,
+                                  NULL);
+    }
+  }
+}
+
 static ngx_int_t ngx_http_hsmstek_postconfiguration(ngx_conf_t *cf) {
   ngx_hsmstek_main_conf_t *mcf =
       ngx_http_conf_get_module_main_conf(cf, ngx_http_hsmstek_module);
@@ -234,6 +364,7 @@ static ngx_int_t ngx_http_hsmstek_postconfiguration(ngx_conf_t *cf) {
   if (ngx_http_hsmstek_sni(cf, cmcf, mcf) != NGX_OK) {
     return NGX_ERROR;
   }
+  ngx_http_hsmstek_early_sni(cmcf);
   return ngx_hsmstek_postconfiguration(cf, mcf);
 }
 
@@ -262,21 +393,24 @@ typedef struct {
 typedef struct {
   hsmstek_stats stats;
   hsmstek_token_stats token;
+  hsmstek_resumption_stats resumption;
 } ngx_http_hsmstek_snapshot_t;
 
 #define NGX_HSMSTEK_FIELD(f) offsetof(ngx_http_hsmstek_snapshot_t, stats.f)
 #define NGX_HSMSTEK_TOKEN_FIELD(f) \
   offsetof(ngx_http_hsmstek_snapshot_t, token.f)
+#define NGX_HSMSTEK_RESUMPTION_FIELD(f) \
+  offsetof(ngx_http_hsmstek_snapshot_t, resumption.f)
 
 static const ngx_http_hsmstek_metric_t ngx_http_hsmstek_metrics[] = {
     {"hsmstek_tickets_issued_total", "Session tickets sealed in the token.",
      "counter", "", NGX_HSMSTEK_FIELD(tickets_issued), 0},
     {"hsmstek_tickets_resumed_total",
-     "Tickets accepted without asking for a new one.", "counter", "",
-     NGX_HSMSTEK_FIELD(tickets_resumed), 0},
+     "Handshakes resumed from a ticket, no new ticket asked for.", "counter",
+     "", NGX_HSMSTEK_FIELD(tickets_resumed), 0},
     {"hsmstek_tickets_renewed_total",
-     "Tickets accepted with a fresh ticket asked for.", "counter", "",
-     NGX_HSMSTEK_FIELD(tickets_renewed), 0},
+     "Handshakes resumed from a ticket, a fresh ticket asked for.", "counter",
+     "", NGX_HSMSTEK_FIELD(tickets_renewed), 0},
     {"hsmstek_tickets_rejected_total",
      "Tickets refused (full handshake instead), by reason.", "counter",
      ",reason=\"unknown_key\"", NGX_HSMSTEK_FIELD(rejected_unknown_key), 0},
@@ -286,6 +420,15 @@ static const ngx_http_hsmstek_metric_t ngx_http_hsmstek_metrics[] = {
      NGX_HSMSTEK_FIELD(rejected_future), 0},
     {"hsmstek_tickets_rejected_total", NULL, NULL, ",reason=\"not_routed\"",
      NGX_HSMSTEK_FIELD(rejected_not_routed), 0},
+    {"hsmstek_tickets_rejected_total", NULL, NULL, ",reason=\"policy\"",
+     NGX_HSMSTEK_RESUMPTION_FIELD(rejected_policy), 0},
+    {"hsmstek_tickets_not_resumed_total",
+     "Tickets opened that still ended in a full handshake (OpenSSL refused "
+     "the session: session id context, version, cipher).",
+     "counter", "", NGX_HSMSTEK_RESUMPTION_FIELD(opened_not_resumed), 0},
+    {"hsmstek_early_data_refused_total",
+     "Tickets issued without early data (enabled without the opt-in).",
+     "counter", "", NGX_HSMSTEK_RESUMPTION_FIELD(early_data_refused), 0},
     {"hsmstek_token_errors_total", "Token failures seen by the callback.",
      "counter", "", NGX_HSMSTEK_FIELD(token_errors), 0},
     {"hsmstek_derivations_total", "Per-epoch keys derived in the token.",
@@ -441,7 +584,10 @@ static ngx_int_t ngx_http_hsmstek_status_handler(ngx_http_request_t *r) {
         stores[i].store != NULL &&
         hsmstek_store_stats(stores[i].store, &stats[i].stats) == HSMSTEK_OK &&
         hsmstek_store_token_stats(stores[i].store, &stats[i].token,
-                                  sizeof(stats[i].token)) == HSMSTEK_OK;
+                                  sizeof(stats[i].token)) == HSMSTEK_OK &&
+        hsmstek_store_resumption_stats(stores[i].store, &stats[i].resumption,
+                                       sizeof(stats[i].resumption)) ==
+            HSMSTEK_OK;
   }
 
   size_t size = 256 + n * NGX_HSMSTEK_SAMPLE_EXTRA * 2;
