@@ -461,9 +461,11 @@ Result<Session> Token::Acquire() {
     DisconnectLocked(/*close_handles=*/false);
   }
   const auto now = std::chrono::steady_clock::now();
-  if (probe_pending_ && state_ != TokenState::kConnected &&
+  // Right after a fault (kDisconnected) one caller reconnects at once, as
+  // most faults are a lost session on a healthy token; once a connect has
+  // failed (kBackoff) the prober owns reconnecting and callers fail fast.
+  if (probe_pending_ && state_ == TokenState::kBackoff &&
       now < retry_at_ + kProbeStalled) {
-    // The prober reconnects: no connect on the handshake path.
     // kUnavailable whatever the connect said (e.g. kNotFound for a
     // removed token): the ticket path counts it as token trouble.
     return Unavailable(last_connect_error_.ok()

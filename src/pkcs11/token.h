@@ -3,7 +3,8 @@
 //
 // States: kDisconnected -> (Connect ok) kConnected -> (connection fault)
 // kDisconnected; a failed Connect enters kBackoff until the back-off delay
-// has passed. Once a connected token faults, reconnecting is the job of a
+// has passed. After a fault the next Acquire reconnects once (most faults
+// are a lost session); once a connect failed, reconnecting is the job of a
 // background prober (prober.h), never of a handshake: Acquire fails fast
 // until the prober has reconnected, at most ~1 s after the token answers.
 // Every (re)connect, and every fork, starts a new generation:
@@ -43,9 +44,10 @@ struct TokenOptions {
   // Mechanisms the token must offer; Connect fails naming the missing ones.
   std::vector<CK_MECHANISM_TYPE> required_mechanisms;
   // Back-off between failed connects: doubles from initial up to max. The
-  // max bounds how long after a token answers again it is used again.
+  // max bounds how long after a token answers again it is used again
+  // (750 ms: with the reconnect and reload, within a second).
   std::chrono::milliseconds backoff_initial{200};
-  std::chrono::milliseconds backoff_max{1000};
+  std::chrono::milliseconds backoff_max{750};
   // Reconnect after a fault on a background thread (prober.h) instead of
   // on the next Acquire. Off: Acquire reconnects once the back-off passed
   // (tests whose recovery is driven by handshakes alone).

@@ -130,8 +130,10 @@ int Seal(SSL *ssl, TicketContext &context, unsigned char key_name[16],
     // Token trouble is every failure that came from the token (any CKR,
     // e.g. CKR_FUNCTION_FAILED from C_DeriveKey, maps to kInternal), not
     // only connection faults; "no active master" is not.
-    if (keys.status().code() == ErrorCode::kUnavailable ||
-        keys.status().ckr() != 0) {
+    // A token that cannot be found or logged into is token trouble too.
+    const ErrorCode code = keys.status().code();
+    if (code == ErrorCode::kUnavailable || code == ErrorCode::kNotFound ||
+        code == ErrorCode::kPermissionDenied || keys.status().ckr() != 0) {
       context.stats->TokenError();
       // Logged as an outage (start, once a minute, end), not per handshake.
       context.stores->Served(*store, /*token_trouble=*/true,
