@@ -143,8 +143,13 @@ Status StoreSet::Load() {
 }
 
 bool StoreSet::Usable(size_t i) const {
-  return members_[i].verified.load() &&
-         members_[i].store->token()->state() == p11::TokenState::kConnected;
+  return members_[i].verified.load() && !members_[i].store->token()->failing();
+}
+
+bool StoreSet::Recovered(size_t i) const {
+  const p11::Token &token = *members_[i].store->token();
+  return members_[i].verified.load() && !token.failing() &&
+         token.state() == p11::TokenState::kConnected;
 }
 
 bool StoreSet::MoveTo(size_t from, size_t to, bool failback) {
@@ -165,14 +170,12 @@ std::shared_ptr<KeyStore> StoreSet::Active() {
   size_t cur = active_.load(std::memory_order_relaxed);
   if (members_.size() == 1) return members_[0].store;
   for (size_t i = 0; i < cur; ++i) {
-    if (Usable(i)) {
+    if (Recovered(i)) {
       MoveTo(cur, i, /*failback=*/true);
       return members_[active_.load()].store;
     }
   }
-  if (members_[cur].store->token()->state() == p11::TokenState::kConnected) {
-    return members_[cur].store;
-  }
+  if (!members_[cur].store->token()->failing()) return members_[cur].store;
   for (size_t k = 1; k < members_.size(); ++k) {
     const size_t j = (cur + k) % members_.size();
     if (Usable(j)) {

@@ -4,12 +4,13 @@
 // belong to one token, so a ticket's keys always come from the member the
 // handshake picked (Active) and are used on that member's token only.
 //
-// Failover: when the active member's token is not connected (a fault
-// dropped it), the next connected, verified member becomes active; when a
-// member earlier in the list is connected again (its prober reconnected
-// it), the set fails back to it. Choosing costs no token round trip (atomic
-// state reads only). Each move logs one line; a store with no usable member
-// logs its outage through log::OutageLog (start, once a minute, end).
+// Failover: when the active member's token is failing (a fault dropped it,
+// or a connect failed), the next verified member that is not failing
+// becomes active; when a member earlier in the list is connected again
+// (its prober reconnected it), the set fails back to it. Choosing costs no
+// token round trip (atomic state reads only). Each move logs one line; a store
+// with no usable member logs its outage through log::OutageLog (start, once a
+// minute, end).
 //
 // Verification: Load() reads every reachable member's masters and their
 // check values; a member whose masters differ from the first loaded one is
@@ -91,7 +92,11 @@ class StoreSet {
   explicit StoreSet(std::vector<std::shared_ptr<KeyStore>> stores);
   // "token <label> (serial <serial>)" of member i, or "token #i".
   std::string Name(size_t i) const;
+  // A member handshakes may move to: verified, not failing (a member not
+  // connected yet in this process, e.g. a forked worker, connects on use).
   bool Usable(size_t i) const;
+  // A member to move back to: verified, connected, not failing.
+  bool Recovered(size_t i) const;
   // Moves from `from` to `to` if `from` is still active; logs the move.
   bool MoveTo(size_t from, size_t to, bool failback);
 

@@ -170,6 +170,7 @@ void Token::ForgetParentLocked() {
   first_own_generation_ = generation_.fetch_add(1) + 1;
   // The child connects on first use; the parent's prober is not its own.
   probe_pending_ = false;
+  failing_.store(false);
 }
 
 Result<std::shared_ptr<Token>> Token::Create(const TokenUri &uri,
@@ -276,6 +277,7 @@ Status Token::ConnectLocked() {
     }
     last_connect_error_ = status;
     last_error_ = status.message();
+    failing_.store(true);
     // Never sooner than kMinProbeInterval: a zero back-off must not spin.
     ScheduleProbeLocked(std::max(
         retry_at_, std::chrono::steady_clock::now() + kMinProbeInterval));
@@ -431,6 +433,7 @@ Status Token::ConnectLocked() {
   connected_fork_count_ = Module::ForkCount();
   last_connect_error_ = Status::Ok();
   probe_pending_ = false;
+  failing_.store(false);
   last_success_ms_.store(SteadyMs());
   generation_.fetch_add(1);
   log::Info("connected to token " + QuoteForMessage(label_) + " (slot " +
@@ -453,8 +456,12 @@ Result<CK_SESSION_HANDLE> Token::OpenSessionLocked() {
 }
 
 Result<Session> Token::Acquire() {
-  // A probe holds mu_ while it connects; a handshake does not wait for it.
-  if (probing_.load()) return Unavailable("token unavailable (reconnecting)");
+  // A probe holds mu_ while it connects to a token in back-off; a handshake
+  // does not wait for it. Right after a fault (kDisconnected) the probe is
+  // the reconnect the caller would have made: waiting for it is as fast.
+  if (probing_.load() && state_.load() == TokenState::kBackoff) {
+    return Unavailable("token unavailable (reconnecting)");
+  }
   std::lock_guard<std::mutex> lock(mu_);
   if (state_ != TokenState::kDisconnected && ForkedSinceConnect()) {
     // Nothing opened by the parent is used by the child.
@@ -529,6 +536,7 @@ void Token::ReportFault(CK_RV rv, uint64_t gen) {
                std::string(CkrName(rv)) +
                "; dropping sessions and reconnecting");
   faults_.fetch_add(1);
+  failing_.store(true);
   last_error_ = std::string(CkrName(rv));
   DisconnectLocked(/*close_handles=*/true);
   // Reconnecting is the prober's job from now on (at once: most faults

@@ -161,6 +161,10 @@ class Token final : public std::enable_shared_from_this<Token>,
 
   // Health as seen by this process; no token round trip.
   TokenHealth Health() const;
+  // True from a connection fault or failed connect until the next
+  // successful connect (lock-free: asked on every handshake by StoreSet).
+  // A token never used in this process (e.g. a forked worker) is not.
+  bool failing() const { return failing_.load(std::memory_order_relaxed); }
 
   // Fork participant: object_mu_ (rank kTokenObject) and mu_ (kTokenState)
   // are held across fork; the child forgets every session and handle of
@@ -239,6 +243,7 @@ class Token final : public std::enable_shared_from_this<Token>,
   std::atomic<bool> probing_{false};
   std::atomic<int64_t> last_success_ms_{-1};  // steady clock, ms
   std::atomic<uint64_t> faults_{0};
+  std::atomic<bool> failing_{false};
   std::string last_error_;  // guarded by mu_
 
   std::mutex object_mu_;  // serialises use of object_session_
