@@ -35,7 +35,8 @@ extern "C" {
 #define HSMSTEK_OK 0
 #define HSMSTEK_ERR_INVALID_ARGUMENT (-1)  /* bad URI, option or value */
 #define HSMSTEK_ERR_NOT_FOUND (-2)         /* no such module, token or store */
-#define HSMSTEK_ERR_PERMISSION_DENIED (-3) /* wrong PIN, weak key attributes */
+#define HSMSTEK_ERR_PERMISSION_DENIED (-3) /* wrong PIN, weak key attributes \
+                                            */
 #define HSMSTEK_ERR_UNAVAILABLE (-4)       /* token fault; may succeed later */
 #define HSMSTEK_ERR_UNSUPPORTED (-5)       /* token lacks a mechanism */
 #define HSMSTEK_ERR_FAILED_PRECONDITION (-6)
@@ -63,6 +64,25 @@ typedef struct hsmstek_store hsmstek_store;
  * visible in configuration), or the HSMSTEK_PIN environment variable. */
 HSMSTEK_EXPORT int hsmstek_store_open(const char *pkcs11_uri,
                                       hsmstek_store **out);
+
+/* hsmstek_store_open_tokens opens one store reached through |count| (1 to
+ * 8) tokens that hold the same masters, replicated with `hsmstek export` /
+ * `hsmstek import` (docs/CLI.md): |pkcs11_uris[0]| is the preferred token,
+ * the others are used in order while it is out. Every URI names the same
+ * store label (|object|); each follows hsmstek_store_open's rules. With
+ * |count| == 1 it is hsmstek_store_open. On success sets |*out| to a new
+ * store the caller owns; on failure leaves |*out| NULL.
+ *
+ * hsmstek_store_check verifies that every reachable token holds the same
+ * masters (same active master, same check values) and fails with
+ * HSMSTEK_ERR_FAILED_PRECONDITION naming both check values otherwise: such
+ * a token is never used. A token unreachable at the check is not used by
+ * this process until the store is opened again (e.g. an nginx reload).
+ * Each handshake uses one token, chosen without a token round trip; a
+ * fault moves the next handshakes to the next connected token (failover)
+ * and back once the preferred one answers (failback). Thread-safe. */
+HSMSTEK_EXPORT int hsmstek_store_open_tokens(const char *const *pkcs11_uris,
+                                             size_t count, hsmstek_store **out);
 
 /* hsmstek_store_check connects to the token now if needed and loads the
  * store's masters. Returns HSMSTEK_OK when tickets can be issued, or an
@@ -248,6 +268,33 @@ typedef struct hsmstek_resumption_stats {
 HSMSTEK_EXPORT int hsmstek_store_resumption_stats(hsmstek_store *store,
                                                   hsmstek_resumption_stats *out,
                                                   size_t out_size);
+
+/* The health of one token of a store, as this process sees it (no token
+ * round trip). Later versions may append fields; callers pass
+ * sizeof(hsmstek_token_health). */
+typedef struct hsmstek_token_health {
+  int up;       /* 1: connected now */
+  int active;   /* 1: the token handshakes use now */
+  int verified; /* 1: holds the same masters as the others (checked) */
+  int64_t ms_since_success; /* since the last good use; -1: never */
+  uint64_t failovers;       /* times handshakes moved away from it */
+  uint64_t faults;          /* connection faults seen */
+  char token[96];           /* "token \"label\" (serial \"...\")" */
+  char last_error[256];     /* last fault or failed connect, "" if none */
+} hsmstek_token_health;
+
+/* hsmstek_store_token_count returns how many tokens |store| was opened
+ * with (0 for an invalid handle). */
+HSMSTEK_EXPORT size_t hsmstek_store_token_count(hsmstek_store *store);
+
+/* hsmstek_store_token_health fills the first |out_size| bytes of |*out|
+ * (at most sizeof(hsmstek_token_health)) with the health of token |index|
+ * (0 = preferred). HSMSTEK_ERR_INVALID_ARGUMENT for a bad handle, index or
+ * size. Strings are NUL-terminated, cut if longer. Thread-safe. */
+HSMSTEK_EXPORT int hsmstek_store_token_health(hsmstek_store *store,
+                                              size_t index,
+                                              hsmstek_token_health *out,
+                                              size_t out_size);
 
 /* Log levels passed to the log callback. */
 #define HSMSTEK_LOG_ERROR 0

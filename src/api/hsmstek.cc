@@ -10,16 +10,20 @@
 #include <new>
 #include <span>
 #include <string>
+#include <vector>
 
 #include "common/log.h"
 #include "keystore/store.h"
+#include "keystore/store_set.h"
 #include "provider/provider.h"
 #include "tls/ticket_callback.h"
 
 struct hsmstek_store {
   static constexpr uint64_t kMagic = 0x6873746b73746f72;  // "hstkstor"
   uint64_t magic = kMagic;
-  std::shared_ptr<hsmstek::keystore::KeyStore> store;
+  std::shared_ptr<hsmstek::keystore::KeyStore> store;  // the preferred one
+  // Every token of the store (one member for hsmstek_store_open).
+  std::shared_ptr<hsmstek::keystore::StoreSet> set;
   std::shared_ptr<hsmstek::tls::TicketStats> stats;
   hsmstek::tls::TicketOptions options;
   // One pool of pre-armed token operations for every SSL_CTX of the store.
@@ -83,6 +87,7 @@ int Guard(Fn &&fn) {
 std::shared_ptr<tls::TicketContext> ContextFor(const hsmstek_store *store) {
   auto context = std::make_shared<tls::TicketContext>();
   context->store = store->store;
+  context->stores = store->set;
   context->stats = store->stats;
   context->options = store->options;
   if (context->options.prearm) context->armed = store->armed;
@@ -105,16 +110,29 @@ using hsmstek::Valid;
 extern "C" {
 
 int hsmstek_store_open(const char *pkcs11_uri, hsmstek_store **out) {
+  return hsmstek_store_open_tokens(&pkcs11_uri, 1, out);
+}
+
+int hsmstek_store_open_tokens(const char *const *pkcs11_uris, size_t count,
+                              hsmstek_store **out) {
   return Guard([&] {
     if (out != nullptr) *out = nullptr;
-    if (pkcs11_uri == nullptr || out == nullptr) {
-      return Fail(InvalidArgument("hsmstek_store_open: null argument"));
+    if (pkcs11_uris == nullptr || out == nullptr || count == 0 || count > 8) {
+      return Fail(InvalidArgument("hsmstek_store_open: invalid argument"));
     }
-    hsmstek::Result<std::shared_ptr<hsmstek::keystore::KeyStore>> store =
-        hsmstek::keystore::KeyStore::Open(pkcs11_uri);
-    if (!store.ok()) return Fail(store.status());
+    std::vector<std::string> uris;
+    for (size_t i = 0; i < count; ++i) {
+      if (pkcs11_uris[i] == nullptr) {
+        return Fail(InvalidArgument("hsmstek_store_open: null URI"));
+      }
+      uris.emplace_back(pkcs11_uris[i]);
+    }
+    hsmstek::Result<std::shared_ptr<hsmstek::keystore::StoreSet>> set =
+        hsmstek::keystore::StoreSet::Open(uris);
+    if (!set.ok()) return Fail(set.status());
     auto handle = std::make_unique<hsmstek_store>();
-    handle->store = std::move(*store);
+    handle->set = std::move(*set);
+    handle->store = handle->set->primary();
     handle->stats = std::make_shared<hsmstek::tls::TicketStats>();
     handle->armed =
         std::make_shared<hsmstek::provider::ArmedPool>(handle->store->token());
@@ -126,10 +144,11 @@ int hsmstek_store_open(const char *pkcs11_uri, hsmstek_store **out) {
 int hsmstek_store_check(hsmstek_store *store) {
   return Guard([&] {
     if (!Valid(store)) return Fail(InvalidArgument("invalid store handle"));
-    hsmstek::Status loaded = store->store->Load();
+    // Verifies that every reachable token holds the same masters.
+    hsmstek::Status loaded = store->set->Load();
     if (!loaded.ok()) return Fail(loaded);
     hsmstek::Result<hsmstek::keystore::TicketKeys> keys =
-        store->store->KeysForEncrypt();
+        store->set->Active()->KeysForEncrypt();
     if (!keys.ok()) return Fail(keys.status());
     return Succeed();
   });
@@ -151,7 +170,9 @@ int hsmstek_store_set_option(hsmstek_store *store, int option, long value) {
         if (value < 0 || value > 3600) {
           return Fail(InvalidArgument("clock skew must be 0..3600 seconds"));
         }
-        store->store->set_clock_skew(value);
+        for (size_t i = 0; i < store->set->size(); ++i) {
+          store->set->member(i)->set_clock_skew(value);
+        }
         return Succeed();
       case HSMSTEK_OPT_TLS13_RENEW:
         if (value != 0 && value != 1) {
@@ -297,6 +318,43 @@ int hsmstek_store_resumption_stats(hsmstek_store *store,
 void hsmstek_set_log_callback(void (*cb)(int level, const char *msg, void *arg),
                               void *arg) {
   hsmstek::log::SetSink(cb, arg);
+}
+
+}  // extern "C"
+
+extern "C" {
+
+size_t hsmstek_store_token_count(hsmstek_store *store) {
+  return Valid(store) ? store->set->size() : 0;
+}
+
+int hsmstek_store_token_health(hsmstek_store *store, size_t index,
+                               hsmstek_token_health *out, size_t out_size) {
+  return Guard([&] {
+    if (!Valid(store) || out == nullptr || out_size == 0 ||
+        out_size > sizeof(hsmstek_token_health) ||
+        index >= store->set->size()) {
+      return Fail(
+          InvalidArgument("hsmstek_store_token_health: invalid argument"));
+    }
+    const hsmstek::keystore::MemberHealth h = store->set->Health(index);
+    hsmstek_token_health full{};
+    full.up = h.health.up ? 1 : 0;
+    full.active = h.active ? 1 : 0;
+    full.verified = h.verified ? 1 : 0;
+    full.ms_since_success = h.health.since_success_ms;
+    full.failovers = h.failovers;
+    full.faults = h.health.faults;
+    auto copy = [](char *dst, size_t n, const std::string &src) {
+      const size_t len = std::min(n - 1, src.size());
+      std::memcpy(dst, src.data(), len);
+      dst[len] = '\0';
+    };
+    copy(full.token, sizeof(full.token), h.token);
+    copy(full.last_error, sizeof(full.last_error), h.health.last_error);
+    std::memcpy(out, &full, out_size);
+    return Succeed();
+  });
 }
 
 }  // extern "C"

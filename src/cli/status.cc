@@ -12,6 +12,7 @@
 #include "cli/common.h"
 #include "keystore/duration.h"
 #include "keystore/master.h"
+#include "keystore/store_set.h"
 #include "keystore/time_format.h"
 #include "pkcs11/object.h"
 
@@ -24,6 +25,8 @@ using keystore::FormatRfc3339;
 struct StatusArgs {
   std::string uri;
   bool json = false;
+  // More tokens of the same store (--token): verified against the first.
+  std::vector<std::string> more_tokens;
 };
 
 // Labels of the stores present in the token (for a helpful "not found").
@@ -242,13 +245,45 @@ Status RunStatus(const StatusArgs &a) {
   }
   // After the check values: deriving them showed what derived keys get.
   const keystore::Protection derived = (*store)->derived_allowed_mechanisms();
+  // Every token of the store: health as this process sees it, and whether
+  // the others hold the same masters (keystore/store_set.h).
+  std::vector<std::shared_ptr<keystore::KeyStore>> members{*store};
+  for (const std::string &uri : a.more_tokens) {
+    Result<std::shared_ptr<keystore::KeyStore>> more = OpenStore(uri, false);
+    if (!more.ok()) return more.status();
+    members.push_back(std::move(*more));
+  }
+  Result<std::shared_ptr<keystore::StoreSet>> set =
+      keystore::StoreSet::Of(std::move(members));
+  if (!set.ok()) return set.status();
+  const Status verified = (*set)->Load();
   if (a.json) {
-    std::cout << ToJson(*snap, token, checks, derived).dump() << "\n";
+    nlohmann::json out = ToJson(*snap, token, checks, derived);
+    nlohmann::json tokens = nlohmann::json::array();
+    for (size_t i = 0; i < (*set)->size(); ++i) {
+      const keystore::MemberHealth h = (*set)->Health(i);
+      tokens.push_back(
+          {{"token", h.token},
+           {"up", h.health.up},
+           {"verified", h.verified},
+           {"last_error", h.health.last_error},
+           {"seconds_since_success",
+            h.health.since_success_ms < 0
+                ? nlohmann::json(nullptr)
+                : nlohmann::json(h.health.since_success_ms / 1000.0)},
+           {"failovers", h.failovers}});
+    }
+    out["tokens"] = std::move(tokens);
+    out["tokens_error"] = verified.ok() ? nlohmann::json(nullptr)
+                                        : nlohmann::json(verified.message());
+    std::cout << out.dump() << "\n";
   } else {
     PrintTable(*snap, token, checks);
     PrintProtections(*snap, derived);
+    if (!verified.ok()) std::cout << "tokens: " << verified.message() << "\n";
   }
-  return Status::Ok();
+  // A token with other masters fails the command (after printing).
+  return verified;
 }
 
 }  // namespace
@@ -259,6 +294,9 @@ void RegisterStatus(CLI::App &app, std::vector<Command> &out) {
       "status", "Show the masters and legacy keys of a store");
   sub->add_option("uri", a->uri, "Store URI (object=<label>)")->required();
   sub->add_flag("--json", a->json, "Print one JSON object instead of a table");
+  sub->add_option("--token", a->more_tokens,
+                  "Another token of the store (URI, same object=); checked "
+                  "to hold the same masters (repeatable)");
   out.push_back({sub, [a] { return RunStatus(*a); }});
 }
 

@@ -183,9 +183,10 @@ bool Module::TryReinitialize(int own_holds) {
   const CK_RV rv = init.ckr();
   initialized_ = init.ok() || rv == CKR_CRYPTOKI_ALREADY_INITIALIZED;
   initialized_by_us_ = init.ok();
-  log::Info("re-initialised PKCS#11 module " +
-            QuoteForMessage(name_, kMaxQuotedUri) + ": " +
-            std::string(init.ok() ? "CKR_OK" : CkrName(rv)));
+  // Debug: the prober of a token that is out does this every second.
+  log::Debug("re-initialised PKCS#11 module " +
+             QuoteForMessage(name_, kMaxQuotedUri) + ": " +
+             std::string(init.ok() ? "CKR_OK" : CkrName(rv)));
   return initialized_;
 }
 

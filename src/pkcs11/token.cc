@@ -63,12 +63,73 @@ Token::Token(TokenUri uri, TokenOptions options,
     : uri_(std::move(uri)),
       options_(std::move(options)),
       candidates_(std::move(candidates)) {
+  if (options_.background_probe) {
+    prober_ = std::make_unique<Prober>([this] { return Probe(); });
+  }
   atfork::Register(this);
 }
 
 Token::~Token() {
+  // First: a probe in flight finishes and no other starts.
+  prober_.reset();
   atfork::Unregister(this);
   Disconnect();
+}
+
+namespace {
+
+int64_t SteadyMs() {
+  return std::chrono::duration_cast<std::chrono::milliseconds>(
+             std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+// A probe overdue by this much means the prober is stuck or could not
+// start: Acquire then reconnects itself rather than never.
+constexpr std::chrono::seconds kProbeStalled{3};
+constexpr std::chrono::milliseconds kMinProbeInterval{50};
+
+}  // namespace
+
+void Token::ScheduleProbeLocked(std::chrono::steady_clock::time_point at) {
+  if (prober_ == nullptr) return;
+  probe_pending_ = prober_->Schedule(at);
+}
+
+std::optional<std::chrono::steady_clock::time_point> Token::Probe() {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (!probe_pending_) return std::nullopt;
+  if (state_ != TokenState::kDisconnected && ForkedSinceConnect()) {
+    DisconnectLocked(/*close_handles=*/false);
+  }
+  if (state_ == TokenState::kConnected) {
+    probe_pending_ = false;
+    return std::nullopt;
+  }
+  if (state_ == TokenState::kBackoff &&
+      std::chrono::steady_clock::now() < retry_at_) {
+    return retry_at_;
+  }
+  probing_.store(true);
+  Status status = ConnectLocked();
+  probing_.store(false);
+  if (status.ok()) {
+    probe_pending_ = false;
+    return std::nullopt;
+  }
+  return retry_at_;
+}
+
+TokenHealth Token::Health() const {
+  TokenHealth h;
+  h.up = state_.load() == TokenState::kConnected;
+  const int64_t last = last_success_ms_.load();
+  h.since_success_ms = last < 0 ? -1 : SteadyMs() - last;
+  h.faults = faults_.load();
+  h.probes = prober_ ? prober_->probes() : 0;
+  std::lock_guard<std::mutex> lock(mu_);
+  h.last_error = last_error_;
+  return h;
 }
 
 void Token::ForkPrepare(atfork::Rank rank) {
@@ -107,6 +168,9 @@ void Token::ForgetParentLocked() {
   held_module_.reset();
   state_ = TokenState::kDisconnected;
   first_own_generation_ = generation_.fetch_add(1) + 1;
+  // The child connects on first use; the parent's prober is not its own.
+  probe_pending_ = false;
+  failing_.store(false);
 }
 
 Result<std::shared_ptr<Token>> Token::Create(const TokenUri &uri,
@@ -205,9 +269,18 @@ Status Token::ConnectLocked() {
                    ? options_.backoff_initial
                    : std::min(backoff_ * 2, options_.backoff_max);
     retry_at_ = std::chrono::steady_clock::now() + backoff_;
+    // One line per distinct failure: the prober retries every second for
+    // as long as the token is out (the store logs the outage itself).
+    if (status.message() != last_connect_error_.message()) {
+      log::Warning("token " + QuoteForMessage(uri_.text, kMaxQuotedUri) + ": " +
+                   status.message());
+    }
     last_connect_error_ = status;
-    log::Warning("token " + QuoteForMessage(uri_.text, kMaxQuotedUri) + ": " +
-                 status.message());
+    last_error_ = status.message();
+    failing_.store(true);
+    // Never sooner than kMinProbeInterval: a zero back-off must not spin.
+    ScheduleProbeLocked(std::max(
+        retry_at_, std::chrono::steady_clock::now() + kMinProbeInterval));
     return status;
   };
 
@@ -359,6 +432,9 @@ Status Token::ConnectLocked() {
   backoff_ = std::chrono::milliseconds(0);
   connected_fork_count_ = Module::ForkCount();
   last_connect_error_ = Status::Ok();
+  probe_pending_ = false;
+  failing_.store(false);
+  last_success_ms_.store(SteadyMs());
   generation_.fetch_add(1);
   log::Info("connected to token " + QuoteForMessage(label_) + " (slot " +
             std::to_string(slot_) + ")");
@@ -380,14 +456,34 @@ Result<CK_SESSION_HANDLE> Token::OpenSessionLocked() {
 }
 
 Result<Session> Token::Acquire() {
+  // A probe holds mu_ while it connects to a token in back-off; a handshake
+  // does not wait for it. Right after a fault (kDisconnected) the probe is
+  // the reconnect the caller would have made: waiting for it is as fast.
+  if (probing_.load() && state_.load() == TokenState::kBackoff) {
+    return Unavailable("token unavailable (reconnecting)");
+  }
   std::lock_guard<std::mutex> lock(mu_);
   if (state_ != TokenState::kDisconnected && ForkedSinceConnect()) {
     // Nothing opened by the parent is used by the child.
     DisconnectLocked(/*close_handles=*/false);
   }
+  const auto now = std::chrono::steady_clock::now();
+  // Right after a fault (kDisconnected) one caller reconnects at once, as
+  // most faults are a lost session on a healthy token; once a connect has
+  // failed (kBackoff) the prober owns reconnecting and callers fail fast.
+  if (probe_pending_ && state_ == TokenState::kBackoff &&
+      now < retry_at_ + kProbeStalled) {
+    // kUnavailable whatever the connect said (e.g. kNotFound for a
+    // removed token): the ticket path counts it as token trouble.
+    return Unavailable(last_connect_error_.ok()
+                           ? std::string("token unavailable (reconnecting)")
+                           : "token unavailable (retrying): " +
+                                 last_connect_error_.message());
+  }
   if (state_ == TokenState::kBackoff) {
-    if (std::chrono::steady_clock::now() < retry_at_) {
-      return last_connect_error_.WithContext("token unavailable (retrying)");
+    if (now < retry_at_) {
+      return Unavailable("token unavailable (retrying): " +
+                         last_connect_error_.message());
     }
     state_ = TokenState::kDisconnected;
   }
@@ -405,6 +501,7 @@ Result<Session> Token::Acquire() {
     h = *opened;
   }
   ++leased_;
+  last_success_ms_.store(SteadyMs());
   return Session(this, fn(), h, generation_.load());
 }
 
@@ -438,7 +535,14 @@ void Token::ReportFault(CK_RV rv, uint64_t gen) {
   log::Warning("token " + QuoteForMessage(label_) + ": " +
                std::string(CkrName(rv)) +
                "; dropping sessions and reconnecting");
+  faults_.fetch_add(1);
+  failing_.store(true);
+  last_error_ = std::string(CkrName(rv));
   DisconnectLocked(/*close_handles=*/true);
+  // Reconnecting is the prober's job from now on (at once: most faults
+  // are a session lost, not the token).
+  retry_at_ = std::chrono::steady_clock::now();
+  ScheduleProbeLocked(retry_at_);
 }
 
 void Token::DisconnectLocked(bool close_handles) {

@@ -3,7 +3,11 @@
 //
 // States: kDisconnected -> (Connect ok) kConnected -> (connection fault)
 // kDisconnected; a failed Connect enters kBackoff until the back-off delay
-// has passed. Every (re)connect, and every fork, starts a new generation:
+// has passed. After a fault the next Acquire reconnects once (most faults
+// are a lost session); once a connect failed, reconnecting is the job of a
+// background prober (prober.h), never of a handshake: Acquire fails fast
+// until the prober has reconnected, at most ~1 s after the token answers.
+// Every (re)connect, and every fork, starts a new generation:
 // object handles and sessions of an older generation are never used again.
 //
 // Thread-safety: all methods are thread-safe. A Session is used by one thread
@@ -27,6 +31,7 @@
 #include "pkcs11/ck.h"
 #include "pkcs11/error.h"
 #include "pkcs11/module.h"
+#include "pkcs11/prober.h"
 #include "pkcs11/uri.h"
 
 namespace hsmstek::p11 {
@@ -38,9 +43,15 @@ struct TokenOptions {
   bool read_write = false;
   // Mechanisms the token must offer; Connect fails naming the missing ones.
   std::vector<CK_MECHANISM_TYPE> required_mechanisms;
-  // Back-off between failed connects: doubles from initial up to max.
+  // Back-off between failed connects: doubles from initial up to max. The
+  // max bounds how long after a token answers again it is used again
+  // (750 ms: with the reconnect and reload, within a second).
   std::chrono::milliseconds backoff_initial{200};
-  std::chrono::milliseconds backoff_max{30000};
+  std::chrono::milliseconds backoff_max{750};
+  // Reconnect after a fault on a background thread (prober.h) instead of
+  // on the next Acquire. Off: Acquire reconnects once the back-off passed
+  // (tests whose recovery is driven by handshakes alone).
+  bool background_probe = true;
   // Idle sessions kept in the pool; more are closed on release.
   size_t max_idle_sessions = 16;
   // Who logs in: CKU_USER (servers, most CLI commands) or CKU_SO (installing
@@ -52,6 +63,15 @@ struct TokenOptions {
 };
 
 enum class TokenState : uint8_t { kDisconnected, kConnected, kBackoff };
+
+// What a token's health looks like from this process (Token::Health).
+struct TokenHealth {
+  bool up = false;                // connected now
+  std::string last_error;         // the last fault or failed connect ("")
+  int64_t since_success_ms = -1;  // since the last good lease (-1: never)
+  uint64_t faults = 0;            // connection faults seen
+  uint64_t probes = 0;            // background reconnect attempts
+};
 
 // A pooled session leased to one user. Returned to the pool on destruction
 // unless it saw a fault or was discarded. Movable, not copyable.
@@ -139,6 +159,13 @@ class Token final : public std::enable_shared_from_this<Token>,
   // Closes every session and forgets the login (tests, shutdown).
   void Disconnect();
 
+  // Health as seen by this process; no token round trip.
+  TokenHealth Health() const;
+  // True from a connection fault or failed connect until the next
+  // successful connect (lock-free: asked on every handshake by StoreSet).
+  // A token never used in this process (e.g. a forked worker) is not.
+  bool failing() const { return failing_.load(std::memory_order_relaxed); }
+
   // Fork participant: object_mu_ (rank kTokenObject) and mu_ (kTokenState)
   // are held across fork; the child forgets every session and handle of
   // the parent without closing them and starts a new generation, so its
@@ -165,6 +192,10 @@ class Token final : public std::enable_shared_from_this<Token>,
   void ReturnSession(CK_FUNCTION_LIST *fn, CK_SESSION_HANDLE h, uint64_t gen,
                      bool dead);
   Result<CK_SESSION_HANDLE> OpenSessionLocked();
+  // Asks the prober for a reconnect at `at` (mu_ held).
+  void ScheduleProbeLocked(std::chrono::steady_clock::time_point at);
+  // The prober's job: reconnects if due; returns when to try again.
+  std::optional<std::chrono::steady_clock::time_point> Probe();
 
   const TokenUri uri_;
   const TokenOptions options_;
@@ -204,7 +235,20 @@ class Token final : public std::enable_shared_from_this<Token>,
   // (its handle may name one of the child's sessions) nor counted.
   uint64_t first_own_generation_ = 0;
 
+  // A reconnect is the prober's job (guarded by mu_): set when a
+  // connected token faults or a probe was scheduled, cleared on connect.
+  bool probe_pending_ = false;
+  // Set while the prober connects: Acquire fails fast instead of waiting
+  // for mu_ behind a connect to a token that may not answer.
+  std::atomic<bool> probing_{false};
+  std::atomic<int64_t> last_success_ms_{-1};  // steady clock, ms
+  std::atomic<uint64_t> faults_{0};
+  std::atomic<bool> failing_{false};
+  std::string last_error_;  // guarded by mu_
+
   std::mutex object_mu_;  // serialises use of object_session_
+  // Last member: destroyed (its thread joined) before anything it uses.
+  std::unique_ptr<Prober> prober_;
 };
 
 template <typename Fn>

@@ -4,10 +4,12 @@
 #include <openssl/rand.h>
 
 #include <cstring>
+#include <ctime>
 #include <string>
 
 #include "common/barrier.h"
 #include "common/log.h"
+#include "common/log_limit.h"
 
 namespace hsmstek::provider::internal {
 
@@ -57,8 +59,12 @@ bool FinishTokenOp(const ProviderContext &prov, const TokenKeyRef &ref,
   if (mode == FailureMode::kSoft) {
     // Nothing on the error stack: the caller reports success with unusable
     // output, and libssl would treat a stray error as fatal.
-    log::Warning("hsmstek provider: " + status.message() +
-                 " (fail-soft: the ticket will be unusable)");
+    // Every handshake in flight when a token fails lands here: one line
+    // per cause a minute (the store logs the outage itself).
+    log::EmitLimited(log::Level::kWarning, "fail-soft " + log::CauseOf(status),
+                     "hsmstek provider: " + status.message() +
+                         " (fail-soft: the ticket will be unusable)",
+                     static_cast<int64_t>(std::time(nullptr)));
   } else {
     prov.RaiseError(reason, status.message(), site.func, site.file, site.line);
   }

@@ -52,7 +52,8 @@ void ReportNotRouted(TicketContext &context) {
 // Hands the token key handles to the provider's cipher and HMAC.
 // `armed_encrypt` (seal, may be null) is the pre-armed encryption whose IV
 // is `iv`.
-bool SetUpCipherAndMac(TicketContext &context, const keystore::TicketKeys &keys,
+bool SetUpCipherAndMac(TicketContext &context, const keystore::KeyStore &store,
+                       const keystore::TicketKeys &keys,
                        const unsigned char iv[16], EVP_CIPHER_CTX *cipher_ctx,
                        EVP_MAC_CTX *mac_ctx, bool encrypt,
                        std::shared_ptr<provider::ArmedOp> armed_encrypt) {
@@ -61,7 +62,8 @@ bool SetUpCipherAndMac(TicketContext &context, const keystore::TicketKeys &keys,
     log::Error("hsmstek: " + cipher.status().message());
     return false;
   }
-  const std::shared_ptr<p11::Token> &token = context.store->token();
+  // The handles belong to the token of the member that produced them.
+  const std::shared_ptr<p11::Token> &token = store.token();
   provider::TokenKeyRef aes{provider::TokenKeyRef::kMagic,
                             token,
                             keys.aes,
@@ -119,26 +121,35 @@ void CapLifetime(SSL *ssl, int64_t decrypt_window_s) {
 int Seal(SSL *ssl, TicketContext &context, unsigned char key_name[16],
          unsigned char iv[16], EVP_CIPHER_CTX *cipher_ctx,
          EVP_MAC_CTX *mac_ctx) {
-  Result<keystore::TicketKeys> keys = context.store->KeysForEncrypt();
+  const std::shared_ptr<keystore::KeyStore> store = context.stores->Active();
+  Result<keystore::TicketKeys> keys = store->KeysForEncrypt();
   if (!keys.ok()) {
     // Token trouble is every failure that came from the token (any CKR,
     // e.g. CKR_FUNCTION_FAILED from C_DeriveKey, maps to kInternal), not
     // only connection faults; "no active master" is not.
-    if (keys.status().code() == ErrorCode::kUnavailable ||
-        keys.status().ckr() != 0) {
+    // A token that cannot be found or logged into is token trouble too.
+    const ErrorCode code = keys.status().code();
+    if (code == ErrorCode::kUnavailable || code == ErrorCode::kNotFound ||
+        code == ErrorCode::kPermissionDenied || keys.status().ckr() != 0) {
       context.stats->TokenError();
+      // Logged as an outage (start, once a minute, end), not per handshake.
+      context.stores->Served(*store, /*token_trouble=*/true,
+                             keys.status().message());
+      return kNoTicket;
     }
     // Remote clients drive this path: one message per cause a minute.
     log::EmitLimited(log::Level::kWarning,
                      "seal " + log::CauseOf(keys.status()),
                      "hsmstek: no ticket issued: " + keys.status().message(),
-                     context.store->clock().NowUnix());
+                     store->clock().NowUnix());
     return kNoTicket;
   }
+  context.stores->Served(*store, /*token_trouble=*/false, {});
   // A pre-armed encryption brings its own IV (drawn when it was armed, used
-  // for this ticket only); without one the IV is drawn now.
+  // for this ticket only); without one the IV is drawn now. The pool works
+  // on the preferred member's token only.
   std::shared_ptr<provider::ArmedOp> armed;
-  if (context.armed != nullptr) {
+  if (context.armed != nullptr && store == context.store) {
     context.armed->SetCurrent(keys->aes, keys->hmac, keys->generation);
     std::optional<provider::ArmedOp> op = context.armed->Take(
         provider::ArmedKind::kEncrypt, keys->aes, keys->generation);
@@ -151,7 +162,7 @@ int Seal(SSL *ssl, TicketContext &context, unsigned char key_name[16],
   }
   std::memcpy(key_name, keys->name.bytes.data(), 16);
   context.stats->BeginSeal();
-  if (!SetUpCipherAndMac(context, *keys, iv, cipher_ctx, mac_ctx, true,
+  if (!SetUpCipherAndMac(context, *store, *keys, iv, cipher_ctx, mac_ctx, true,
                          std::move(armed))) {
     return kNoTicket;
   }
@@ -164,7 +175,8 @@ int Open(SSL *ssl, TicketContext &context, const unsigned char key_name[16],
          EVP_MAC_CTX *mac_ctx) {
   keystore::KeyName name;
   std::memcpy(name.bytes.data(), key_name, 16);
-  keystore::DecryptLookup lookup = context.store->KeysForDecrypt(name);
+  const std::shared_ptr<keystore::KeyStore> store = context.stores->Active();
+  keystore::DecryptLookup lookup = store->KeysForDecrypt(name);
   int result;
   switch (lookup.verdict) {
     case keystore::DecryptVerdict::kCurrent:
@@ -187,13 +199,13 @@ int Open(SSL *ssl, TicketContext &context, const unsigned char key_name[16],
     case keystore::DecryptVerdict::kUnavailable:
     default:
       context.stats->TokenError();
-      log::EmitLimited(
-          log::Level::kWarning, "open " + log::CauseOf(lookup.error),
-          "hsmstek: ticket not accepted: " + lookup.error.message(),
-          context.store->clock().NowUnix());
+      // Logged as an outage (start, once a minute, end), not per handshake.
+      context.stores->Served(*store, /*token_trouble=*/true,
+                             lookup.error.message(), /*seal=*/false);
       return kNoTicket;
   }
-  if (context.armed != nullptr &&
+  context.stores->Served(*store, /*token_trouble=*/false, {});
+  if (context.armed != nullptr && store == context.store &&
       lookup.verdict == keystore::DecryptVerdict::kCurrent) {
     // Keeps the pool on the current epoch with opens only (TLS 1.2
     // resumptions seal nothing).
@@ -201,8 +213,8 @@ int Open(SSL *ssl, TicketContext &context, const unsigned char key_name[16],
                               lookup.keys.generation);
   }
   context.stats->BeginOpen(result == kTicketRenew);
-  if (!SetUpCipherAndMac(context, lookup.keys, iv, cipher_ctx, mac_ctx, false,
-                         nullptr)) {
+  if (!SetUpCipherAndMac(context, *store, lookup.keys, iv, cipher_ctx, mac_ctx,
+                         false, nullptr)) {
     return kNoTicket;
   }
   return result;
@@ -253,8 +265,16 @@ int GuardedTicketKeyCallback(SSL *ssl, unsigned char key_name[16],
 
 Status InstallTicketCallback(SSL_CTX *ctx,
                              std::shared_ptr<TicketContext> context) {
-  if (ctx == nullptr || !context || !context->store || !context->stats) {
+  if (ctx == nullptr || !context || !context->stats ||
+      (!context->store && !context->stores)) {
     return InvalidArgument("InstallTicketCallback: null argument");
+  }
+  if (!context->store) context->store = context->stores->primary();
+  if (!context->stores) {
+    Result<std::shared_ptr<keystore::StoreSet>> one =
+        keystore::StoreSet::Of({context->store});
+    if (!one.ok()) return one.status();
+    context->stores = std::move(*one);
   }
   if (context->options.prearm && context->armed == nullptr) {
     context->armed =

@@ -17,6 +17,7 @@
 
 #include "common/status.h"
 #include "keystore/store.h"
+#include "keystore/store_set.h"
 #include "provider/armed_pool.h"
 #include "tls/stats.h"
 
@@ -40,7 +41,12 @@ struct TicketOptions {
 // What one SSL_CTX's callback works with. Owned by the SSL_CTX (ex_data)
 // through a shared_ptr, so the store outlives every context using it.
 struct TicketContext {
+  // The preferred store; with `stores` unset, the only one.
   std::shared_ptr<keystore::KeyStore> store;
+  // Every token of the store, for failover (keystore/store_set.h); each
+  // handshake uses the member stores->Active() picks. InstallTicketCallback
+  // sets a one-member set around `store` when unset.
+  std::shared_ptr<keystore::StoreSet> stores;
   std::shared_ptr<TicketStats> stats;
   TicketOptions options;
   // Shared by the contexts of one store; InstallTicketCallback creates one

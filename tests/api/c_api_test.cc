@@ -264,3 +264,42 @@ TEST_F(CApiTest, CppWrapperOwnsTheStoreAndReportsErrors) {
 
 }  // namespace
 }  // namespace hsmstek::testing
+
+namespace hsmstek::testing {
+namespace {
+
+// hsmstek_store_open_tokens: argument checks, and the health of a store's
+// token before and after it connects (one token here; failover between
+// two is tested in tests/faults/failover_test.cc).
+TEST_F(CApiTest, OpenTokensAndTokenHealth) {
+  hsmstek_store *store = reinterpret_cast<hsmstek_store *>(1);
+  EXPECT_EQ(hsmstek_store_open_tokens(nullptr, 1, &store),
+            HSMSTEK_ERR_INVALID_ARGUMENT);
+  EXPECT_EQ(store, nullptr);
+  const std::string uri = SoftHsm::Get().Uri("capi", "web");
+  const char *uris[] = {uri.c_str()};
+  EXPECT_EQ(hsmstek_store_open_tokens(uris, 0, &store),
+            HSMSTEK_ERR_INVALID_ARGUMENT);
+  ASSERT_EQ(hsmstek_store_open_tokens(uris, 1, &store), HSMSTEK_OK)
+      << hsmstek_last_error();
+  EXPECT_EQ(hsmstek_store_token_count(store), 1u);
+  hsmstek_token_health h{};
+  EXPECT_EQ(hsmstek_store_token_health(store, 1, &h, sizeof(h)),
+            HSMSTEK_ERR_INVALID_ARGUMENT);
+  ASSERT_EQ(hsmstek_store_token_health(store, 0, &h, sizeof(h)), HSMSTEK_OK);
+  EXPECT_EQ(h.up, 0);  // lazy: not connected before first use
+  EXPECT_EQ(h.ms_since_success, -1);
+  ASSERT_EQ(hsmstek_store_check(store), HSMSTEK_OK) << hsmstek_last_error();
+  ASSERT_EQ(hsmstek_store_token_health(store, 0, &h, sizeof(h)), HSMSTEK_OK);
+  EXPECT_EQ(h.up, 1);
+  EXPECT_EQ(h.active, 1);
+  EXPECT_EQ(h.verified, 1);
+  EXPECT_GE(h.ms_since_success, 0);
+  EXPECT_EQ(h.failovers, 0u);
+  EXPECT_NE(std::string(h.token).find("capi"), std::string::npos) << h.token;
+  EXPECT_EQ(hsmstek_store_token_count(nullptr), 0u);
+  hsmstek_store_close(store);
+}
+
+}  // namespace
+}  // namespace hsmstek::testing

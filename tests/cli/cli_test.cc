@@ -1327,6 +1327,20 @@ TEST_F(CliTest, ExportImportWithRsaOaepBetweenTwoTokens) {
             std::string::npos)
       << again.err;
   EXPECT_EQ(CountTokenObjects(kRecv), objects);
+
+  // Both tokens as one store (status --token): the replica is verified,
+  // each token's health shown.
+  RunResult both = Cli({"status", "--json", Uri(kSend, "fleet"), "--token",
+                        Uri(kRecv, "fleet")});
+  ASSERT_EQ(both.code, 0) << Describe(both);
+  Json j = Json::parse(both.out, nullptr, /*allow_exceptions=*/false);
+  ASSERT_TRUE(j.is_object()) << both.out;
+  ASSERT_EQ(j["tokens"].size(), 2u) << both.out;
+  EXPECT_EQ(j["tokens"][0]["up"], true);
+  EXPECT_EQ(j["tokens"][1]["up"], true);
+  EXPECT_EQ(j["tokens"][1]["verified"], true);
+  EXPECT_EQ(j["tokens"][1]["failovers"], 0);
+  EXPECT_TRUE(j["tokens_error"].is_null()) << both.out;
 }
 
 TEST_F(CliTest, ExportImportWithAesKeyWrapPadBetweenTwoTokens) {

@@ -49,6 +49,9 @@ std::shared_ptr<keystore::KeyStore> FaultTest::OpenStore(
   options.background_maintenance = false;
   options.token.backoff_initial = std::chrono::milliseconds(0);
   options.token.backoff_max = std::chrono::milliseconds(0);
+  // Recovery driven by handshakes alone (no prober thread), as these
+  // tests count the calls of each handshake.
+  options.token.background_probe = false;
   auto store =
       keystore::KeyStore::Open(SoftHsm::Get().Uri(kFaultToken, label), options);
   EXPECT_TRUE(store.ok()) << store.status().message();

@@ -154,8 +154,9 @@ TEST_F(LockdownTest, AFailedReloadBacksOff) {
   int warnings = 0;
   log::SetSink(
       [](int level, const char *msg, void *arg) {
+        // Token trouble is logged as an outage (common/outage_log.h).
         if (level == static_cast<int>(log::Level::kWarning) &&
-            std::string_view(msg).find("no ticket issued") !=
+            std::string_view(msg).find("token outage") !=
                 std::string_view::npos) {
           ++*static_cast<int *>(arg);
         }

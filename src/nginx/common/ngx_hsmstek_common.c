@@ -158,7 +158,7 @@ char *ngx_hsmstek_store_directive(ngx_conf_t *cf, ngx_command_t *cmd,
   ngx_hsmstek_main_conf_t *mcf = conf;
   ngx_str_t *value = cf->args->elts;
 
-  if (cf->args->nelts > 5) {
+  if (cf->args->nelts > 3 + NGX_HSMSTEK_MAX_TOKENS + 1) {
     ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
                        "invalid number of arguments in \"%V\" directive",
                        &cmd->name);
@@ -187,21 +187,38 @@ char *ngx_hsmstek_store_directive(ngx_conf_t *cf, ngx_command_t *cmd,
     }
   }
 
-  ngx_uint_t pin_value;
-  const char *why = ngx_hsmstek_check_uri(&value[2], &pin_value);
-  if (why != NULL) {
+  /* The URIs: value[2] and every following argument that starts with
+   * "pkcs11:" (options never do). */
+  ngx_uint_t nuris = 0;
+  while (2 + nuris < cf->args->nelts && value[2 + nuris].len >= 7 &&
+         ngx_strncmp(value[2 + nuris].data, "pkcs11:", 7) == 0) {
+    nuris++;
+  }
+  if (nuris == 0) nuris = 1; /* value[2] is checked (and refused) below */
+  if (nuris > NGX_HSMSTEK_MAX_TOKENS) {
     ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                       "invalid PKCS#11 URI of hsmstek store \"%V\" in \"%V\" "
-                       "directive: %s",
-                       name, &cmd->name, why);
+                       "hsmstek store \"%V\" names more than %d tokens", name,
+                       NGX_HSMSTEK_MAX_TOKENS);
     return NGX_CONF_ERROR;
   }
-  if (pin_value) {
-    ngx_conf_log_error(NGX_LOG_WARN, cf, 0,
-                       "the PKCS#11 URI of hsmstek store \"%V\" carries a "
-                       "\"pin-value\": anyone who can read the configuration "
-                       "learns the PIN; prefer \"pin-source\" or HSMSTEK_PIN",
-                       name);
+  for (ngx_uint_t u = 0; u < nuris; u++) {
+    ngx_uint_t pin_value;
+    const char *why = ngx_hsmstek_check_uri(&value[2 + u], &pin_value);
+    if (why != NULL) {
+      ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                         "invalid PKCS#11 URI of hsmstek store \"%V\" in "
+                         "\"%V\" directive: %s",
+                         name, &cmd->name, why);
+      return NGX_CONF_ERROR;
+    }
+    if (pin_value) {
+      ngx_conf_log_error(NGX_LOG_WARN, cf, 0,
+                         "the PKCS#11 URI of hsmstek store \"%V\" carries a "
+                         "\"pin-value\": anyone who can read the "
+                         "configuration learns the PIN; prefer "
+                         "\"pin-source\" or HSMSTEK_PIN",
+                         name);
+    }
   }
 
   ngx_hsmstek_store_conf_t *store = ngx_array_push(&mcf->stores);
@@ -210,21 +227,28 @@ char *ngx_hsmstek_store_directive(ngx_conf_t *cf, ngx_command_t *cmd,
   }
   ngx_memzero(store, sizeof(*store));
   store->name = *name;
-  /* hsmstek_store_open takes a C string. */
-  store->uri.data = ngx_pnalloc(cf->pool, value[2].len + 1);
-  if (store->uri.data == NULL) {
-    return NGX_CONF_ERROR;
+  /* hsmstek_store_open_tokens takes C strings. */
+  for (ngx_uint_t u = 0; u < nuris; u++) {
+    u_char *copy = ngx_pnalloc(cf->pool, value[2 + u].len + 1);
+    if (copy == NULL) {
+      return NGX_CONF_ERROR;
+    }
+    ngx_memcpy(copy, value[2 + u].data, value[2 + u].len);
+    copy[value[2 + u].len] = '\0';
+    store->uris[u] = (const char *)copy;
+    if (u == 0) {
+      store->uri.data = copy;
+      store->uri.len = value[2].len;
+    }
   }
-  store->uri.len = value[2].len;
-  ngx_memcpy(store->uri.data, value[2].data, value[2].len);
-  store->uri.data[value[2].len] = '\0';
+  store->nuris = nuris;
   store->clock_skew = NGX_CONF_UNSET;
   store->tls13_renew = NGX_CONF_UNSET;
   store->file = cf->conf_file->file.name.data;
   store->line = cf->conf_file->line;
   store->store = NULL;
 
-  for (ngx_uint_t i = 3; i < cf->args->nelts; i++) {
+  for (ngx_uint_t i = 2 + nuris; i < cf->args->nelts; i++) {
     if (ngx_hsmstek_store_option(cf, store, &value[i]) != NGX_CONF_OK) {
       return NGX_CONF_ERROR;
     }
@@ -466,7 +490,7 @@ static void ngx_hsmstek_open_store(ngx_cycle_t *cycle,
                                    ngx_hsmstek_main_conf_t *mcf,
                                    ngx_hsmstek_store_conf_t *sc) {
   hsmstek_store *store = NULL;
-  if (hsmstek_store_open((const char *)sc->uri.data, &store) != HSMSTEK_OK) {
+  if (hsmstek_store_open_tokens(sc->uris, sc->nuris, &store) != HSMSTEK_OK) {
     ngx_log_error(NGX_LOG_ERR, cycle->log, 0,
                   "hsmstek: cannot open %s store \"%V\" defined in %s:%ui: "
                   "%s; its servers issue no session tickets",

@@ -26,9 +26,15 @@
 #define NGX_HSMSTEK_MAX_NAME 64
 
 /* One hsmstek_store directive. */
+/* Tokens one store may name (the preferred one first, then failovers). */
+#define NGX_HSMSTEK_MAX_TOKENS 8
+
 typedef struct {
   ngx_str_t name;
-  ngx_str_t uri;         /* NUL-terminated; may hold a PIN: never logged */
+  ngx_str_t uri; /* NUL-terminated; may hold a PIN: never logged */
+  /* Every token URI (uris[0] == uri.data), NUL-terminated. */
+  const char *uris[NGX_HSMSTEK_MAX_TOKENS];
+  ngx_uint_t nuris;
   ngx_int_t clock_skew;  /* seconds; NGX_CONF_UNSET: library default */
   ngx_int_t tls13_renew; /* 0/1; NGX_CONF_UNSET: library default */
   u_char *file;          /* where the directive is, for messages */
@@ -72,10 +78,14 @@ NGX_HSMSTEK_LOCAL ngx_int_t ngx_hsmstek_init_main_conf(
     ngx_conf_t *cf, ngx_hsmstek_main_conf_t *mcf, const char *module);
 
 /* ngx_hsmstek_store_directive handles
- * "hsmstek_store <name> <pkcs11-uri> [clock_skew=<time>]
- * [tls13_renew=on|off]". |conf| is an ngx_hsmstek_main_conf_t. It validates
- * the name, rejects duplicates and checks only the URI's shape (starts with
- * "pkcs11:", has a non-empty object attribute): no PKCS#11 call. */
+ * "hsmstek_store <name> <pkcs11-uri> [<pkcs11-uri> ...] [clock_skew=<time>]
+ * [tls13_renew=on|off]": up to NGX_HSMSTEK_MAX_TOKENS URIs of tokens that
+ * hold the same masters (the first preferred, the others used while it is
+ * out; hsmstek_store_open_tokens). |conf| is an ngx_hsmstek_main_conf_t. It
+ * validates the name, rejects duplicates and checks only each URI's shape
+ * (starts with "pkcs11:", has a non-empty object attribute): no PKCS#11
+ * call. The library refuses URIs naming different labels when the store
+ * opens, and tokens with different masters at its check. */
 NGX_HSMSTEK_LOCAL char *ngx_hsmstek_store_directive(ngx_conf_t *cf,
                                                     ngx_command_t *cmd,
                                                     void *conf);

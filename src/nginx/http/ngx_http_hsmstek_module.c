@@ -532,6 +532,91 @@ typedef struct {
   hsmstek_store *store;
 } ngx_http_hsmstek_row_t;
 
+/* ngx_http_hsmstek_health writes the token health families (one sample
+ * per token of each open store, token="1" the preferred one) into
+ * [p, end) and returns the new end of the text. */
+static u_char *ngx_http_hsmstek_health(u_char *p, u_char *end,
+                                       const ngx_http_hsmstek_row_t *stores,
+                                       ngx_uint_t n) {
+  static const struct {
+    const char *name, *type, *help;
+  } families[] = {
+      {"hsmstek_token_up", "gauge",
+       "1 if the token is connected in this worker."},
+      {"hsmstek_token_active", "gauge",
+       "1 for the token this worker's handshakes use now."},
+      {"hsmstek_token_verified", "gauge",
+       "1 if the token was checked to hold the store's masters."},
+      {"hsmstek_token_seconds_since_success", "gauge",
+       "Seconds since the token was last used successfully (-1: never)."},
+      {"hsmstek_token_failovers_total", "counter",
+       "Times this worker's handshakes moved away from the token."},
+      {"hsmstek_token_last_error_info", "gauge",
+       "The token's last fault or failed connect (1 while there is one)."},
+  };
+  for (size_t f = 0; f < sizeof(families) / sizeof(families[0]); f++) {
+    p = ngx_slprintf(p, end, "# HELP %s %s\n# TYPE %s %s\n", families[f].name,
+                     families[f].help, families[f].name, families[f].type);
+    for (ngx_uint_t i = 0; i < n; i++) {
+      if (stores[i].store == NULL) {
+        continue;
+      }
+      size_t count = hsmstek_store_token_count(stores[i].store);
+      for (size_t t = 0; t < count && t < NGX_HSMSTEK_MAX_TOKENS; t++) {
+        hsmstek_token_health h;
+        if (hsmstek_store_token_health(stores[i].store, t, &h, sizeof(h)) !=
+            HSMSTEK_OK) {
+          continue;
+        }
+        if (f == 5 && h.last_error[0] == '\0') {
+          continue;
+        }
+        p = ngx_slprintf(p, end, "%s{store=\"%V\",token=\"%uz\"",
+                         families[f].name, &stores[i].label, t + 1);
+        switch (f) {
+          case 0:
+            p = ngx_slprintf(p, end, "} %d\n", h.up);
+            break;
+          case 1:
+            p = ngx_slprintf(p, end, "} %d\n", h.active);
+            break;
+          case 2:
+            p = ngx_slprintf(p, end, "} %d\n", h.verified);
+            break;
+          case 3:
+            if (h.ms_since_success < 0) {
+              p = ngx_slprintf(p, end, "} -1\n");
+            } else {
+              p = ngx_slprintf(p, end, "} %L.%03L\n", h.ms_since_success / 1000,
+                               h.ms_since_success % 1000);
+            }
+            break;
+          case 4:
+            p = ngx_slprintf(p, end, "} %uL\n", h.failovers);
+            break;
+          default:
+            /* Label value escaping of the text format: \\, \" and \n. */
+            p = ngx_slprintf(p, end, ",error=\"");
+            for (const char *c = h.last_error; *c != '\0' && p + 2 < end; c++) {
+              if (*c == '"' || *c == '\\') {
+                *p++ = '\\';
+                *p++ = (u_char)*c;
+              } else if (*c == '\n') {
+                *p++ = '\\';
+                *p++ = 'n';
+              } else {
+                *p++ = (u_char)*c;
+              }
+            }
+            p = ngx_slprintf(p, end, "\"} 1\n");
+            break;
+        }
+      }
+    }
+  }
+  return p;
+}
+
 static ngx_int_t ngx_http_hsmstek_status_handler(ngx_http_request_t *r) {
   if (!(r->method & (NGX_HTTP_GET | NGX_HTTP_HEAD))) {
     return NGX_HTTP_NOT_ALLOWED;
@@ -590,7 +675,12 @@ static ngx_int_t ngx_http_hsmstek_status_handler(ngx_http_request_t *r) {
             HSMSTEK_OK;
   }
 
-  size_t size = 256 + n * NGX_HSMSTEK_SAMPLE_EXTRA * 2;
+  /* Token health: 6 families of at most NGX_HSMSTEK_MAX_TOKENS samples
+   * per store, the last error escaped (at most doubled). */
+  size_t size = 256 + n * NGX_HSMSTEK_SAMPLE_EXTRA * 2 + 6 * 160 +
+                n * NGX_HSMSTEK_MAX_TOKENS *
+                    (6 * NGX_HSMSTEK_SAMPLE_EXTRA +
+                     2 * sizeof(((hsmstek_token_health *)0)->last_error));
   for (size_t m = 0; m < sizeof(ngx_http_hsmstek_metrics) /
                              sizeof(ngx_http_hsmstek_metrics[0]);
        m++) {
@@ -647,6 +737,7 @@ static ngx_int_t ngx_http_hsmstek_status_handler(ngx_http_request_t *r) {
       }
     }
   }
+  p = ngx_http_hsmstek_health(p, end, stores, n);
   b->last = p;
   b->last_buf = (r == r->main) ? 1 : 0;
   b->last_in_chain = 1;

@@ -1,0 +1,143 @@
+// A token outage seen by one store (issue 15): recovery within a second of
+// the token answering again however long the outage lasted (a background
+// prober reconnects, capped at ~1 s between probes), and a bounded error
+// log (a line when the outage starts, one a minute, one when it ends).
+// Real time for the token (the prober's back-off), a fake clock moved
+// along for the store (epochs, outage durations: 15 store seconds per real
+// second, so a 10 s outage spans 150 store seconds and two minute lines).
+#include <openssl/ssl.h>
+
+#include <chrono>
+#include <cstdlib>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "common/log.h"
+#include "fault_fixture.h"
+
+namespace hsmstek::testing {
+namespace {
+
+using std::chrono::steady_clock;
+
+struct CapturedLog {
+  std::mutex mu;
+  std::vector<std::string> lines;
+};
+
+// What reaches an error log at its default level (nginx: "error" and
+// above; we count warnings and info too, not debug).
+void Capture(int level, const char *msg, void *arg) {
+  if (level > static_cast<int>(log::Level::kInfo)) return;
+  auto *log = static_cast<CapturedLog *>(arg);
+  std::lock_guard<std::mutex> lock(log->mu);
+  log->lines.emplace_back(msg);
+}
+
+size_t CountContaining(const std::vector<std::string> &lines,
+                       std::string_view what) {
+  size_t n = 0;
+  for (const std::string &l : lines) n += l.find(what) != std::string::npos;
+  return n;
+}
+
+class OutageTest : public FaultTest {
+ protected:
+  static void SetUpTestSuite() { EnsureFaultStore("outage"); }
+  void TearDown() override {
+    log::SetSink(nullptr, nullptr);
+    FaultTest::TearDown();
+  }
+};
+
+TEST_F(OutageTest, ResumesWithinASecondOfReinsertionWithABoundedLog) {
+  keystore::StoreOptions options;
+  options.clock = &clock_;
+  options.background_maintenance = false;
+  // Default token options: back-off 200 ms doubling to 1 s, prober on.
+  auto store = keystore::KeyStore::Open(
+      SoftHsm::Get().Uri(kFaultToken, "outage"), options);
+  ASSERT_TRUE(store.ok()) << store.status().message();
+  auto context = ContextFor(*store);
+  auto server = ServerCtx(context, TLS1_3_VERSION);
+  auto client = NewClientCtx(TLS1_3_VERSION);
+
+  HandshakeResult first = Handshake(client.get(), server.get());
+  ASSERT_TRUE(first.ok) << first.error;
+  UniqueSslSession ticket = Reoffer(first.session.get());
+  ASSERT_TRUE(ticket);
+  HandshakeResult warm =
+      Handshake(client.get(), server.get(), Reoffer(ticket.get()).get());
+  ASSERT_TRUE(warm.reused);
+
+  CapturedLog log;
+  log::SetSink(Capture, &log);
+  SetRules("remove\n");
+  const auto removed = steady_clock::now();
+  auto store_time = [&] {
+    const auto real = std::chrono::duration_cast<std::chrono::milliseconds>(
+        steady_clock::now() - removed);
+    clock_.Set(kStart + real.count() * 15 / 1000);
+  };
+  // Ten seconds out, under load (a handshake every ~10 ms): every one
+  // completes, none resumes.
+  int during = 0;
+  while (steady_clock::now() - removed < std::chrono::seconds(10)) {
+    store_time();
+    HandshakeResult r =
+        Handshake(client.get(), server.get(), Reoffer(ticket.get()).get());
+    ASSERT_TRUE(r.ok) << r.error;
+    EXPECT_FALSE(r.reused);
+    ++during;
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  SetRules("insert\n");
+  const auto inserted = steady_clock::now();
+  bool resumed = false;
+  while (!resumed && steady_clock::now() - inserted < std::chrono::seconds(5)) {
+    store_time();
+    HandshakeResult r =
+        Handshake(client.get(), server.get(), Reoffer(ticket.get()).get());
+    ASSERT_TRUE(r.ok) << r.error;
+    resumed = r.reused;
+    if (!resumed) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  const auto back = std::chrono::duration_cast<std::chrono::milliseconds>(
+      steady_clock::now() - inserted);
+  log::SetSink(nullptr, nullptr);
+  ASSERT_TRUE(resumed) << "no resumption within 5 s of re-insertion";
+  // The prober's interval is capped at 1 s; the handshake after it
+  // reconnects reloads the store (a few ms with SoftHSM).
+  EXPECT_LE(back.count(), 1000)
+      << "first resumption " << back.count() << " ms after re-insertion";
+  std::printf(
+      "[ outage   ] %d handshakes during a 10 s outage; resumption "
+      "back %lld ms after re-insertion\n",
+      during, static_cast<long long>(back.count()));
+
+  std::lock_guard<std::mutex> lock(log.mu);
+  for (const std::string &l : log.lines)
+    std::printf("[ log      ] %s\n", l.c_str());
+  EXPECT_EQ(CountContaining(log.lines, "token outage:"), 1u);
+  // 150 store seconds: one line a minute while it lasts.
+  EXPECT_EQ(CountContaining(log.lines, "token outage continues"), 2u);
+  ASSERT_EQ(CountContaining(log.lines, "token outage over after "), 1u);
+  for (const std::string &l : log.lines) {
+    const size_t at = l.find("token outage over after ");
+    if (at == std::string::npos) continue;
+    // 10 s out at 15 store seconds per second, plus the recovery.
+    const long duration = std::strtol(l.c_str() + at + 24, nullptr, 10);
+    EXPECT_GE(duration, 150);
+    EXPECT_LE(duration, 170);
+  }
+  // Everything else: the fault, the first failed reconnect (each distinct
+  // message once), fail-soft in flight, the reconnect. Not one per probe
+  // (~10) nor per handshake (hundreds).
+  EXPECT_LE(log.lines.size(), 10u);
+  EXPECT_GT(during, 100);
+}
+
+}  // namespace
+}  // namespace hsmstek::testing
