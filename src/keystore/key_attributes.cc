@@ -55,6 +55,12 @@ const KindRule &RuleOf(KeyKind kind) {
       .template_length = 32,
       .lengths = {32},
       .on = {HSMSTEK_FLAG(CKA_SIGN), HSMSTEK_FLAG(CKA_VERIFY)}};
+  static const KindRule kNameKey{.key_type = CKK_GENERIC_SECRET,
+                                 .token = false,
+                                 .modifiable_false = false,
+                                 .template_length = 32,
+                                 .lengths = {32},
+                                 .on = {HSMSTEK_FLAG(CKA_SIGN)}};
   // Never encrypts: new tickets are sealed under epoch keys only.
   static const KindRule kLegacyAes{.key_type = CKK_AES,
                                    .token = true,
@@ -79,6 +85,8 @@ const KindRule &RuleOf(KeyKind kind) {
       return kEpochMac;
     case KeyKind::kLegacyAes:
       return kLegacyAes;
+    case KeyKind::kNameKey:
+      return kNameKey;
     case KeyKind::kLegacyMac:
     default:
       return kLegacyMac;
@@ -161,6 +169,7 @@ std::span<const CK_MECHANISM_TYPE> AllowedMechanisms(KeyKind kind) {
       return kTicketAesMechanisms;
     case KeyKind::kEpochMac:
     case KeyKind::kLegacyMac:
+    case KeyKind::kNameKey:
     default:
       return kTicketMacMechanisms;
   }
