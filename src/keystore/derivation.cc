@@ -98,6 +98,7 @@ Result<CK_OBJECT_HANDLE> DeriveLink(p11::Session &session,
   spec.label = label;
   spec.id = id;
   spec.replicable = replicable;
+  spec.for_derive = true;
   Result<CreatedKey> key = CreateKey(
       spec,
       [&](p11::Template &t, CK_OBJECT_HANDLE *out) {

@@ -207,7 +207,9 @@ p11::Template KeyTemplate(const KeySpec &spec, unsigned lockdown) {
       .Bool(CKA_SENSITIVE, true)
       .Bool(CKA_EXTRACTABLE, master && spec.replicable);
   for (const Flag &f : kUsages) t.Bool(f.type, IsOn(rule, f.type));
-  if (rule.modifiable_false && !spec.for_unwrap) t.Bool(CKA_MODIFIABLE, false);
+  if (rule.modifiable_false && !spec.for_unwrap && !spec.for_derive) {
+    t.Bool(CKA_MODIFIABLE, false);
+  }
   if (!spec.label.empty()) t.String(CKA_LABEL, spec.label);
   if (!spec.id.empty()) t.Data(CKA_ID, spec.id);
   if (master && spec.replicable) t.Bool(CKA_WRAP_WITH_TRUSTED, true);

@@ -84,6 +84,9 @@ struct KeySpec {
   // C_UnwrapKey takes the length from the wrapped value and (SoftHSM)
   // refuses CKA_MODIFIABLE: leave both out.
   bool for_unwrap = false;
+  // SoftHSM refuses CKA_MODIFIABLE in a C_DeriveKey template
+  // (CKR_ATTRIBUTE_READ_ONLY): ratchet links leave it out.
+  bool for_derive = false;
 };
 
 // KeyTemplate returns the template of `spec` with the lock-down attributes

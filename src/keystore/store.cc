@@ -670,21 +670,41 @@ bool KeyStore::RatchetLocked(const View &view, const Master &m,
   if (!keep_from) return changed;
   // The highest link is never destroyed: the chain continues from it.
   const uint64_t destroy_below = std::min(*keep_from, top);
-  std::vector<CK_OBJECT_HANDLE> doomed;
+  std::set<uint64_t> doomed;
   for (const auto &[j, h] : m.links) {
-    if (j < destroy_below) doomed.push_back(h);
+    if (j < destroy_below) doomed.insert(j);
   }
   for (const auto &[j, h] : m.duplicate_links) {
-    if (j < destroy_below) doomed.push_back(h);
+    if (j < destroy_below) doomed.insert(j);
   }
-  for (CK_OBJECT_HANDLE h : doomed) {
-    Status s = P11_CALL(*session, C_DestroyObject, session->handle(), h);
-    // Several servers destroy the same links: already gone is done.
-    if (s.ok()) {
-      links_destroyed_.fetch_add(1);
-    } else if (s.ckr() != CKR_OBJECT_HANDLE_INVALID && error->ok()) {
-      *error = s.WithContext("destroying an old ratchet link of master " +
-                             HexEncode(m.id));
+  for (uint64_t j : doomed) {
+    // Found again right before: another server may have destroyed it since
+    // this view was loaded, and a stale handle reads as a lost token.
+    const LinkId link_id = MakeLinkId(m.id, j);
+    p11::Template find;
+    find.Ulong(CKA_CLASS, CKO_SECRET_KEY)
+        .Ulong(CKA_KEY_TYPE, CKK_AES)
+        .String(CKA_LABEL, label_);
+    if (j == 0) {
+      find.Data(CKA_ID, m.id);
+    } else {
+      find.Data(CKA_ID, link_id);
+    }
+    Result<std::vector<CK_OBJECT_HANDLE>> found =
+        p11::FindObjects(*session, find);
+    if (!found.ok()) {
+      if (error->ok()) *error = found.status();
+      return changed;
+    }
+    for (CK_OBJECT_HANDLE h : *found) {
+      Status s = P11_CALL(*session, C_DestroyObject, session->handle(), h);
+      // Several servers destroy the same links: already gone is done.
+      if (s.ok()) {
+        links_destroyed_.fetch_add(1);
+      } else if (s.ckr() != CKR_OBJECT_HANDLE_INVALID && error->ok()) {
+        *error = s.WithContext("destroying an old ratchet link of master " +
+                               HexEncode(m.id));
+      }
     }
     changed = true;
   }

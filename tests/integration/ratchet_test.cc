@@ -10,6 +10,7 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 
+#include "common/log.h"
 #include "keystore/derivation.h"
 #include "keystore/provisioning.h"
 #include "keystore/store.h"
@@ -59,6 +60,10 @@ struct Ticket {
 class RatchetTest : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
+    // Maintenance reports its errors through the log: show them.
+    log::SetSink(
+        [](int, const char *msg, void *) { fprintf(stderr, "log: %s\n", msg); },
+        nullptr);
     for (const char *t : {"rt-a", "rt-b", "rt-c"}) {
       SoftHsm::Get().CreateToken(t);
     }
