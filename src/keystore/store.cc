@@ -115,7 +115,11 @@ Status KeyStore::Load() {
   // happen in the background, not only when a handshake comes by.
   EnsureMaintenanceThread();
   Result<std::shared_ptr<const View>> view = CurrentView(/*force_reload=*/true);
-  return view.status();
+  if (!view.ok()) return view.status();
+  // One maintenance pass now: the ratchet catches up and the name table is
+  // filled before the first handshake (a decryption never computes names).
+  Maintain();
+  return Status::Ok();
 }
 
 Result<std::shared_ptr<const KeyStore::View>> KeyStore::CurrentView(

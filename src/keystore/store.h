@@ -134,7 +134,9 @@ class KeyStore final : public atfork::Participant {
   void ForkChild(atfork::Rank rank) override;
   KeyStore &operator=(const KeyStore &) = delete;
 
-  // Connects if needed and (re)reads masters and legacy keys now.
+  // Connects if needed, (re)reads masters and legacy keys now and runs one
+  // maintenance pass (ratchet, name table, current and next epoch keys);
+  // errors of that pass are logged, not returned.
   [[nodiscard]] Status Load();
 
   // KeysForEncrypt returns the current epoch's keys of the active master,
