@@ -210,6 +210,30 @@ Status KeyStore::ReloadLocked() {
   Result<std::vector<LegacyKeyObjects>> legacy =
       LoadLegacyKeys(*session, label_, &skipped);
   if (!legacy.ok()) return legacy.status();
+  // Links the current and next epochs need are derived before the view is
+  // published (a cold start, or a server back from a pause): the view then
+  // always holds the active master's current link. Destruction waits for
+  // the maintenance pass.
+  {
+    View draft;
+    draft.generation = session->generation();
+    draft.masters = *masters;
+    const int64_t now = options_.clock->NowUnix();
+    std::vector<MasterState> states = ComputeStates(draft.masters, now);
+    bool derived = false;
+    for (size_t i = 0; i < draft.masters.size(); ++i) {
+      Status ignored;  // reported by the maintenance pass
+      derived |= RatchetLocked(draft, draft.masters[i], states[i], now,
+                               /*destroy=*/false, &ignored);
+    }
+    if (derived) {
+      skipped.clear();
+      masters = LoadMasters(*session, label_, &skipped);
+      if (!masters.ok()) return masters.status();
+      legacy = LoadLegacyKeys(*session, label_, &skipped);
+      if (!legacy.ok()) return legacy.status();
+    }
+  }
   LogSkippedLocked(skipped);
   last_reload_error_ = Status::Ok();
 
@@ -219,13 +243,19 @@ Status KeyStore::ReloadLocked() {
   view->loaded_at = options_.clock->NowUnix();
   view->masters = std::move(*masters);
   view->legacy = std::move(*legacy);
-  std::lock_guard<std::mutex> lock(mu_);
-  if (!view_ || view_->generation != view->generation) {
-    // Handles of another generation are dead: forget them, never reuse.
-    cache_.clear();
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (!view_ || view_->generation != view->generation) {
+      // Handles of another generation are dead: forget them, never reuse.
+      cache_.clear();
+    }
+    view_ = view;
   }
-  view_ = view;
   reloads_.fetch_add(1);
+  // The names of every acceptable epoch, before any lookup uses this view
+  // (missing ones only: one C_Sign per new epoch in steady state). Errors
+  // are the maintenance pass's to report.
+  (void)RefreshNames(*view, view->loaded_at);
   return Status::Ok();
 }
 
@@ -612,7 +642,7 @@ void KeyStore::DestroyEvicted(uint64_t pass) {
 
 bool KeyStore::RatchetLocked(const View &view, const Master &m,
                              const MasterState &state, int64_t now,
-                             Status *error) {
+                             bool destroy, Status *error) {
   // Pending masters need only link 0; a retired master's links go with
   // `hsmstek destroy`.
   if (state.state == KeyState::kPending || state.state == KeyState::kRetired ||
@@ -671,7 +701,7 @@ bool KeyStore::RatchetLocked(const View &view, const Master &m,
     ++top;
     top_handle = next;
   }
-  if (!keep_from) return changed;
+  if (!keep_from || !destroy) return changed;
   // The highest link is never destroyed: the chain continues from it.
   const uint64_t destroy_below = std::min(*keep_from, top);
   std::set<uint64_t> doomed;
@@ -715,34 +745,8 @@ bool KeyStore::RatchetLocked(const View &view, const Master &m,
   return changed;
 }
 
-void KeyStore::Maintain() {
-  Result<std::shared_ptr<const View>> view = CurrentView(false);
-  if (!view.ok()) {
-    ReportBackground(view.status());
-    return;
-  }
+Status KeyStore::RefreshNames(const View &v, int64_t now) {
   Status first_error;
-  int64_t now = options_.clock->NowUnix();
-  // The ratchet first: links derived or destroyed mean a fresh view.
-  bool changed = false;
-  {
-    std::lock_guard<std::mutex> load_lock(load_mu_);
-    const View &v = **view;
-    std::vector<MasterState> states = ComputeStates(v.masters, now);
-    for (size_t i = 0; i < v.masters.size(); ++i) {
-      Status error;
-      changed |= RatchetLocked(v, v.masters[i], states[i], now, &error);
-      if (!error.ok() && first_error.ok()) first_error = error;
-    }
-  }
-  if (changed) {
-    view = CurrentView(/*force_reload=*/true);
-    if (!view.ok()) {
-      ReportBackground(view.status());
-      return;
-    }
-  }
-  const View &v = **view;
   std::vector<MasterState> states = ComputeStates(v.masters, now);
   // The name table: every epoch a ticket may name (window, skew grace,
   // next epoch), so that lookups never call the token.
@@ -775,6 +779,41 @@ void KeyStore::Maintain() {
     }
     names_.swap(kept);
   }
+  return first_error;
+}
+
+void KeyStore::Maintain() {
+  Result<std::shared_ptr<const View>> view = CurrentView(false);
+  if (!view.ok()) {
+    ReportBackground(view.status());
+    return;
+  }
+  Status first_error;
+  int64_t now = options_.clock->NowUnix();
+  // The ratchet first: links derived or destroyed mean a fresh view.
+  bool changed = false;
+  {
+    std::lock_guard<std::mutex> load_lock(load_mu_);
+    const View &v = **view;
+    std::vector<MasterState> states = ComputeStates(v.masters, now);
+    for (size_t i = 0; i < v.masters.size(); ++i) {
+      Status error;
+      changed |= RatchetLocked(v, v.masters[i], states[i], now,
+                               /*destroy=*/true, &error);
+      if (!error.ok() && first_error.ok()) first_error = error;
+    }
+  }
+  if (changed) {
+    view = CurrentView(/*force_reload=*/true);
+    if (!view.ok()) {
+      ReportBackground(view.status());
+      return;
+    }
+  }
+  const View &v = **view;
+  std::vector<MasterState> states = ComputeStates(v.masters, now);
+  Status names = RefreshNames(v, now);
+  if (!names.ok() && first_error.ok()) first_error = names;
   for (size_t i = 0; i < v.masters.size(); ++i) {
     const Master &m = v.masters[i];
     uint64_t n = EpochAt(now, m.policy.period_s);

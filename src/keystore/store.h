@@ -242,8 +242,14 @@ class KeyStore final : public atfork::Participant {
   // Ratchet maintenance of one master: derives links forward up to the one
   // of the next epoch, destroys links (and duplicates) no acceptable epoch
   // uses. True when it changed the token (the view must be reloaded).
+  // `destroy` false: derive only (a reload does that; the maintenance pass
+  // destroys).
   bool RatchetLocked(const View &view, const Master &m,
-                     const MasterState &state, int64_t now, Status *error);
+                     const MasterState &state, int64_t now, bool destroy,
+                     Status *error);
+  // Brings the name table to the epochs each master may accept at `now`
+  // (computing the missing names in the token, dropping the others).
+  Status RefreshNames(const View &view, int64_t now);
   // Computes the names of [first, last] of `m` missing from the table.
   Status ComputeNames(const View &view, const Master &m, uint64_t first,
                       uint64_t last);

@@ -721,12 +721,20 @@ TEST_F(CliTest, StatusJsonDescribesMastersAndLegacyKeys) {
   EXPECT_EQ(s["activation"], FormatRfc3339(masters[0].policy.not_before));
   EXPECT_EQ(s["replicable"], true);
   EXPECT_TRUE(s["retire_at"].is_null());
+  // The opaque (version 2) name of the epoch shown, never the store id.
   const std::string name = s["current_key_name"];
-  EXPECT_TRUE(
-      name ==
-          HexEncode(MakeKeyName(masters[0].id, EpochAt(before, 3600)).bytes) ||
-      name == HexEncode(MakeKeyName(masters[0].id, EpochAt(after, 3600)).bytes))
-      << name;
+  Result<KeyName> expected_name =
+      store->NameOf(masters[0].id, s["epoch"].get<uint64_t>());
+  ASSERT_TRUE(expected_name.ok()) << expected_name.status().message();
+  EXPECT_EQ(name, HexEncode(expected_name->bytes));
+  EXPECT_EQ(name.find(id), std::string::npos);
+  // A fresh master: link 0 serves, the horizon is its activation epoch.
+  EXPECT_EQ(s["ratchet_periods"], 24);
+  EXPECT_EQ(s["current_link"], 0);
+  EXPECT_EQ(s["links"], Json::array({0}));
+  EXPECT_EQ(s["forward_secrecy_horizon"],
+            FormatRfc3339(EpochStart(EpochAt(masters[0].policy.not_before, 3600),
+                                     3600)));
   EXPECT_EQ(s["next_rotation"],
             FormatRfc3339(EpochStart(s["epoch"].get<uint64_t>() + 1, 3600)));
   ASSERT_EQ(j["legacy"].size(), 1u);
