@@ -1,7 +1,11 @@
 // Key names and derivation data of SPEC §4 (fixed byte layouts; every
 // server of a fleet must agree byte for byte). Pure functions, thread-safe.
 //
-//   key name (16, public)  = store_id (8) || epoch (uint64 big-endian)
+//   key name v2 (16)       = HMAC-SHA256(N key of the epoch's link,
+//                            "hsmstek name" || epoch BE64)[0..16)
+//                            (computed in the token: derivation.h)
+//   key name v1 (no longer issued) = store_id (8) || epoch (uint64 BE)
+//   ratchet link j+1       = C_DeriveKey(link j, B('R',1,j+1)||B('R',2,j+1))
 //   epoch                  = floor(unix_time / period_seconds)
 //   derivation data (32)   = B(p, 1) || B(p, 2)
 //   B(p, i)                = "hstk" || p || i || 0x00 0x00 || epoch (8, BE)

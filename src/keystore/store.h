@@ -3,10 +3,12 @@
 // It finds the store's masters and legacy keys, computes their states from
 // the policies and the injected clock, derives per-epoch keys inside the
 // token on demand, and caches their handles by key name (bounded: decrypt
-// window / period + 2 per master). A maintenance pass (a background thread
-// by default, or Maintain() from tests) re-reads the token every
-// refresh interval, derives the next epoch's keys ahead of the boundary and
-// evicts keys that left the window.
+// window / period + 3 per master, the skew grace included). A maintenance
+// pass (a background thread by default, or Maintain() from tests) re-reads
+// the token every refresh interval, moves the forward-secure ratchet (links
+// derived ahead, unused ones destroyed), keeps the table of acceptable key
+// names, derives the next epoch's keys ahead of the boundary and evicts
+// keys that left the window. Opaque names and the ratchet: docs/DESIGN.md.
 //
 // Handles are only valid for one token generation: after a reconnect (or in
 // a forked child) everything is reloaded, never reused.
