@@ -278,10 +278,32 @@ void Auditor::Wrap(CK_FUNCTION_LIST *target, CK_SESSION_HANDLE session,
              (length_query ? " length-query" : ""));
 }
 
+// A ratchet step: CKM_AES_ECB_ENCRYPT_DATA over two "hstk" 'R' blocks.
+bool IsRatchetStep(const CK_MECHANISM *mechanism) {
+  if (mechanism == nullptr ||
+      mechanism->mechanism != CKM_AES_ECB_ENCRYPT_DATA ||
+      mechanism->pParameter == nullptr ||
+      mechanism->ulParameterLen != sizeof(CK_KEY_DERIVATION_STRING_DATA)) {
+    return false;
+  }
+  const auto *p =
+      static_cast<const CK_KEY_DERIVATION_STRING_DATA *>(mechanism->pParameter);
+  if (p->pData == nullptr || p->ulLen != 32) return false;
+  for (int block = 0; block < 2; ++block) {
+    const CK_BYTE *b = p->pData + 16 * block;
+    if (b[0] != 'h' || b[1] != 's' || b[2] != 't' || b[3] != 'k' ||
+        b[4] != 'R') {
+      return false;
+    }
+  }
+  return true;
+}
+
 void Auditor::Derive(CK_FUNCTION_LIST *target, CK_SESSION_HANDLE session,
-                     const CK_ATTRIBUTE *tmpl, CK_ULONG count,
-                     CK_OBJECT_HANDLE created) {
+                     const CK_MECHANISM *mechanism, const CK_ATTRIBUTE *tmpl,
+                     CK_ULONG count, CK_OBJECT_HANDLE created) {
   if (fd_ < 0) return;
+  const bool link = IsRatchetStep(mechanism);
   std::optional<CK_ULONG> key_type = TemplateUlong(tmpl, count, CKA_KEY_TYPE);
   if (!key_type && created != CK_INVALID_HANDLE) {
     key_type = ReadUlong(target, session, created, CKA_KEY_TYPE);
@@ -293,24 +315,29 @@ void Auditor::Derive(CK_FUNCTION_LIST *target, CK_SESSION_HANDLE session,
     Add(&problems, "key-type-" + KeyTypeName(*key_type));
   }
   CK_KEY_TYPE kt = key_type.value_or(CKK_VENDOR_DEFINED);
+  if (link && kt != CKK_AES) Add(&problems, "link-key-type");
+  // A link derives and does nothing else; epoch keys never derive.
+  auto allowed = [&](CK_ATTRIBUTE_TYPE type) {
+    return link ? type == CKA_DERIVE : UsageAllowed(kt, type);
+  };
   for (const UsageFlag &f : kUsageFlags) {
     std::optional<bool> v = TemplateBool(tmpl, count, f.type);
-    if (v && *v && !UsageAllowed(kt, f.type)) {
+    if (v && *v && !allowed(f.type)) {
       Add(&problems, std::string("template:") + f.name);
     }
   }
   std::optional<bool> token = TemplateBool(tmpl, count, CKA_TOKEN);
-  if (token && *token) Add(&problems, "template:token");
+  if (token && *token && !link) Add(&problems, "template:token");
   if (created != CK_INVALID_HANDLE) {
     for (const UsageFlag &f : kUsageFlags) {
       std::optional<bool> v = ReadBool(target, session, created, f.type);
-      if (v && *v && !UsageAllowed(kt, f.type)) {
+      if (v && *v && !allowed(f.type)) {
         Add(&problems, std::string("object:") + f.name);
       }
     }
     std::optional<bool> obj_token =
         ReadBool(target, session, created, CKA_TOKEN);
-    if (!obj_token || *obj_token) Add(&problems, "object:token");
+    if (!link && (!obj_token || *obj_token)) Add(&problems, "object:token");
   }
   if (problems.empty()) return;
   std::string label = TemplateLabel(tmpl, count);

@@ -62,10 +62,12 @@ class Auditor {
             CK_OBJECT_HANDLE key, bool length_query);
 
   // Derive: rule (d), usage flags and CKA_TOKEN of a C_DeriveKey template
-  // and of the derived key `created` (0 if the call failed).
+  // and of the derived key `created` (0 if the call failed). A ratchet
+  // link (CKM_AES_ECB_ENCRYPT_DATA over "hstk" 'R' blocks) may be an AES
+  // token key with CKA_DERIVE.
   void Derive(CK_FUNCTION_LIST *target, CK_SESSION_HANDLE session,
-              const CK_ATTRIBUTE *tmpl, CK_ULONG count,
-              CK_OBJECT_HANDLE created);
+              const CK_MECHANISM *mechanism, const CK_ATTRIBUTE *tmpl,
+              CK_ULONG count, CK_OBJECT_HANDLE created);
 
  private:
   void Record(Kind kind, Fn fn, const std::string &details);

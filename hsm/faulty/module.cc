@@ -1436,7 +1436,7 @@ CK_RV DeriveKey(CK_SESSION_HANDLE h, CK_MECHANISM_PTR mech,
   auto audit = [&](const Sess &s, CK_OBJECT_HANDLE created) {
     Audit().NewKey(Fn::C_DeriveKey, T(), s.target, CKO_SECRET_KEY, tmpl, count,
                    created);
-    Audit().Derive(T(), s.target, tmpl, count, created);
+    Audit().Derive(T(), s.target, mech, tmpl, count, created);
   };
   const CK_RV refused = KeyTemplate(tmpl, count);
   return SessionCall(

@@ -55,13 +55,29 @@ std::string LabelsPresent(keystore::KeyStore &store) {
   return out;
 }
 
+// "3-5" for links 3, 4 and 5; "2,5" when not contiguous; "-" for none.
+std::string LinkRange(const std::vector<uint64_t> &links) {
+  if (links.empty()) return "-";
+  if (links.back() - links.front() + 1 == links.size()) {
+    return links.size() == 1 ? std::to_string(links.front())
+                             : std::to_string(links.front()) + "-" +
+                                   std::to_string(links.back());
+  }
+  std::string out;
+  for (uint64_t j : links) {
+    out += (out.empty() ? "" : ",") + std::to_string(j);
+  }
+  return out;
+}
+
 void PrintTable(const keystore::StoreSnapshot &snap, const std::string &token,
                 const std::vector<std::string> &checks) {
   std::cout << "store " << Quote(snap.label) << " in token " << Quote(token)
             << " at " << FormatRfc3339(snap.now) << "\n\n";
   const char *kHeader[] = {
       "LABEL", "STORE ID", "STATE",        "ACTIVATION",    "PERIOD", "WINDOW",
-      "CHECK", "EPOCH",    "KEY NAME NOW", "NEXT ROTATION", "NOTES"};
+      "CHECK", "EPOCH",    "KEY NAME NOW", "NEXT ROTATION", "LINK",   "LINKS",
+      "HORIZON", "NOTES"};
   std::vector<std::vector<std::string>> rows;
   rows.emplace_back(std::begin(kHeader), std::end(kHeader));
   for (size_t i = 0; i < snap.masters.size(); ++i) {
@@ -78,7 +94,10 @@ void PrintTable(const keystore::StoreSnapshot &snap, const std::string &token,
          FormatRfc3339(m.policy.not_before), FormatDuration(m.policy.period_s),
          FormatDuration(m.policy.decrypt_window_s), checks[i],
          std::to_string(m.current_epoch), HexEncode(m.current_name.bytes),
-         FormatRfc3339(m.next_rotation), notes});
+         FormatRfc3339(m.next_rotation),
+         m.current_link ? std::to_string(*m.current_link) : "-",
+         LinkRange(m.links),
+         m.horizon ? FormatRfc3339(*m.horizon) : "-", notes});
   }
   std::vector<size_t> width(rows[0].size(), 0);
   for (const auto &r : rows) {
@@ -185,6 +204,10 @@ nlohmann::json ToJson(const keystore::StoreSnapshot &snap,
         {"decrypt_window_s", m.policy.decrypt_window_s},
         {"activation", FormatRfc3339(m.policy.not_before)},
         {"current_key_name", HexEncode(m.current_name.bytes)},
+        {"ratchet_periods", m.ratchet_periods},
+        {"ratchet_s", static_cast<int64_t>(m.ratchet_periods) *
+                          m.policy.period_s},
+        {"links", m.links},
         {"epoch", m.current_epoch},
         {"next_rotation", FormatRfc3339(m.next_rotation)},
         {"replicable", m.policy.replicable},
@@ -192,6 +215,11 @@ nlohmann::json ToJson(const keystore::StoreSnapshot &snap,
         {"protections", ProtectionsJson(m.protections)},
         {"origin", OriginJson(m.protections)},
     };
+    s["current_link"] = m.current_link ? nlohmann::json(*m.current_link)
+                                       : nlohmann::json(nullptr);
+    s["forward_secrecy_horizon"] =
+        m.horizon ? nlohmann::json(FormatRfc3339(*m.horizon))
+                  : nlohmann::json(nullptr);
     s["retire_at"] = m.policy.retire_at
                          ? nlohmann::json(FormatRfc3339(*m.policy.retire_at))
                          : nlohmann::json(nullptr);
@@ -226,6 +254,10 @@ nlohmann::json ToJson(const keystore::StoreSnapshot &snap,
 Status RunStatus(const StatusArgs &a) {
   Result<std::shared_ptr<keystore::KeyStore>> store = OpenStore(a.uri, false);
   if (!store.ok()) return store.status();
+  // One maintenance pass first: the ratchet catches up and destroys links
+  // no acceptable epoch uses (idempotent; servers do the same).
+  Status loaded = (*store)->Load();
+  if (!loaded.ok()) return loaded;
   Result<keystore::StoreSnapshot> snap = (*store)->Describe();
   if (!snap.ok()) return snap.status();
   const std::string token = (*store)->token()->label();

@@ -55,6 +55,12 @@ const KindRule &RuleOf(KeyKind kind) {
       .template_length = 32,
       .lengths = {32},
       .on = {HSMSTEK_FLAG(CKA_SIGN), HSMSTEK_FLAG(CKA_VERIFY)}};
+  static const KindRule kNameKey{.key_type = CKK_GENERIC_SECRET,
+                                 .token = false,
+                                 .modifiable_false = false,
+                                 .template_length = 32,
+                                 .lengths = {32},
+                                 .on = {HSMSTEK_FLAG(CKA_SIGN)}};
   // Never encrypts: new tickets are sealed under epoch keys only.
   static const KindRule kLegacyAes{.key_type = CKK_AES,
                                    .token = true,
@@ -79,6 +85,8 @@ const KindRule &RuleOf(KeyKind kind) {
       return kEpochMac;
     case KeyKind::kLegacyAes:
       return kLegacyAes;
+    case KeyKind::kNameKey:
+      return kNameKey;
     case KeyKind::kLegacyMac:
     default:
       return kLegacyMac;
@@ -161,6 +169,7 @@ std::span<const CK_MECHANISM_TYPE> AllowedMechanisms(KeyKind kind) {
       return kTicketAesMechanisms;
     case KeyKind::kEpochMac:
     case KeyKind::kLegacyMac:
+    case KeyKind::kNameKey:
     default:
       return kTicketMacMechanisms;
   }
@@ -198,7 +207,9 @@ p11::Template KeyTemplate(const KeySpec &spec, unsigned lockdown) {
       .Bool(CKA_SENSITIVE, true)
       .Bool(CKA_EXTRACTABLE, master && spec.replicable);
   for (const Flag &f : kUsages) t.Bool(f.type, IsOn(rule, f.type));
-  if (rule.modifiable_false && !spec.for_unwrap) t.Bool(CKA_MODIFIABLE, false);
+  if (rule.modifiable_false && !spec.for_unwrap && !spec.for_derive) {
+    t.Bool(CKA_MODIFIABLE, false);
+  }
   if (!spec.label.empty()) t.String(CKA_LABEL, spec.label);
   if (!spec.id.empty()) t.Data(CKA_ID, spec.id);
   if (master && spec.replicable) t.Bool(CKA_WRAP_WITH_TRUSTED, true);

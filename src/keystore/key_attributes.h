@@ -33,6 +33,7 @@ enum class KeyKind : uint8_t {
   kEpochMac,   // derived 'M' (and 'C' check) key: the ticket HMAC
   kLegacyAes,  // imported legacy AES key: decrypt only
   kLegacyMac,  // imported legacy HMAC key
+  kNameKey,    // derived 'N' key: signs key names only
 };
 
 // The mechanisms each kind may run (CKA_ALLOWED_MECHANISMS). The AES list
@@ -73,7 +74,8 @@ struct Protections {
   std::optional<bool> generated_in_token;
 };
 
-// The per-call part of a key's template.
+// The per-call part of a key's template. Ratchet links are kMaster keys
+// (same template; CKA_ID = store id || link index).
 struct KeySpec {
   KeyKind kind = KeyKind::kMaster;
   std::string_view label;   // masters and legacy keys
@@ -82,6 +84,9 @@ struct KeySpec {
   // C_UnwrapKey takes the length from the wrapped value and (SoftHSM)
   // refuses CKA_MODIFIABLE: leave both out.
   bool for_unwrap = false;
+  // SoftHSM refuses CKA_MODIFIABLE in a C_DeriveKey template
+  // (CKR_ATTRIBUTE_READ_ONLY): ratchet links leave it out.
+  bool for_derive = false;
 };
 
 // KeyTemplate returns the template of `spec` with the lock-down attributes

@@ -45,6 +45,35 @@ int64_t EpochStart(uint64_t epoch, int64_t period_s) {
   return static_cast<int64_t>(epoch) * period_s;
 }
 
+std::array<uint8_t, kNameInputSize> NameInput(uint64_t epoch) {
+  std::array<uint8_t, kNameInputSize> out{};
+  std::copy(kNameLabel, kNameLabel + kNameLabelSize, out.begin());
+  StoreBigEndian64(epoch, out.data() + kNameLabelSize);
+  return out;
+}
+
+LinkId MakeLinkId(const StoreId &store_id, uint64_t index) {
+  LinkId id{};
+  std::copy(store_id.begin(), store_id.end(), id.begin());
+  StoreBigEndian64(index, id.data() + store_id.size());
+  return id;
+}
+
+std::optional<uint64_t> LinkIndex(uint64_t epoch, uint64_t first_epoch,
+                                  uint64_t ratchet_periods) {
+  if (ratchet_periods == 0 || epoch < first_epoch) return std::nullopt;
+  return (epoch - first_epoch) / ratchet_periods;
+}
+
+uint64_t LinkFirstEpoch(uint64_t index, uint64_t first_epoch,
+                        uint64_t ratchet_periods) {
+  constexpr uint64_t kMax = std::numeric_limits<uint64_t>::max();
+  if (ratchet_periods != 0 && index > (kMax - first_epoch) / ratchet_periods) {
+    return kMax;
+  }
+  return first_epoch + index * ratchet_periods;
+}
+
 std::array<uint8_t, kDerivationDataSize> DerivationData(char purpose,
                                                         uint64_t epoch) {
   std::array<uint8_t, kDerivationDataSize> data{};

@@ -2,6 +2,8 @@
 
 #include <algorithm>
 #include <cstring>
+#include <map>
+#include <set>
 
 #include "keystore/time_format.h"
 #include "pkcs11/object.h"
@@ -66,6 +68,21 @@ std::vector<MasterState> ComputeStates(const std::vector<Master> &masters,
   return out;
 }
 
+uint64_t Master::first_epoch() const {
+  return EpochAt(policy.not_before, policy.period_s);
+}
+
+std::optional<uint64_t> Master::LinkOf(uint64_t epoch) const {
+  return LinkIndex(epoch, first_epoch(), RatchetPeriods(policy));
+}
+
+CK_OBJECT_HANDLE Master::LinkFor(uint64_t epoch) const {
+  std::optional<uint64_t> j = LinkOf(epoch);
+  if (!j) return CK_INVALID_HANDLE;
+  auto it = links.find(*j);
+  return it == links.end() ? CK_INVALID_HANDLE : it->second;
+}
+
 Status VerifyMasterAttributes(p11::Session &session, CK_OBJECT_HANDLE key,
                               bool replicable, std::string_view what) {
   KeySpec spec;
@@ -79,9 +96,11 @@ Result<Policy> MostRestrictive(const std::vector<Policy> &policies) {
   // retire-at must not bring in a longer window or an earlier activation.
   Policy out = policies.front();
   for (const Policy &p : policies) {
-    if (p.period_s != out.period_s || p.kdf != out.kdf) {
+    if (p.period_s != out.period_s || p.kdf != out.kdf ||
+        RatchetPeriods(p) != RatchetPeriods(out)) {
       return FailedPrecondition(
-          "policy objects that disagree on the period or the derivation");
+          "policy objects that disagree on the period, the ratchet or the "
+          "derivation");
     }
     if (p.retire_at && (!out.retire_at || *p.retire_at < *out.retire_at)) {
       out.retire_at = p.retire_at;
@@ -136,19 +155,35 @@ Result<std::vector<Master>> LoadMasters(p11::Session &session,
     if (skipped != nullptr)
       skipped->push_back({std::move(what), std::move(reason)});
   };
-  std::vector<Master> masters;
+  // Store ids with a policy object: a 16-byte key id starting with one is
+  // a ratchet link, any other 16-byte id a legacy key.
+  std::set<Bytes> policy_ids;
+  for (const auto &[policy_id, policy_handle] : *policy_objects) {
+    policy_ids.insert(policy_id);
+  }
+  // The key objects of each master: (link index, handle).
+  std::map<Bytes, std::vector<std::pair<uint64_t, CK_OBJECT_HANDLE>>> chains;
   for (const auto &[id, handle] : *key_objects) {
-    if (id.size() == kKeyNameSize) continue;  // a legacy key
-    std::string what = "master " + HexEncode(id);
+    if (id.size() == kKeyNameSize) {
+      Bytes prefix(id.begin(), id.begin() + sizeof(StoreId));
+      if (policy_ids.count(prefix) == 0) continue;  // a legacy key
+      chains[prefix].emplace_back(LoadBigEndian64(id.data() + sizeof(StoreId)),
+                                  handle);
+      continue;
+    }
     if (id.size() != sizeof(StoreId)) {
       skip("key " + HexEncode(id),
            "a key with the store's label that is "
            "neither a master nor a legacy key");
       continue;
     }
+    chains[id].emplace_back(0, handle);
+  }
+  std::vector<Master> masters;
+  for (const auto &[id, chain] : chains) {
+    std::string what = "master " + HexEncode(id);
     Master m;
     std::copy(id.begin(), id.end(), m.id.begin());
-    m.key = handle;
     std::vector<Policy> policies;
     std::vector<CK_OBJECT_HANDLE> handles;
     std::string unreadable;
@@ -187,19 +222,39 @@ Result<std::vector<Master>> LoadMasters(p11::Session &session,
     KeySpec spec;
     spec.kind = KeyKind::kMaster;
     spec.replicable = m.policy.replicable;
-    Result<Protections> verified = VerifyKey(session, handle, spec, what);
-    if (!verified.ok()) {
-      if (verified.status().code() != ErrorCode::kPermissionDenied) {
-        return verified.status();
+    std::string weak;
+    for (const auto &[index, handle] : chain) {
+      const std::string link_what =
+          index == 0 ? what
+                     : "ratchet link " + std::to_string(index) + " of " + what;
+      Result<Protections> verified =
+          VerifyKey(session, handle, spec, link_what);
+      if (!verified.ok()) {
+        if (verified.status().code() != ErrorCode::kPermissionDenied) {
+          return verified.status();
+        }
+        weak = verified.status().message();
+        break;
       }
-      skip(what, verified.status().message());
+      if (!m.links.emplace(index, handle).second) {
+        m.duplicate_links.emplace_back(index, handle);
+        continue;
+      }
+      if (index == 0) m.key = handle;
+      if (index == m.links.begin()->first) {
+        m.protections = *verified;
+        Result<std::vector<std::optional<bool>>> extractable =
+            p11::ReadBools(session, handle, std::array{CKA_EXTRACTABLE});
+        if (!extractable.ok()) return extractable.status();
+        m.extractable = (*extractable)[0] == true;
+      }
+    }
+    // One weak link would serve its epochs under weaker protection: the
+    // whole master is left out, as for a weak master.
+    if (!weak.empty()) {
+      skip(what, weak);
       continue;
     }
-    m.protections = *verified;
-    Result<std::vector<std::optional<bool>>> extractable =
-        p11::ReadBools(session, handle, std::array{CKA_EXTRACTABLE});
-    if (!extractable.ok()) return extractable.status();
-    m.extractable = (*extractable)[0] == true;
     masters.push_back(std::move(m));
   }
   return masters;

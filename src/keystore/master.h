@@ -10,6 +10,7 @@
 //                 whole decrypt window: nothing under it is accepted.
 #pragma once
 
+#include <map>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -34,12 +35,25 @@ inline constexpr char kLegacyApplication[] = "hsmstek-legacy";
 // store id / key name in CKA_OBJECT_ID, as opaque bytes. See docs/DESIGN.md.
 inline constexpr CK_ATTRIBUTE_TYPE kDataIdAttribute = CKA_OBJECT_ID;
 
-// One master generation of a store: its key object, policy object and
+// One master generation of a store: its ratchet links, policy object and
 // policy. Object handles are valid for one token generation only.
+//
+// The master is link 0 of a forward-secure chain (docs/DESIGN.md): link
+// j+1 is derived from link j, epoch e uses link LinkIndex(e, first_epoch,
+// RatchetPeriods(policy)), and links no acceptable epoch uses are
+// destroyed — link 0 too. A master whose link 0 is gone is still a master:
+// its policy object and its later links carry it.
 struct Master {
   StoreId id{};
   Policy policy;
+  // Link 0 (the CKA_ID = store id object), CK_INVALID_HANDLE once
+  // destroyed by the ratchet.
   CK_OBJECT_HANDLE key = CK_INVALID_HANDLE;
+  // Every link present, by index (link 0 included while it exists).
+  std::map<uint64_t, CK_OBJECT_HANDLE> links;
+  // More objects with a link's id (concurrent servers deriving the same
+  // link: same value); destroyed by maintenance.
+  std::vector<std::pair<uint64_t, CK_OBJECT_HANDLE>> duplicate_links;
   CK_OBJECT_HANDLE policy_object = CK_INVALID_HANDLE;
   // More policy objects for this master (a policy update that failed
   // half-way): `policy` is the most restrictive of all; UpdatePolicy and
@@ -47,6 +61,13 @@ struct Master {
   std::vector<CK_OBJECT_HANDLE> extra_policy_objects;
   bool extractable = false;
   Protections protections;
+
+  // The activation epoch e0 of the chain.
+  uint64_t first_epoch() const;
+  // The link index of `epoch`, nullopt before activation.
+  std::optional<uint64_t> LinkOf(uint64_t epoch) const;
+  // The handle of the link `epoch` uses, CK_INVALID_HANDLE when absent.
+  CK_OBJECT_HANDLE LinkFor(uint64_t epoch) const;
 };
 
 // An object of the store that could not be used, and why (shown by

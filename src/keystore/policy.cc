@@ -1,5 +1,6 @@
 #include "keystore/policy.h"
 
+#include <algorithm>
 #include <array>
 
 #include "common/bytes.h"
@@ -10,9 +11,11 @@ namespace hsmstek::keystore {
 namespace {
 
 // The keys of lines 2..8, in their fixed order.
-constexpr std::array<std::string_view, 7> kKeys = {
+// Version 2 adds "ratchet" after them.
+constexpr std::array<std::string_view, 8> kKeys = {
     "period", "decrypt-window", "not-before", "retire-at",
-    "kdf",    "replicable",     "created"};
+    "kdf",    "replicable",     "created",    "ratchet"};
+constexpr size_t kV1Keys = 7;
 
 std::string LinePrefix(size_t line) {
   return "policy line " + std::to_string(line) + ": ";
@@ -30,10 +33,17 @@ std::string KeyPrefix(size_t line, std::string_view key) {
 Status ParseValue(size_t index, std::string_view value, Policy *p) {
   switch (index) {
     case 0:
-    case 1: {
+    case 1:
+    case 7: {
       Result<int64_t> d = ParseDuration(value);
       if (!d.ok()) return d.status();
-      (index == 0 ? p->period_s : p->decrypt_window_s) = *d;
+      (index == 0   ? p->period_s
+       : index == 1 ? p->decrypt_window_s
+                    : p->ratchet_s) = *d;
+      // Version 2 always names a ratchet: 0 would read as "default".
+      if (index == 7 && *d <= 0) {
+        return InvalidArgument("ratchet must be positive");
+      }
       return Status::Ok();
     }
     case 2:
@@ -74,10 +84,24 @@ Status ParseValue(size_t index, std::string_view value, Policy *p) {
 
 }  // namespace
 
+int64_t DefaultRatchetPeriods(int64_t period_s) {
+  if (period_s <= 0 || period_s >= kDefaultRatchetSeconds) return 1;
+  return kDefaultRatchetSeconds / period_s;
+}
+
+uint64_t RatchetPeriods(const Policy &policy) {
+  if (policy.period_s <= 0) return 1;
+  if (policy.ratchet_s <= 0) {
+    return static_cast<uint64_t>(DefaultRatchetPeriods(policy.period_s));
+  }
+  return static_cast<uint64_t>(
+      std::max<int64_t>(1, policy.ratchet_s / policy.period_s));
+}
+
 std::string SerializePolicy(const Policy &policy) {
   std::string out;
   out.reserve(256);
-  out += kPolicyHeader;
+  out += policy.ratchet_s != 0 ? kPolicyHeaderV2 : kPolicyHeader;
   out += "\nperiod " + FormatDuration(policy.period_s);
   out += "\ndecrypt-window " + FormatDuration(policy.decrypt_window_s);
   out += "\nnot-before " + FormatRfc3339(policy.not_before);
@@ -87,6 +111,8 @@ std::string SerializePolicy(const Policy &policy) {
   out += "\nreplicable ";
   out += policy.replicable ? "yes" : "no";
   out += "\ncreated " + FormatRfc3339(policy.created_at);
+  if (policy.ratchet_s != 0)
+    out += "\nratchet " + FormatDuration(policy.ratchet_s);
   out += "\n";
   return out;
 }
@@ -99,6 +125,7 @@ Result<Policy> ParsePolicy(std::string_view text) {
                            std::to_string(kMaxPolicySize));
   }
   Policy p;
+  size_t key_count = kV1Keys;
   size_t next_key = 0;  // index into kKeys of the key expected next
   size_t line_no = 0;
   size_t start = 0;
@@ -125,11 +152,15 @@ Result<Policy> ParsePolicy(std::string_view text) {
     }
     if (line_no == 1) {
       if (line == kPolicyHeader) continue;
+      if (line == kPolicyHeaderV2) {
+        key_count = kKeys.size();
+        continue;
+      }
       constexpr std::string_view kMagic = "hsmstek-policy ";
       if (line.substr(0, kMagic.size()) == kMagic) {
         return InvalidArgument(LinePrefix(1) + "unsupported policy version " +
                                QuoteForMessage(line.substr(kMagic.size())) +
-                               " (this build reads 1)");
+                               " (this build reads 1 and 2)");
       }
       return InvalidArgument(LinePrefix(1) + "expected header \"" +
                              kPolicyHeader + "\"");
@@ -143,11 +174,11 @@ Result<Policy> ParsePolicy(std::string_view text) {
     }
     const std::string_view key = line.substr(0, space);
     const std::string_view value = line.substr(space + 1);
-    size_t index = kKeys.size();
-    for (size_t i = 0; i < kKeys.size(); ++i) {
+    size_t index = key_count;
+    for (size_t i = 0; i < key_count; ++i) {
       if (kKeys[i] == key) index = i;
     }
-    if (index == kKeys.size()) {
+    if (index == key_count) {
       return InvalidArgument(LinePrefix(line_no) + "unknown key " +
                              QuoteForMessage(key));
     }
@@ -172,7 +203,7 @@ Result<Policy> ParsePolicy(std::string_view text) {
     if (!s.ok()) return s.WithContext(KeyContext(line_no, key));
     ++next_key;
   }
-  if (next_key < kKeys.size()) {
+  if (next_key < key_count) {
     return InvalidArgument("policy ends after line " + std::to_string(line_no) +
                            ": missing key " + QuoteForMessage(kKeys[next_key]));
   }
@@ -214,6 +245,18 @@ Status ValidatePolicy(const Policy &p) {
         std::to_string(p.decrypt_window_s / p.period_s) + " periods; at most " +
         std::to_string(kMaxWindowEpochs) +
         " are allowed (use a longer period)");
+  }
+  if (p.ratchet_s != 0) {
+    if (p.ratchet_s < p.period_s || p.ratchet_s % p.period_s != 0) {
+      return InvalidArgument("ratchet " + FormatDuration(p.ratchet_s) +
+                             " is not a positive multiple of period " +
+                             FormatDuration(p.period_s));
+    }
+    if (p.ratchet_s > kMaxRatchetSeconds) {
+      return InvalidArgument("ratchet " + FormatDuration(p.ratchet_s) +
+                             " is longer than the maximum " +
+                             FormatDuration(kMaxRatchetSeconds));
+    }
   }
   if (p.kdf != kKdfAesEcbV1) {
     return InvalidArgument("unknown KDF " + QuoteForMessage(p.kdf) +

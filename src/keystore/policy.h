@@ -16,6 +16,16 @@
 //   replicable yes|no             created with --replicable
 //   created <RFC 3339 time>       creation time
 //
+// Version 2 is version 1 with header "hsmstek-policy 2" and one more line:
+//
+//   ratchet <duration>            forward-secure ratchet interval: a
+//                                 multiple of the period, at most 7 days
+//
+// A policy with the default ratchet (ratchet_s == 0) is written as version
+// 1, so tokens provisioned before the ratchet existed read unchanged and
+// older readers keep reading default policies; version 1 means the
+// default: one day's worth of periods (DefaultRatchetPeriods).
+//
 // SerializePolicy writes canonical values (FormatDuration, FormatRfc3339
 // with "Z"); ParsePolicy also accepts any value those parsers accept (e.g.
 // "60m", "+02:00" offsets). A future version 2 gets a new header line;
@@ -32,6 +42,7 @@
 namespace hsmstek::keystore {
 
 inline constexpr char kPolicyHeader[] = "hsmstek-policy 1";
+inline constexpr char kPolicyHeaderV2[] = "hsmstek-policy 2";
 inline constexpr size_t kMaxPolicySize = 4096;
 // The only KDF: C_DeriveKey(CKM_AES_ECB_ENCRYPT_DATA) as in key_name.h.
 inline constexpr char kKdfAesEcbV1[] = "hstk-aes-ecb-v1";
@@ -47,6 +58,13 @@ inline constexpr int64_t kMaxDecryptWindowSeconds = 7 * 24 * 3600;
 // master, so the ratio bounds both the work an attacker can cause and the
 // token memory a store uses.
 inline constexpr int64_t kMaxWindowEpochs = 168;
+// The ratchet interval (how long one link of the forward-secure chain
+// serves, docs/DESIGN.md) is 1 to N periods and at most 7 days: a token
+// seized at T opens no ticket older than T - window - interval, so the
+// bound keeps that horizon within two weeks; and the first (default) day
+// matches the 24 h of a day's worth of periods.
+inline constexpr int64_t kMaxRatchetSeconds = 7 * 24 * 3600;
+inline constexpr int64_t kDefaultRatchetSeconds = 24 * 3600;
 
 struct Policy {
   int64_t period_s = 0;              // rotation period, seconds
@@ -56,15 +74,28 @@ struct Policy {
   std::string kdf = kKdfAesEcbV1;
   bool replicable = false;
   int64_t created_at = 0;  // Unix time
+  // Ratchet interval, seconds (a multiple of period_s); 0: the default,
+  // DefaultRatchetPeriods periods.
+  int64_t ratchet_s = 0;
 
   bool operator==(const Policy &) const = default;
 };
 
-// SerializePolicy returns the canonical version-1 text of `policy`. For a
+// DefaultRatchetPeriods returns max(1, floor(kDefaultRatchetSeconds /
+// period_s)): one day's worth of periods (one period when longer).
+int64_t DefaultRatchetPeriods(int64_t period_s);
+
+// RatchetPeriods returns r, the periods one link serves: ratchet_s /
+// period_s, or the default for ratchet_s == 0. At least 1 for a policy
+// that passes ValidatePolicy.
+uint64_t RatchetPeriods(const Policy &policy);
+
+// SerializePolicy returns the canonical version-1 text (version 2 when
+// ratchet_s is set) of `policy`. For a
 // policy that passes ValidatePolicy, ParsePolicy(SerializePolicy(p)) == p.
 std::string SerializePolicy(const Policy &policy);
 
-// ParsePolicy parses version-1 text and validates the result with
+// ParsePolicy parses version-1 or version-2 text and validates the result with
 // ValidatePolicy. Errors are kInvalidArgument; format errors name the line
 // ("policy line 3 (decrypt-window): ..."), semantic ones start with
 // "invalid policy: ".
@@ -74,9 +105,10 @@ Result<Policy> ParsePolicy(std::string_view text);
 // <= kMaxDecryptWindowSeconds, a multiple of period_s spanning at most
 // kMaxWindowEpochs periods; kdf is
 // kKdfAesEcbV1; not_before and created_at in [0, kMaxRfc3339Time];
-// retire_at, if set, in [1, kMaxRfc3339Time]. retire_at <= not_before is
-// allowed: it is a pending master retired before it ever activated.
-// Errors are kInvalidArgument naming the field.
+// retire_at, if set, in [1, kMaxRfc3339Time]; ratchet_s 0 or a positive
+// multiple of period_s of at most kMaxRatchetSeconds. retire_at <= not_before
+// is allowed: it is a pending master retired before it ever activated. Errors
+// are kInvalidArgument naming the field.
 Status ValidatePolicy(const Policy &policy);
 
 }  // namespace hsmstek::keystore

@@ -92,8 +92,19 @@ Status UpdatePolicy(p11::Session &session, const Master &master,
 }
 
 Status DestroyMaster(p11::Session &session, const Master &master) {
-  Status s = P11_CALL(session, C_DestroyObject, session.handle(), master.key);
-  if (!s.ok()) return s.WithContext("destroying the master");
+  std::vector<CK_OBJECT_HANDLE> keys;
+  for (const auto &[index, handle] : master.links) keys.push_back(handle);
+  for (const auto &[index, handle] : master.duplicate_links) {
+    keys.push_back(handle);
+  }
+  Status s;
+  for (CK_OBJECT_HANDLE h : keys) {
+    s = P11_CALL(session, C_DestroyObject, session.handle(), h);
+    // Another process's ratchet may have destroyed a link meanwhile.
+    if (!s.ok() && s.ckr() != CKR_OBJECT_HANDLE_INVALID) {
+      return s.WithContext("destroying the master");
+    }
+  }
   s = P11_CALL(session, C_DestroyObject, session.handle(),
                master.policy_object);
   if (!s.ok()) return s.WithContext("destroying the policy object");

@@ -32,7 +32,8 @@ namespace hsmstek::keystore {
 [[nodiscard]] Status UpdatePolicy(p11::Session &session, const Master &master,
                                   std::string_view label, const Policy &policy);
 
-// DestroyMaster destroys the master key and its policy object.
+// DestroyMaster destroys the master's ratchet links (link 0 is the master
+// key) and its policy objects.
 [[nodiscard]] Status DestroyMaster(p11::Session &session, const Master &master);
 
 // ImportLegacyKeys stores each key as a decrypt-only AES object, a

@@ -538,6 +538,22 @@ Result<Bundle> ExportMaster(p11::Session &session, std::string_view label,
         "no master " + HexEncode(id) + " in store \"" + std::string(label) +
         "\" (masters: " + (ids.empty() ? std::string("none") : ids) + ")");
   }
+  // A bundle carries link 0 (the master object). Once the current epoch
+  // uses a later ratchet link, link 0 would hand the receiver keys of
+  // tickets this token can no longer open (forward secrecy, docs/DESIGN.md):
+  // refused. Bundles of a later link are not implemented yet.
+  const std::optional<uint64_t> link =
+      master->LinkOf(EpochAt(options.now, master->policy.period_s));
+  if (master->key == CK_INVALID_HANDLE || (link && *link != 0)) {
+    return FailedPrecondition(
+        what + " has ratcheted to link " +
+        std::to_string(link.value_or(
+            master->links.empty() ? 0 : master->links.rbegin()->first)) +
+        ": a bundle would carry link 0, older than the current link; "
+        "exporting a ratcheted master is not supported yet (provision a new "
+        "--replicable master and export it within its first ratchet "
+        "interval)");
+  }
   // Read back rather than trust the policy text: the token decides.
   Result<bool> extractable = ReadFlag(session, master->key, CKA_EXTRACTABLE);
   if (!extractable.ok()) return extractable.status();

@@ -41,6 +41,8 @@ Result<std::shared_ptr<KeyStore>> KeyStore::Open(std::string_view uri_text,
       required.push_back(m);
     }
   }
+  // The ratchet derives and destroys token objects in every server.
+  options.token.read_write = true;
   Result<std::shared_ptr<p11::Token>> token =
       p11::Token::Create(*uri, options.token);
   if (!token.ok()) return token.status();
@@ -113,7 +115,11 @@ Status KeyStore::Load() {
   // happen in the background, not only when a handshake comes by.
   EnsureMaintenanceThread();
   Result<std::shared_ptr<const View>> view = CurrentView(/*force_reload=*/true);
-  return view.status();
+  if (!view.ok()) return view.status();
+  // One maintenance pass now: the ratchet catches up and the name table is
+  // filled before the first handshake (a decryption never computes names).
+  Maintain();
+  return Status::Ok();
 }
 
 Result<std::shared_ptr<const KeyStore::View>> KeyStore::CurrentView(
@@ -204,6 +210,30 @@ Status KeyStore::ReloadLocked() {
   Result<std::vector<LegacyKeyObjects>> legacy =
       LoadLegacyKeys(*session, label_, &skipped);
   if (!legacy.ok()) return legacy.status();
+  // Links the current and next epochs need are derived before the view is
+  // published (a cold start, or a server back from a pause): the view then
+  // always holds the active master's current link. Destruction waits for
+  // the maintenance pass.
+  {
+    View draft;
+    draft.generation = session->generation();
+    draft.masters = *masters;
+    const int64_t now = options_.clock->NowUnix();
+    std::vector<MasterState> states = ComputeStates(draft.masters, now);
+    bool derived = false;
+    for (size_t i = 0; i < draft.masters.size(); ++i) {
+      Status ignored;  // reported by the maintenance pass
+      derived |= RatchetLocked(draft, draft.masters[i], states[i], now,
+                               /*destroy=*/false, &ignored);
+    }
+    if (derived) {
+      skipped.clear();
+      masters = LoadMasters(*session, label_, &skipped);
+      if (!masters.ok()) return masters.status();
+      legacy = LoadLegacyKeys(*session, label_, &skipped);
+      if (!legacy.ok()) return legacy.status();
+    }
+  }
   LogSkippedLocked(skipped);
   last_reload_error_ = Status::Ok();
 
@@ -213,19 +243,141 @@ Status KeyStore::ReloadLocked() {
   view->loaded_at = options_.clock->NowUnix();
   view->masters = std::move(*masters);
   view->legacy = std::move(*legacy);
-  std::lock_guard<std::mutex> lock(mu_);
-  if (!view_ || view_->generation != view->generation) {
-    // Handles of another generation are dead: forget them, never reuse.
-    cache_.clear();
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (!view_ || view_->generation != view->generation) {
+      // Handles of another generation are dead: forget them, never reuse.
+      cache_.clear();
+    }
+    view_ = view;
   }
-  view_ = view;
   reloads_.fetch_add(1);
+  // The names of every acceptable epoch, before any lookup uses this view
+  // (missing ones only: one C_Sign per new epoch in steady state). Errors
+  // are the maintenance pass's to report.
+  (void)RefreshNames(*view, view->loaded_at);
   return Status::Ok();
+}
+
+std::optional<KeyName> KeyStore::CachedNameLocked(const StoreId &id,
+                                                  uint64_t epoch) const {
+  for (const NameEntry &e : names_) {
+    if (e.epoch == epoch && e.master == id) return KeyName{e.name};
+  }
+  return std::nullopt;
+}
+
+Status KeyStore::ComputeNames(const View &view, const Master &m, uint64_t first,
+                              uint64_t last) {
+  // By link: one name key per link, one C_Sign per epoch.
+  std::map<uint64_t, std::vector<uint64_t>> missing;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (uint64_t e = first; e <= last && e >= first; ++e) {
+      std::optional<uint64_t> j = m.LinkOf(e);
+      if (j && !CachedNameLocked(m.id, e)) missing[*j].push_back(e);
+    }
+  }
+  if (missing.empty()) return Status::Ok();
+  Result<p11::Session> session = token_->Acquire();
+  if (!session.ok()) return session.status();
+  if (session->generation() != view.generation) {
+    return Unavailable("token reconnected; reloading the store");
+  }
+  Status first_error;
+  std::vector<NameEntry> computed;
+  for (const auto &[j, epochs] : missing) {
+    auto link = m.links.find(j);
+    if (link == m.links.end()) {
+      if (first_error.ok()) {
+        first_error =
+            NotFound("ratchet link " + std::to_string(j) + " of master " +
+                     HexEncode(m.id) + " is not in the token");
+      }
+      continue;
+    }
+    Result<CK_OBJECT_HANDLE> key =
+        DeriveNameKey(*session, link->second, &refused_lockdown_);
+    if (!key.ok()) return key.status().WithContext("deriving a name key");
+    p11::ScopedObject owner(*session, *key);
+    for (uint64_t e : epochs) {
+      Result<KeyName> name = SignKeyName(*session, *key, e);
+      if (!name.ok()) return name.status().WithContext("computing a key name");
+      computed.push_back(NameEntry{name->bytes, m.id, e});
+    }
+  }
+  std::lock_guard<std::mutex> lock(mu_);
+  for (const NameEntry &n : computed) {
+    if (!CachedNameLocked(n.master, n.epoch)) names_.push_back(n);
+  }
+  return first_error;
+}
+
+Result<KeyName> KeyStore::NameOf(const StoreId &id, uint64_t epoch) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (std::optional<KeyName> n = CachedNameLocked(id, epoch)) return *n;
+  }
+  Result<std::shared_ptr<const View>> view = CurrentView(false);
+  if (!view.ok()) return view.status();
+  const Master *master = FindMaster((*view)->masters, id);
+  if (master == nullptr) {
+    return NotFound("no master " + HexEncode(id) + " in store " +
+                    QuoteForMessage(label_));
+  }
+  if (!master->LinkOf(epoch)) {
+    return NotFound("epoch " + std::to_string(epoch) +
+                    " is before the activation of master " + HexEncode(id));
+  }
+  Status s = ComputeNames(**view, *master, epoch, epoch);
+  if (!s.ok()) return s;
+  std::lock_guard<std::mutex> lock(mu_);
+  if (std::optional<KeyName> n = CachedNameLocked(id, epoch)) return *n;
+  return Internal("key name computed but not recorded");
+}
+
+size_t KeyStore::known_names() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return names_.size();
+}
+
+uint64_t KeyStore::OldestAcceptable(const Master &m, int64_t now) const {
+  // Skew grace at the old end: a ticket at the last second of its lifetime
+  // still resumes on a server whose clock is ahead by less than the
+  // tolerance. Capped at one period so the name table and the links kept
+  // grow by one epoch at most.
+  const int64_t grace =
+      std::clamp<int64_t>(clock_skew_s_.load(), 0, m.policy.period_s);
+  const uint64_t n_old = EpochAt(now - grace, m.policy.period_s);
+  const uint64_t window_epochs =
+      static_cast<uint64_t>(m.policy.decrypt_window_s / m.policy.period_s);
+  const uint64_t oldest = n_old > window_epochs ? n_old - window_epochs : 0;
+  return std::max(oldest, m.first_epoch());
 }
 
 Result<TicketKeys> KeyStore::KeysFor(const View &view, const Master &master,
                                      uint64_t epoch, bool old) {
-  KeyName name = MakeKeyName(master.id, epoch);
+  std::optional<KeyName> cached_name;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    cached_name = CachedNameLocked(master.id, epoch);
+  }
+  if (!cached_name) {
+    // Maintenance computes names ahead; only a first ticket before the
+    // first pass (or a pass that failed) gets here, never a decryption.
+    Status s = ComputeNames(view, master, epoch, epoch);
+    if (!s.ok()) return s;
+    std::lock_guard<std::mutex> lock(mu_);
+    cached_name = CachedNameLocked(master.id, epoch);
+    if (!cached_name) return Internal("key name computed but not recorded");
+  }
+  const KeyName name = *cached_name;
+  const CK_OBJECT_HANDLE link = master.LinkFor(epoch);
+  if (link == CK_INVALID_HANDLE) {
+    return NotFound("the ratchet link of epoch " + std::to_string(epoch) +
+                    " of master " + HexEncode(master.id) +
+                    " is not in the token");
+  }
   auto from_entry = [&](const CacheEntry &e) {
     return TicketKeys{name, e.keys.aes, e.keys.hmac, e.generation,
                       master.policy.decrypt_window_s};
@@ -268,7 +420,7 @@ Result<TicketKeys> KeyStore::KeysFor(const View &view, const Master &master,
       return Unavailable("token reconnected; reloading the store");
     }
     Result<DerivedKeys> keys =
-        DeriveEpochKeys(session, master.key, epoch, &refused_lockdown_);
+        DeriveEpochKeys(session, link, epoch, &refused_lockdown_);
     if (!keys.ok()) return keys.status();
     derived = *keys;
     return Status::Ok();
@@ -314,7 +466,20 @@ DecryptLookup KeyStore::KeysForDecrypt(const KeyName &name) {
   const int64_t now = options_.clock->NowUnix();
   const int64_t skew = clock_skew_s_.load();
 
-  const Master *master = FindMaster(v.masters, KeyNameStoreId(name));
+  // The name table holds every name we may accept: an unknown name costs
+  // no token call. Every entry is compared (constant time, no early exit).
+  NameEntry hit;
+  bool found = false;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (const NameEntry &entry : names_) {
+      if (ConstantTimeEqual(entry.name, name.bytes)) {
+        hit = entry;
+        found = true;
+      }
+    }
+  }
+  const Master *master = found ? FindMaster(v.masters, hit.master) : nullptr;
   if (master == nullptr) {
     for (const LegacyKeyObjects &legacy : v.legacy) {
       if (!ConstantTimeEqual(legacy.name.bytes, name.bytes)) continue;
@@ -343,9 +508,7 @@ DecryptLookup KeyStore::KeysForDecrypt(const KeyName &name) {
     return out;
   }
   const uint64_t n = EpochAt(now, policy.period_s);
-  const uint64_t e = KeyNameEpoch(name);
-  const uint64_t window_epochs =
-      static_cast<uint64_t>(policy.decrypt_window_s / policy.period_s);
+  const uint64_t e = hit.epoch;
   DecryptVerdict verdict;
   if (e > n + 1) {
     verdict = DecryptVerdict::kFuture;
@@ -356,7 +519,7 @@ DecryptLookup KeyStore::KeysForDecrypt(const KeyName &name) {
   } else if (e == n) {
     verdict = state == KeyState::kActive ? DecryptVerdict::kCurrent
                                          : DecryptVerdict::kOld;
-  } else if (n - e <= window_epochs) {
+  } else if (e >= OldestAcceptable(*master, now)) {
     verdict = DecryptVerdict::kOld;
   } else {
     verdict = DecryptVerdict::kExpired;
@@ -372,7 +535,10 @@ DecryptLookup KeyStore::KeysForDecrypt(const KeyName &name) {
   Result<TicketKeys> keys =
       KeysFor(v, *master, e, /*old=*/verdict == DecryptVerdict::kOld);
   if (!keys.ok()) {
-    out.verdict = DecryptVerdict::kUnavailable;
+    // Its link is gone: the ratchet has forgotten that epoch for good.
+    out.verdict = keys.status().code() == ErrorCode::kNotFound
+                      ? DecryptVerdict::kExpired
+                      : DecryptVerdict::kUnavailable;
     out.error = keys.status();
     return out;
   }
@@ -435,9 +601,8 @@ void KeyStore::EvictLocked(const View &view, int64_t now) {
     if (e.generation == view.generation) {
       if (const Master *m = FindMaster(view.masters, e.master)) {
         uint64_t n = EpochAt(now, m->policy.period_s);
-        uint64_t window_epochs = static_cast<uint64_t>(
-            m->policy.decrypt_window_s / m->policy.period_s);
-        keep = e.epoch + window_epochs >= n && e.epoch <= n + 1;
+        keep = e.epoch >= OldestAcceptable(*m, now) && e.epoch <= n + 1 &&
+               m->LinkFor(e.epoch) != CK_INVALID_HANDLE;
       }
     }
     if (!keep && e.generation == view.generation) {
@@ -475,6 +640,148 @@ void KeyStore::DestroyEvicted(uint64_t pass) {
   });
 }
 
+bool KeyStore::RatchetLocked(const View &view, const Master &m,
+                             const MasterState &state, int64_t now,
+                             bool destroy, Status *error) {
+  // Pending masters need only link 0; a retired master's links go with
+  // `hsmstek destroy`.
+  if (state.state == KeyState::kPending || state.state == KeyState::kRetired ||
+      m.links.empty()) {
+    return false;
+  }
+  const uint64_t n = EpochAt(now, m.policy.period_s);
+  // The next epoch's link exists before its first epoch (active master
+  // only: a superseded one issues nothing new).
+  std::optional<uint64_t> want_top;
+  if (state.state == KeyState::kActive) want_top = m.LinkOf(n + 1);
+  const std::optional<uint64_t> keep_from = m.LinkOf(OldestAcceptable(m, now));
+  Result<p11::Session> session = token_->Acquire();
+  if (!session.ok()) {
+    *error = session.status();
+    return false;
+  }
+  if (session->generation() != view.generation) return false;
+  bool changed = false;
+  uint64_t top = m.links.rbegin()->first;
+  CK_OBJECT_HANDLE top_handle = m.links.rbegin()->second;
+  // A server back from a long pause catches up a bounded number of links
+  // per pass (one pass a second): maintenance stays short.
+  for (int steps = 0; want_top && top < *want_top && steps < kMaxRatchetSteps;
+       ++steps) {
+    const LinkId id = MakeLinkId(m.id, top + 1);
+    // Another server may have derived it since this view was loaded: same
+    // value either way, but one object is enough.
+    p11::Template find;
+    find.Ulong(CKA_CLASS, CKO_SECRET_KEY)
+        .Ulong(CKA_KEY_TYPE, CKK_AES)
+        .String(CKA_LABEL, label_)
+        .Data(CKA_ID, id);
+    Result<std::vector<CK_OBJECT_HANDLE>> found =
+        p11::FindObjects(*session, find, 1);
+    if (!found.ok()) {
+      *error = found.status();
+      return changed;
+    }
+    CK_OBJECT_HANDLE next;
+    if (!found->empty()) {
+      next = found->front();
+    } else {
+      Result<CK_OBJECT_HANDLE> derived =
+          DeriveLink(*session, top_handle, top + 1, label_, m.id,
+                     m.policy.replicable, &refused_lockdown_);
+      if (!derived.ok()) {
+        *error = derived.status().WithContext("ratchet of master " +
+                                              HexEncode(m.id));
+        return changed;
+      }
+      next = *derived;
+      links_derived_.fetch_add(1);
+    }
+    changed = true;
+    ++top;
+    top_handle = next;
+  }
+  if (!keep_from || !destroy) return changed;
+  // The highest link is never destroyed: the chain continues from it.
+  const uint64_t destroy_below = std::min(*keep_from, top);
+  std::set<uint64_t> doomed;
+  for (const auto &[j, h] : m.links) {
+    if (j < destroy_below) doomed.insert(j);
+  }
+  for (const auto &[j, h] : m.duplicate_links) {
+    if (j < destroy_below) doomed.insert(j);
+  }
+  for (uint64_t j : doomed) {
+    // Found again right before: another server may have destroyed it since
+    // this view was loaded, and a stale handle reads as a lost token.
+    const LinkId link_id = MakeLinkId(m.id, j);
+    p11::Template find;
+    find.Ulong(CKA_CLASS, CKO_SECRET_KEY)
+        .Ulong(CKA_KEY_TYPE, CKK_AES)
+        .String(CKA_LABEL, label_);
+    if (j == 0) {
+      find.Data(CKA_ID, m.id);
+    } else {
+      find.Data(CKA_ID, link_id);
+    }
+    Result<std::vector<CK_OBJECT_HANDLE>> found =
+        p11::FindObjects(*session, find);
+    if (!found.ok()) {
+      if (error->ok()) *error = found.status();
+      return changed;
+    }
+    for (CK_OBJECT_HANDLE h : *found) {
+      Status s = P11_CALL(*session, C_DestroyObject, session->handle(), h);
+      // Several servers destroy the same links: already gone is done.
+      if (s.ok()) {
+        links_destroyed_.fetch_add(1);
+      } else if (s.ckr() != CKR_OBJECT_HANDLE_INVALID && error->ok()) {
+        *error = s.WithContext("destroying an old ratchet link of master " +
+                               HexEncode(m.id));
+      }
+    }
+    changed = true;
+  }
+  return changed;
+}
+
+Status KeyStore::RefreshNames(const View &v, int64_t now) {
+  Status first_error;
+  std::vector<MasterState> states = ComputeStates(v.masters, now);
+  // The name table: every epoch a ticket may name (window, skew grace,
+  // next epoch), so that lookups never call the token.
+  std::vector<std::pair<uint64_t, uint64_t>> ranges(v.masters.size(),
+                                                    {1, 0});  // empty
+  for (size_t i = 0; i < v.masters.size(); ++i) {
+    const Master &m = v.masters[i];
+    const uint64_t n = EpochAt(now, m.policy.period_s);
+    if (states[i].state == KeyState::kActive ||
+        states[i].state == KeyState::kDecryptOnly) {
+      ranges[i] = {OldestAcceptable(m, now), n + 1};
+    } else if (states[i].state == KeyState::kPending &&
+               m.policy.not_before - now <= m.policy.period_s) {
+      ranges[i] = {m.first_epoch(), m.first_epoch()};
+    }
+    if (ranges[i].first > ranges[i].second) continue;
+    Status s = ComputeNames(v, m, ranges[i].first, ranges[i].second);
+    if (!s.ok() && s.code() != ErrorCode::kNotFound && first_error.ok()) {
+      first_error = s;
+    }
+  }
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    std::vector<NameEntry> kept;
+    for (const NameEntry &e : names_) {
+      const Master *m = FindMaster(v.masters, e.master);
+      if (m == nullptr) continue;
+      const auto &[lo, hi] = ranges[m - v.masters.data()];
+      if (e.epoch >= lo && e.epoch <= hi) kept.push_back(e);
+    }
+    names_.swap(kept);
+  }
+  return first_error;
+}
+
 void KeyStore::Maintain() {
   Result<std::shared_ptr<const View>> view = CurrentView(false);
   if (!view.ok()) {
@@ -482,9 +789,31 @@ void KeyStore::Maintain() {
     return;
   }
   Status first_error;
+  int64_t now = options_.clock->NowUnix();
+  // The ratchet first: links derived or destroyed mean a fresh view.
+  bool changed = false;
+  {
+    std::lock_guard<std::mutex> load_lock(load_mu_);
+    const View &v = **view;
+    std::vector<MasterState> states = ComputeStates(v.masters, now);
+    for (size_t i = 0; i < v.masters.size(); ++i) {
+      Status error;
+      changed |= RatchetLocked(v, v.masters[i], states[i], now,
+                               /*destroy=*/true, &error);
+      if (!error.ok() && first_error.ok()) first_error = error;
+    }
+  }
+  if (changed) {
+    view = CurrentView(/*force_reload=*/true);
+    if (!view.ok()) {
+      ReportBackground(view.status());
+      return;
+    }
+  }
   const View &v = **view;
-  const int64_t now = options_.clock->NowUnix();
   std::vector<MasterState> states = ComputeStates(v.masters, now);
+  Status names = RefreshNames(v, now);
+  if (!names.ok() && first_error.ok()) first_error = names;
   for (size_t i = 0; i < v.masters.size(); ++i) {
     const Master &m = v.masters[i];
     uint64_t n = EpochAt(now, m.policy.period_s);
@@ -497,8 +826,7 @@ void KeyStore::Maintain() {
       }
     } else if (states[i].state == KeyState::kPending &&
                m.policy.not_before - now <= m.policy.period_s) {
-      Result<TicketKeys> keys =
-          KeysFor(v, m, EpochAt(m.policy.not_before, m.policy.period_s));
+      Result<TicketKeys> keys = KeysFor(v, m, m.first_epoch());
       if (!keys.ok() && first_error.ok()) first_error = keys.status();
     }
   }
@@ -539,7 +867,20 @@ Result<StoreSnapshot> KeyStore::Describe() {
     info.superseded_at = states[i].superseded_at;
     info.extractable = m.extractable;
     info.current_epoch = EpochAt(out.now, m.policy.period_s);
-    info.current_name = MakeKeyName(m.id, info.current_epoch);
+    // Status only (never the ticket path): may compute it in the token.
+    if (m.LinkFor(info.current_epoch) != CK_INVALID_HANDLE) {
+      Result<KeyName> name = NameOf(m.id, info.current_epoch);
+      if (name.ok()) info.current_name = *name;
+    }
+    info.ratchet_periods = RatchetPeriods(m.policy);
+    info.current_link = m.LinkOf(info.current_epoch);
+    for (const auto &[j, h] : m.links) info.links.push_back(j);
+    if (!m.links.empty()) {
+      info.horizon =
+          EpochStart(LinkFirstEpoch(m.links.begin()->first, m.first_epoch(),
+                                    info.ratchet_periods),
+                     m.policy.period_s);
+    }
     info.next_rotation = EpochStart(info.current_epoch + 1, m.policy.period_s);
     info.protections = m.protections;
     out.masters.push_back(info);
@@ -557,7 +898,7 @@ Result<StoreSnapshot> KeyStore::Describe() {
 }
 
 Result<std::array<uint8_t, kCheckValueSize>> KeyStore::CheckValue(
-    const StoreId &id) {
+    const StoreId &id, uint64_t *link) {
   Result<std::shared_ptr<const View>> view = CurrentView(false);
   if (!view.ok()) return view.status();
   const Master *master = FindMaster((*view)->masters, id);
@@ -565,12 +906,26 @@ Result<std::array<uint8_t, kCheckValueSize>> KeyStore::CheckValue(
     return NotFound("no master " + HexEncode(id) + " in store " +
                     QuoteForMessage(label_));
   }
+  if (master->links.empty()) {
+    return NotFound("master " + HexEncode(id) + " has no ratchet link left");
+  }
+  // The current epoch's link; before activation (or when it is not
+  // derived yet) the oldest present.
+  auto it = master->links.begin();
+  const uint64_t n =
+      EpochAt(options_.clock->NowUnix(), master->policy.period_s);
+  if (std::optional<uint64_t> j = master->LinkOf(n)) {
+    if (auto found = master->links.find(*j); found != master->links.end()) {
+      it = found;
+    }
+  }
+  if (link != nullptr) *link = it->first;
   Result<p11::Session> session = token_->Acquire();
   if (!session.ok()) return session.status();
   if (session->generation() != (*view)->generation) {
     return Unavailable("token reconnected; try again");
   }
-  return ComputeCheckValue(*session, master->key, &refused_lockdown_);
+  return ComputeCheckValue(*session, it->second, &refused_lockdown_);
 }
 
 void KeyStore::EnsureMaintenanceThread() {

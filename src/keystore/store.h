@@ -3,10 +3,12 @@
 // It finds the store's masters and legacy keys, computes their states from
 // the policies and the injected clock, derives per-epoch keys inside the
 // token on demand, and caches their handles by key name (bounded: decrypt
-// window / period + 2 per master). A maintenance pass (a background thread
-// by default, or Maintain() from tests) re-reads the token every
-// refresh interval, derives the next epoch's keys ahead of the boundary and
-// evicts keys that left the window.
+// window / period + 3 per master, the skew grace included). A maintenance
+// pass (a background thread by default, or Maintain() from tests) re-reads
+// the token every refresh interval, moves the forward-secure ratchet (links
+// derived ahead, unused ones destroyed), keeps the table of acceptable key
+// names, derives the next epoch's keys ahead of the boundary and evicts
+// keys that left the window. Opaque names and the ratchet: docs/DESIGN.md.
 //
 // Handles are only valid for one token generation: after a reconnect (or in
 // a forked child) everything is reloaded, never reused.
@@ -82,9 +84,19 @@ struct MasterInfo {
   std::optional<int64_t> superseded_at;
   bool extractable = false;
   uint64_t current_epoch = 0;
+  // The name of the current epoch (all zero when it could not be computed:
+  // its link is gone, or the token failed).
   KeyName current_name;
   int64_t next_rotation = 0;  // start of the next epoch
   Protections protections;    // as read back
+  // Ratchet (docs/DESIGN.md): periods per link, the current epoch's link
+  // (nullopt before activation), the links present in the token, and the
+  // forward-secrecy horizon: the start of the oldest epoch whose tickets
+  // this token can still open (nullopt: no link left).
+  uint64_t ratchet_periods = 0;
+  std::optional<uint64_t> current_link;
+  std::vector<uint64_t> links;
+  std::optional<int64_t> horizon;
 };
 
 struct LegacyInfo {
@@ -124,7 +136,9 @@ class KeyStore final : public atfork::Participant {
   void ForkChild(atfork::Rank rank) override;
   KeyStore &operator=(const KeyStore &) = delete;
 
-  // Connects if needed and (re)reads masters and legacy keys now.
+  // Connects if needed, (re)reads masters and legacy keys now and runs one
+  // maintenance pass (ratchet, name table, current and next epoch keys);
+  // errors of that pass are logged, not returned.
   [[nodiscard]] Status Load();
 
   // KeysForEncrypt returns the current epoch's keys of the active master,
@@ -143,9 +157,19 @@ class KeyStore final : public atfork::Participant {
   // Describes masters (with states) and legacy keys, reloading if stale.
   [[nodiscard]] Result<StoreSnapshot> Describe();
 
-  // Computes the check value of master `id` (SPEC §4).
+  // Computes the check value of master `id` (SPEC §4) on the link of the
+  // current epoch (the oldest link present before activation). Two tokens
+  // at the same link show the same value. `*link` gets its index.
   [[nodiscard]] Result<std::array<uint8_t, kCheckValueSize>> CheckValue(
-      const StoreId &id);
+      const StoreId &id, uint64_t *link = nullptr);
+
+  // NameOf returns the key name of `epoch` of master `id`: from the name
+  // table, else computed in the token (one derivation and one C_Sign; never
+  // called on the decrypt path). kNotFound when the epoch's link is gone.
+  [[nodiscard]] Result<KeyName> NameOf(const StoreId &id, uint64_t epoch);
+
+  // Number of names in the name table (for tests of the bound).
+  size_t known_names() const;
 
   const std::string &label() const { return label_; }
   const std::shared_ptr<p11::Token> &token() const { return token_; }
@@ -155,6 +179,9 @@ class KeyStore final : public atfork::Participant {
 
   // Counters since open.
   uint64_t derivations() const { return derivations_.load(); }
+  // Ratchet links derived and destroyed by this store.
+  uint64_t links_derived() const { return links_derived_.load(); }
+  uint64_t links_destroyed() const { return links_destroyed_.load(); }
   uint64_t reloads() const { return reloads_.load(); }
   // Exceptions stopped inside the store (a failed maintenance thread start).
   uint64_t exceptions() const { return exceptions_.load(); }
@@ -175,6 +202,14 @@ class KeyStore final : public atfork::Participant {
     std::vector<Master> masters;
     std::vector<LegacyKeyObjects> legacy;
     std::vector<SkippedObject> skipped;
+  };
+  // One entry of the name table: the names of every epoch a server may
+  // accept, computed in maintenance so that an unknown name costs no token
+  // call.
+  struct NameEntry {
+    std::array<uint8_t, kKeyNameSize> name{};
+    StoreId master{};
+    uint64_t epoch = 0;
   };
   struct CacheEntry {
     DerivedKeys keys;
@@ -203,6 +238,26 @@ class KeyStore final : public atfork::Participant {
   Result<TicketKeys> KeysFor(const View &view, const Master &master,
                              uint64_t epoch, bool old = false);
   void EvictLocked(const View &view, int64_t now);
+  // The oldest epoch of `m` still acceptable at `now` (decrypt window plus
+  // the skew grace, never before activation).
+  uint64_t OldestAcceptable(const Master &m, int64_t now) const;
+  // Ratchet maintenance of one master: derives links forward up to the one
+  // of the next epoch, destroys links (and duplicates) no acceptable epoch
+  // uses. True when it changed the token (the view must be reloaded).
+  // `destroy` false: derive only (a reload does that; the maintenance pass
+  // destroys).
+  bool RatchetLocked(const View &view, const Master &m,
+                     const MasterState &state, int64_t now, bool destroy,
+                     Status *error);
+  // Brings the name table to the epochs each master may accept at `now`
+  // (computing the missing names in the token, dropping the others).
+  Status RefreshNames(const View &view, int64_t now);
+  // Computes the names of [first, last] of `m` missing from the table.
+  Status ComputeNames(const View &view, const Master &m, uint64_t first,
+                      uint64_t last);
+  // The cached name of (master, epoch), if any (mu_ held).
+  std::optional<KeyName> CachedNameLocked(const StoreId &id,
+                                          uint64_t epoch) const;
   // Destroys evicted key pairs that have waited a full maintenance pass.
   void DestroyEvicted(uint64_t pass);
   // Starts the maintenance thread if this process has none. Never throws.
@@ -220,6 +275,7 @@ class KeyStore final : public atfork::Participant {
   mutable std::mutex mu_;  // guards view_ and cache_
   std::shared_ptr<const View> view_;
   std::map<NameBytes, CacheEntry> cache_;
+  std::vector<NameEntry> names_;  // guarded by mu_
   // Pairs evicted from cache_ (guarded by mu_), destroyed in the token a
   // maintenance pass later: session objects would otherwise pile up, two
   // per epoch, until the session closes.
@@ -233,6 +289,8 @@ class KeyStore final : public atfork::Participant {
 
   std::atomic<uint64_t> derivations_{0};
   std::atomic<uint64_t> reloads_{0};
+  std::atomic<uint64_t> links_derived_{0};
+  std::atomic<uint64_t> links_destroyed_{0};
   // Lock-down attributes the token refused on derived keys (CreateKey).
   std::atomic<unsigned> refused_lockdown_{0};
 

@@ -47,6 +47,10 @@ class ReloadBackoff {
 // active master are never limited.
 inline constexpr uint32_t kMaxOldDerivationsPerSecond = 8;
 
+// Ratchet links a maintenance pass derives at most (a server back from a
+// long pause catches up over several passes, one a second).
+inline constexpr int kMaxRatchetSteps = 64;
+
 // DerivationBudget counts old-epoch derivations per second. Not
 // thread-safe: the store calls it under its load lock.
 class DerivationBudget {

@@ -98,20 +98,20 @@ done
 for v in 1.2 1.3; do
   tls "${port[a]}" "$v" "$tmp/a$v"
   check "tls${v}_a_issues_ticket_under_replicated_master" a \
-    fresh_ticket "$tmp/a$v" "$id"
+    fresh_ticket "$tmp/a$v" "$id" "$a_conf" "$a_uri"
   tls "${port[b]}" "$v" "$tmp/ab$v" "$tmp/a$v.pem"
   check "tls${v}_ticket_from_a_resumes_on_b" b resumed "$tmp/ab$v"
 
   tls "${port[b]}" "$v" "$tmp/b$v"
   check "tls${v}_b_issues_ticket_under_replicated_master" b \
-    fresh_ticket "$tmp/b$v" "$id"
+    fresh_ticket "$tmp/b$v" "$id" "$b_conf" "$b_uri"
   tls "${port[a]}" "$v" "$tmp/ba$v" "$tmp/b$v.pem"
   check "tls${v}_ticket_from_b_resumes_on_a" a resumed "$tmp/ba$v"
 
   # Control: C's own master (same label, other key) cannot open A's ticket.
   tls "${port[c]}" "$v" "$tmp/ac$v" "$tmp/a$v.pem"
   check "tls${v}_ticket_from_a_not_resumed_by_other_master" c \
-    fresh_ticket "$tmp/ac$v" "$c_id"
+    fresh_ticket "$tmp/ac$v" "$c_id" "$c_conf" "$c_uri"
 done
 
 for n in a b c; do stop_nginx "$n"; done

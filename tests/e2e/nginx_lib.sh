@@ -222,11 +222,26 @@ ticket_name() {
   awk '/TLS session ticket:/ { getline; name = substr($0, 12, 47) }
        END { print name }' <<<"$text" | tr -d ' -'
 }
-# ticket_of OUT STORE_ID: the session holds a ticket sealed under that store.
-ticket_of() { local n; n=$(ticket_name "$1"); [ "${n:0:16}" = "$2" ]; }
-# fresh_ticket OUT STORE_ID: a full handshake that got a ticket of that
-# store.
-fresh_ticket() { full "$1" && ticket_of "$1" "$2"; }
+# key_name_now STORE_ID [CONF URI]: the current (opaque, version 2) key
+# name of master STORE_ID, from `hsmstek status --json` (default token:
+# TOKEN_CONF / TOKEN_URI).
+key_name_now() {
+  SOFTHSM2_CONF=${2:-${TOKEN_CONF:-}} "$cli" status --json "${3:-${TOKEN_URI:-}}" \
+    2>/dev/null | python3 -c 'import json, sys
+for s in json.load(sys.stdin)["stores"]:
+    if s["id"] == sys.argv[1]:
+        print(s["current_key_name"])' "$1"
+}
+# ticket_of OUT STORE_ID [CONF URI]: the session holds a ticket sealed under
+# that master now (names are opaque: compared with the name status shows).
+ticket_of() {
+  local n
+  n=$(ticket_name "$1")
+  [ -n "$n" ] && [ "$n" = "$(key_name_now "$2" "${3:-}" "${4:-}")" ]
+}
+# fresh_ticket OUT STORE_ID [CONF URI]: a full handshake that got a ticket
+# of that master.
+fresh_ticket() { full "$1" && ticket_of "$@"; }
 # full_no_ticket OUT: a full handshake that got no ticket at all.
 full_no_ticket() { full "$1" && [ -z "$(ticket_name "$1")" ]; }
 # not_in_log NAME TEXT: nginx NAME's error log does not contain TEXT.

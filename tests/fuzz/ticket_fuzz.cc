@@ -148,8 +148,11 @@ Rig *MakeRig(int version) {
     Fail(version, "first handshake: " + full.error);
   }
   rig->genuine = testing::TicketOf(full.session.get());
-  if (rig->genuine.size() < 16 + 16 + 16 + 32 ||
-      std::memcmp(rig->genuine.data(), rig->store_id.data(), 8) != 0) {
+  // Names are opaque (version 2): the store's name of the current epoch.
+  Result<keystore::KeyName> name = (*store)->NameOf(
+      rig->store_id, keystore::EpochAt(rig->clock.NowUnix(), kFuzzPeriod));
+  if (rig->genuine.size() < 16 + 16 + 16 + 32 || !name.ok() ||
+      std::memcmp(rig->genuine.data(), name->bytes.data(), 16) != 0) {
     Fail(version, "first handshake issued no ticket of the store");
   }
   rig->base = std::move(full.session);
@@ -172,7 +175,9 @@ void CheckInput(Rig &rig, ByteSpan input) {
   Bytes ticket(input.begin(), input.end());
   if (ticket.size() >= 8 &&
       std::memcmp(ticket.data(), kStoreIdPlaceholder, 8) == 0) {
-    std::memcpy(ticket.data(), rig.store_id.data(), 8);
+    // The placeholder stood for the store id, the first half of a
+    // version-1 name; names are opaque now: the first half of ours.
+    std::memcpy(ticket.data(), rig.genuine.data(), 8);
   }
   testing::UniqueSslSession offer = testing::WithTicket(rig.base.get(), ticket);
   if (!offer) Fail(rig.version, "WithTicket could not encode the session");

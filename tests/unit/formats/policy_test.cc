@@ -120,8 +120,12 @@ TEST(Policy, SizeAndBytes) {
 
 TEST(Policy, Header) {
   EXPECT_TRUE(
+      IsInvalid(ParsePolicy(ReplaceLine(1, "hsmstek-policy 3\n")).status(),
+                "policy line 1: unsupported policy version \"3\""));
+  // Version 2 needs its ratchet line.
+  EXPECT_TRUE(
       IsInvalid(ParsePolicy(ReplaceLine(1, "hsmstek-policy 2\n")).status(),
-                "policy line 1: unsupported policy version \"2\""));
+                "missing key \"ratchet\""));
   EXPECT_TRUE(IsInvalid(ParsePolicy(ReplaceLine(1, "hello\n")).status(),
                         "policy line 1: expected header \"hsmstek-policy 1\""));
   EXPECT_TRUE(IsInvalid(ParsePolicy(ReplaceLine(1, "")).status(),
@@ -279,6 +283,47 @@ TEST(ValidatePolicy, KdfAndTimes) {
   EXPECT_TRUE(IsInvalid(ValidatePolicy(p), "created -5 is out of range"));
   p.created_at = kMaxRfc3339Time;
   EXPECT_TRUE(ValidatePolicy(p).ok());
+}
+
+}  // namespace
+}  // namespace hsmstek::keystore
+
+namespace hsmstek::keystore {
+namespace {
+
+// Version 1 (written before the ratchet) reads as the default: one day's
+// worth of periods; version 2 carries an explicit interval, round-trips,
+// and is validated.
+TEST(Policy, RatchetVersions) {
+  Result<Policy> v1 = ParsePolicy(kSampleText);
+  ASSERT_TRUE(v1.ok());
+  EXPECT_EQ(v1->ratchet_s, 0);
+  EXPECT_EQ(RatchetPeriods(*v1), static_cast<uint64_t>(86400 / v1->period_s));
+  EXPECT_EQ(DefaultRatchetPeriods(3600), 24);
+  EXPECT_EQ(DefaultRatchetPeriods(7 * 86400), 1);
+  EXPECT_EQ(DefaultRatchetPeriods(5000), 17);
+
+  Policy p = Sample();
+  p.ratchet_s = 6 * p.period_s;
+  const std::string text = SerializePolicy(p);
+  EXPECT_EQ(text.substr(0, 17), "hsmstek-policy 2\n");
+  EXPECT_NE(text.find("\nratchet "), std::string::npos) << text;
+  Result<Policy> back = ParsePolicy(text);
+  ASSERT_TRUE(back.ok()) << back.status().message();
+  EXPECT_EQ(*back, p);
+  EXPECT_EQ(RatchetPeriods(*back), 6u);
+
+  Policy bad = Sample();
+  bad.ratchet_s = bad.period_s + 1;
+  EXPECT_TRUE(IsInvalid(ValidatePolicy(bad), "is not a positive multiple"));
+  bad.ratchet_s = 8 * 86400 - (8 * 86400) % bad.period_s;
+  EXPECT_TRUE(IsInvalid(ValidatePolicy(bad), "longer than the maximum"));
+  bad.ratchet_s = -bad.period_s;
+  EXPECT_FALSE(ValidatePolicy(bad).ok());
+  // An explicit zero is not the default: version 2 names a real interval.
+  std::string zero = text;
+  zero.replace(zero.find("\nratchet ") + 9, std::string::npos, "0s\n");
+  EXPECT_TRUE(IsInvalid(ParsePolicy(zero).status(), "policy line 9 (ratchet)"));
 }
 
 }  // namespace
