@@ -22,6 +22,7 @@
 
 #include <openssl/ssl.h>
 
+#include <array>
 #include <atomic>
 #include <cstdint>
 #include <vector>
@@ -37,6 +38,10 @@ struct CtxHooks {
   std::vector<uint8_t> declared;  // from hsmstek_ssl_ctx_set_policy
   PolicyDigest policy{};
   PolicyFingerprint fingerprint;
+  // The session id context install set: SHA-256 of the policy digest and
+  // the server certificates.
+  std::array<uint8_t, SSL_MAX_SID_CTX_LENGTH> sid_ctx{};
+  unsigned int sid_ctx_length = 0;
   // The SSL_CTX's info callback before ours.
   void (*previous_info_cb)(const SSL *, int, int) = nullptr;
   std::atomic<bool> drift_logged{false};
