@@ -101,15 +101,16 @@ bool PolicyHolds(CtxHooks &hooks, const SSL *ssl) {
   return false;
 }
 
-// OpenSSL makes TLS 1.3 tickets stateful (in-memory, not sealed in the
-// token) when early data is on with its anti-replay cache: never let it.
-// Runs when the handshake starts (before OpenSSL picks stateful ticket
-// lookup for the ClientHello) and again when a ticket is issued.
+// Early data only where the current SSL_CTX opted in: otherwise a recorded
+// 0-RTT flight replays on every server sharing the store (with
+// SSL_OP_NO_ANTI_REPLAY, which nginx always sets), or OpenSSL makes TLS 1.3
+// tickets in-memory ones (without it). The SSL's max_early_data is copied
+// from the SSL_CTX it was created with and SSL_set_SSL_CTX keeps it, so a
+// server picked by SNI inherits the default server's. Runs when the
+// handshake starts, when a ticket is opened (before OpenSSL decides on the
+// early data) and when one is issued.
 void GuardEarlyData(TicketContext &context, SSL *ssl) {
-  if (SSL_get_max_early_data(ssl) == 0 ||
-      (SSL_get_options(ssl) & SSL_OP_NO_ANTI_REPLAY) != 0) {
-    return;
-  }
+  if (SSL_get_max_early_data(ssl) == 0) return;
   if (context.options.allow_early_data) {
     SSL_set_options(ssl, SSL_OP_NO_ANTI_REPLAY);
     return;
@@ -201,6 +202,9 @@ SSL_TICKET_RETURN DecryptTicketHook(SSL *ssl, SSL_SESSION *session,
                                     size_t /*key_name_len*/,
                                     SSL_TICKET_STATUS status,
                                     void * /*arg*/) noexcept {
+  if (TicketContext *context = TicketContextOf(ssl)) {
+    GuardEarlyData(*context, ssl);
+  }
   switch (status) {
     case SSL_TICKET_SUCCESS:
     case SSL_TICKET_SUCCESS_RENEW:

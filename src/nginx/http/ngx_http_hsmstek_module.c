@@ -314,6 +314,11 @@ static int ngx_http_hsmstek_client_hello(ngx_ssl_conn_t *ssl_conn, int *al,
   SSL_clear_options(ssl_conn,
                     SSL_get_options(ssl_conn) & ~SSL_CTX_get_options(ctx));
   SSL_set_options(ssl_conn, SSL_CTX_get_options(ctx));
+  /* Not adjusted by SSL_set_SSL_CTX nor by nginx: without this, a server
+   * without "ssl_early_data on" would accept 0-RTT as the default server
+   * does (libhsmstek also refuses it unless the server opted in). */
+  SSL_set_max_early_data(ssl_conn, SSL_CTX_get_max_early_data(ctx));
+  SSL_set_recv_max_early_data(ssl_conn, SSL_CTX_get_recv_max_early_data(ctx));
   return SSL_CLIENT_HELLO_SUCCESS;
 }
 
