@@ -132,9 +132,32 @@ void GuardEarlyData(TicketContext &context, SSL *ssl) {
 // ticket without policy (a legacy key's, or issued before policy binding)
 // may resume only where it cannot carry a client-certificate verdict: the
 // session has no peer certificate and `ssl` verifies none.
+// The connection verifies as its SSL_CTX does: an application may tighten
+// one connection (SSL_set_verify, SSL_set_verify_depth,
+// SSL_set1_verify_cert_store, SSL_get0_param), which the SSL_CTX's digest
+// does not describe. Such a connection resumes nothing (full handshake).
+bool VerifiesAsItsCtx(const SSL *ssl) {
+  SSL_CTX *ctx = SSL_get_SSL_CTX(ssl);
+  SSL *s = const_cast<SSL *>(ssl);  // getters below take a non-const SSL
+  X509_STORE *ssl_store = nullptr, *ctx_store = nullptr;
+  SSL_get0_verify_cert_store(s, &ssl_store);
+  SSL_CTX_get0_verify_cert_store(ctx, &ctx_store);
+  const X509_VERIFY_PARAM *sp = SSL_get0_param(s);
+  const X509_VERIFY_PARAM *cp = SSL_CTX_get0_param(ctx);
+  return SSL_get_verify_mode(ssl) == SSL_CTX_get_verify_mode(ctx) &&
+         SSL_get_verify_depth(ssl) == SSL_CTX_get_verify_depth(ctx) &&
+         SSL_get_verify_callback(ssl) == SSL_CTX_get_verify_callback(ctx) &&
+         ssl_store == ctx_store && sp != nullptr && cp != nullptr &&
+         X509_VERIFY_PARAM_get_flags(sp) == X509_VERIFY_PARAM_get_flags(cp) &&
+         X509_VERIFY_PARAM_get_auth_level(sp) ==
+             X509_VERIFY_PARAM_get_auth_level(cp) &&
+         SSL_get_security_level(ssl) == SSL_CTX_get_security_level(ctx);
+}
+
 bool Admissible(const SSL *ssl, SSL_SESSION *session, bool *legacy) {
   CtxHooks *hooks = HooksOf(SSL_get_SSL_CTX(ssl));
   if (hooks == nullptr || !PolicyHolds(*hooks, ssl)) return false;
+  if (!VerifiesAsItsCtx(ssl)) return false;
   void *data = nullptr;
   size_t len = 0;
   if (SSL_SESSION_get0_ticket_appdata(session, &data, &len) != 1 ||

@@ -434,6 +434,112 @@ TEST_P(BindingTest, AReinstallKeepsTheApplicationsInfoCallback) {
   EXPECT_EQ(c.resumed + c.renewed, 1u);
 }
 
+// An application tightening one connection's verification: the SSL_CTX's
+// digest does not describe it, so a ticket of the looser SSL_CTX-wide
+// policy must not resume there.
+struct Tighten {
+  int how = 0;  // 0: nothing, 1: verify mode, 2: verify param flags
+};
+int TightenConnection(SSL *ssl, int * /*al*/, void *arg) {
+  switch (static_cast<Tighten *>(arg)->how) {
+    case 1:
+      SSL_set_verify(ssl, SSL_VERIFY_PEER | SSL_VERIFY_FAIL_IF_NO_PEER_CERT,
+                     nullptr);
+      break;
+    case 2:
+      X509_VERIFY_PARAM_set_flags(SSL_get0_param(ssl), X509_V_FLAG_CRL_CHECK);
+      break;
+    default:
+      break;
+  }
+  return SSL_CLIENT_HELLO_SUCCESS;
+}
+
+TEST_P(BindingTest, AConnectionVerifyingMoreStrictlyResumesNothing) {
+  auto context =
+      ContextFor(ProvisionedStore("bind", tls13() ? "tight13" : "tight12"));
+  auto server = ServerCtx(context, version());
+  Tighten tighten;
+  SSL_CTX_set_client_hello_cb(server.get(), TightenConnection, &tighten);
+  auto client = NewClientCtx(version());
+  for (int how : {1, 2}) {
+    SCOPED_TRACE(how == 1 ? "SSL_set_verify" : "SSL_get0_param flags");
+    tighten.how = 0;
+    HandshakeResult full = Handshake(client.get(), server.get());
+    ASSERT_TRUE(full.ok && full.session) << full.error;
+    // Control: the untouched connection resumes.
+    HandshakeResult plain =
+        Handshake(client.get(), server.get(), full.session.get());
+    ASSERT_TRUE(plain.ok && plain.reused) << plain.error;
+    HandshakeResult fresh = Handshake(client.get(), server.get());
+    ASSERT_TRUE(fresh.ok && fresh.session) << fresh.error;
+    tighten.how = how;
+    HandshakeResult tight =
+        Handshake(client.get(), server.get(), fresh.session.get());
+    EXPECT_FALSE(tight.ok && tight.reused) << "the looser verdict resumed";
+    // A full handshake requires a certificate this client does not have.
+    if (how == 1) {
+      EXPECT_FALSE(tight.ok);
+    }
+  }
+  EXPECT_EQ(context->stats->Snapshot().rejected_policy, 2u);
+}
+
+// Drift detection: verification changed on the SSL_CTX after install in
+// ways the first fingerprint did not look at.
+TEST_P(BindingTest, EveryVerificationChangeAfterInstallFailsClosed) {
+  Identity ca_x = SelfSigned("CA X");
+  ASSERT_TRUE(ca_x.cert);
+  for (int change : {0, 1, 2}) {
+    SCOPED_TRACE(change == 0   ? "verify store"
+                 : change == 1 ? "CRL checking"
+                               : "security level");
+    auto context = ContextFor(ProvisionedStore(
+        "bind", std::string(tls13() ? "drift2-13-" : "drift2-12-") +
+                    std::to_string(change)));
+    auto server = ServerCtx(context, version());
+    auto client = NewClientCtx(version());
+    HandshakeResult before = Handshake(client.get(), server.get());
+    ASSERT_TRUE(before.ok && before.session) << before.error;
+    if (change == 0) {
+      X509_STORE *store = X509_STORE_new();
+      ASSERT_NE(store, nullptr);
+      X509_STORE_add_cert(store, ca_x.cert.get());
+      ASSERT_EQ(SSL_CTX_set0_verify_cert_store(server.get(), store), 1);
+    } else if (change == 1) {
+      X509_VERIFY_PARAM_set_flags(SSL_CTX_get0_param(server.get()),
+                                  X509_V_FLAG_CRL_CHECK);
+    } else {
+      SSL_CTX_set_security_level(server.get(),
+                                 SSL_CTX_get_security_level(server.get()) + 1);
+    }
+    HandshakeResult after =
+        Handshake(client.get(), server.get(), before.session.get());
+    ASSERT_TRUE(after.ok) << after.error;
+    EXPECT_FALSE(after.reused);
+  }
+}
+
+// The security level is part of the policy: otherwise equal contexts
+// (both told hsmstek) do not share tickets.
+TEST_P(BindingTest, TheSecurityLevelSeparatesPolicies) {
+  auto store = ProvisionedStore("bind", tls13() ? "seclevel13" : "seclevel12");
+  auto a_context = ContextFor(store);
+  auto b_context = ContextFor(store);
+  auto a = ServerCtx(a_context, version());
+  auto b = ServerCtx(b_context, version());
+  SSL_CTX_set_security_level(b.get(), SSL_CTX_get_security_level(a.get()) + 1);
+  ASSERT_TRUE(tls::SetDeclaredPolicy(b.get(), {}).ok());
+  auto client = NewClientCtx(version());
+  HandshakeResult on_a = Handshake(client.get(), a.get());
+  ASSERT_TRUE(on_a.ok && on_a.session) << on_a.error;
+  HandshakeResult on_b = Handshake(client.get(), b.get(), on_a.session.get());
+  ASSERT_TRUE(on_b.ok) << on_b.error;
+  EXPECT_FALSE(on_b.reused);
+  tls::TicketCounters c = b_context->stats->Snapshot();
+  EXPECT_EQ(c.resumed + c.renewed, 0u);
+}
+
 INSTANTIATE_TEST_SUITE_P(Versions, BindingTest,
                          ::testing::Values(TLS1_2_VERSION, TLS1_3_VERSION),
                          [](const ::testing::TestParamInfo<int> &info) {
