@@ -432,7 +432,8 @@ static const ngx_http_hsmstek_metric_t ngx_http_hsmstek_metrics[] = {
      "the session: session id context, version, cipher).",
      "counter", "", NGX_HSMSTEK_RESUMPTION_FIELD(opened_not_resumed), 0},
     {"hsmstek_early_data_refused_total",
-     "Tickets issued without early data (enabled without the opt-in).",
+     "Handshakes in which early data was switched off (a server without "
+     "hsmstek_early_data).",
      "counter", "", NGX_HSMSTEK_RESUMPTION_FIELD(early_data_refused), 0},
     {"hsmstek_token_errors_total", "Token failures seen by the callback.",
      "counter", "", NGX_HSMSTEK_FIELD(token_errors), 0},
