@@ -110,8 +110,12 @@ enum hsmstek_option {
   HSMSTEK_OPT_TLS13_RENEW = 2,
   /* 0 (default): hsmstek_ssl_ctx_install and hsmstek_ssl_ctx_new refuse an
    * SSL_CTX with TLS 1.3 early data (0-RTT) enabled
-   * (SSL_CTX_set_max_early_data > 0) with HSMSTEK_ERR_FAILED_PRECONDITION,
-   * and tickets of an SSL_CTX that enables it later carry no early data.
+   * (SSL_CTX_set_max_early_data > 0) with HSMSTEK_ERR_FAILED_PRECONDITION;
+   * on a connection whose current SSL_CTX was installed without the option
+   * (including one picked by SNI after a default SSL_CTX that has it, and
+   * one that enables early data later, with or without
+   * SSL_OP_NO_ANTI_REPLAY) early data is switched off: its tickets offer
+   * none and none is accepted. The option is read per SSL_CTX at install.
    * 1: accept early data knowing that stateless tickets give no replay
    * protection: a recorded 0-RTT flight can be replayed on every server
    * sharing the store for as long as its ticket is accepted (the store's
@@ -256,10 +260,15 @@ typedef struct hsmstek_resumption_stats {
    * counted in tickets_resumed / tickets_renewed. */
   uint64_t opened_not_resumed;
   /* Opened, but issued under another security policy (or before policy
-   * binding existed): full handshake. */
+   * binding existed, where a client verdict is at stake), or the connection
+   * verifies differently from its SSL_CTX: full handshake. Also counts a
+   * resumption whose SSL_CTX the application switched to another policy
+   * after the ticket was admitted (its verify result is then set to
+   * X509_V_ERR_APPLICATION_VERIFICATION). */
   uint64_t rejected_policy;
-  /* Tickets issued without early data because early data was enabled on
-   * an SSL_CTX without HSMSTEK_OPT_EARLY_DATA. */
+  /* Server handshakes in which early data was switched off because the
+   * connection's SSL_CTX enables it without HSMSTEK_OPT_EARLY_DATA (one per
+   * handshake, whether or not a ticket was then issued). */
   uint64_t early_data_refused;
 } hsmstek_resumption_stats;
 

@@ -103,7 +103,7 @@ PolicyDigest ComputePolicyDigest(SSL_CTX *ctx,
   if (!md || EVP_DigestInit_ex(md.get(), EVP_sha256(), nullptr) != 1) {
     return random();
   }
-  static constexpr char kLabel[] = "hsmstek policy v1";
+  static constexpr char kLabel[] = "hsmstek policy v2";
   EVP_DigestUpdate(md.get(), kLabel, sizeof(kLabel));
   AddInt(md.get(), static_cast<uint32_t>(SSL_CTX_get_verify_mode(ctx)));
   AddInt(md.get(), static_cast<uint32_t>(SSL_CTX_get_verify_depth(ctx)));
@@ -113,6 +113,8 @@ PolicyDigest ComputePolicyDigest(SSL_CTX *ctx,
          param == nullptr
              ? 0
              : static_cast<uint32_t>(X509_VERIFY_PARAM_get_auth_level(param)));
+  // Which keys and signatures a client certificate chain may use.
+  AddInt(md.get(), static_cast<uint32_t>(SSL_CTX_get_security_level(ctx)));
   AddStore(md.get(), SSL_CTX_get_cert_store(ctx));
   X509_STORE *verify_store = nullptr;
   SSL_CTX_get0_verify_cert_store(ctx, &verify_store);
@@ -129,6 +131,14 @@ PolicyFingerprint FingerprintOf(SSL_CTX *ctx) {
   f.verify_mode = SSL_CTX_get_verify_mode(ctx);
   f.verify_depth = SSL_CTX_get_verify_depth(ctx);
   f.store = SSL_CTX_get_cert_store(ctx);
+  X509_STORE *verify_store = nullptr;
+  SSL_CTX_get0_verify_cert_store(ctx, &verify_store);
+  f.verify_store = verify_store;
+  if (const X509_VERIFY_PARAM *param = SSL_CTX_get0_param(ctx)) {
+    f.param_flags = X509_VERIFY_PARAM_get_flags(param);
+    f.auth_level = X509_VERIFY_PARAM_get_auth_level(param);
+  }
+  f.security_level = SSL_CTX_get_security_level(ctx);
   STACK_OF(X509_NAME) *cas = SSL_CTX_get_client_CA_list(ctx);
   f.client_cas = cas;
   f.client_ca_count = sk_X509_NAME_num(cas);

@@ -16,10 +16,11 @@ using PolicyDigest = std::array<uint8_t, 32>;
 
 // ComputePolicyDigest hashes (SHA-256, software: public data only) what
 // decides whether `ctx` admits a client: verify mode and depth, the verify
-// parameters' flags, every certificate and CRL of its X509_STORE and of its
-// verify store (order-independent), the client CA list (in order), and
-// `declared` (application-defined bytes, e.g. authorisation rules OpenSSL
-// does not see). Not thread-safe with respect to changes of `ctx`.
+// parameters' flags and auth level, the security level, every certificate and
+// CRL of its X509_STORE and of its verify store (order-independent), the client
+// CA list (in order), and `declared` (application-defined bytes, e.g.
+// authorisation rules OpenSSL does not see). Not thread-safe with respect to
+// changes of `ctx`.
 PolicyDigest ComputePolicyDigest(SSL_CTX *ctx,
                                  std::span<const uint8_t> declared);
 
@@ -29,6 +30,10 @@ struct PolicyFingerprint {
   int verify_mode = 0;
   int verify_depth = 0;
   const void *store = nullptr;
+  const void *verify_store = nullptr;
+  unsigned long param_flags = 0;
+  int auth_level = 0;
+  int security_level = 0;
   const void *client_cas = nullptr;
   int client_ca_count = 0;
   bool operator==(const PolicyFingerprint &) const = default;

@@ -42,8 +42,8 @@ struct TicketCounters {
   // Tickets we opened and handed to OpenSSL that still ended in a full
   // handshake (session id context, version, cipher, 0-RTT checks).
   uint64_t not_resumed = 0;
-  // Tickets issued without early data because early data was enabled on
-  // the SSL_CTX without the early-data option (ticket_callback.h).
+  // Server handshakes in which early data was switched off because the
+  // connection's SSL_CTX enables it without the early-data option.
   uint64_t early_data_refused = 0;
   uint64_t token_errors = 0;
   // Exceptions stopped at a barrier (the ticket callback, a token

@@ -56,6 +56,9 @@ struct TicketContext {
   std::atomic<int64_t> next_routing_log{0};
   // Log-once flag for early data enabled after install (session_hooks.h).
   std::atomic<bool> early_data_logged{false};
+  // Log-once flag for a resumed session whose SSL_CTX was switched to
+  // another policy during the handshake (session_hooks.h).
+  std::atomic<bool> switch_logged{false};
 };
 
 // TicketContextOf returns the context installed on `ssl`'s current SSL_CTX,

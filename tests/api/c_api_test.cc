@@ -115,8 +115,40 @@ TEST_F(CApiTest, EarlyDataOptInPolicyAndResumptionStats) {
 
   hsmstek_resumption_stats r;
   ASSERT_EQ(hsmstek_store_resumption_stats(store, &r, sizeof(r)), HSMSTEK_OK);
-  EXPECT_EQ(r.opened_not_resumed, 0u);
-  EXPECT_EQ(r.rejected_policy, 0u);
+  const hsmstek_resumption_stats before = r;
+
+  // Handshakes that move each counter: a ticket of `a` presented to `b`
+  // (declared policy "x"): rejected_policy; to `other` (same policy, the
+  // application's own session id context set after install): opened but
+  // refused by OpenSSL, opened_not_resumed; early data switched on after
+  // install without the option: early_data_refused.
+  ASSERT_EQ(hsmstek_store_set_option(store, HSMSTEK_OPT_EARLY_DATA, 0),
+            HSMSTEK_OK);
+  SSL_CTX *a = hsmstek_ssl_ctx_new(store, TLS_server_method());
+  SSL_CTX *b = hsmstek_ssl_ctx_new(store, TLS_server_method());
+  SSL_CTX *other = hsmstek_ssl_ctx_new(store, TLS_server_method());
+  ASSERT_TRUE(a && b && other) << hsmstek_last_error();
+  for (SSL_CTX *ctx : {a, b, other}) PrepareServerCtx(ctx, TLS1_3_VERSION);
+  ASSERT_EQ(hsmstek_ssl_ctx_set_policy(b, "x", 1), HSMSTEK_OK);
+  static const unsigned char kOwn[] = "application";
+  ASSERT_EQ(SSL_CTX_set_session_id_context(other, kOwn, sizeof(kOwn)), 1);
+  ASSERT_EQ(SSL_CTX_set_max_early_data(a, 16384), 1);
+  SSL_CTX_set_options(a, SSL_OP_NO_ANTI_REPLAY);
+  UniqueSslCtx client = NewClientCtx(TLS1_3_VERSION);
+  HandshakeResult full = Handshake(client.get(), a);
+  ASSERT_TRUE(full.ok && full.session) << full.error;
+  EXPECT_EQ(SSL_SESSION_get_max_early_data(full.session.get()), 0u);
+  HandshakeResult on_b = Handshake(client.get(), b, full.session.get());
+  ASSERT_TRUE(on_b.ok) << on_b.error;
+  EXPECT_FALSE(on_b.reused);
+  HandshakeResult on_other = Handshake(client.get(), other, full.session.get());
+  ASSERT_TRUE(on_other.ok) << on_other.error;
+  EXPECT_FALSE(on_other.reused);
+  ASSERT_EQ(hsmstek_store_resumption_stats(store, &r, sizeof(r)), HSMSTEK_OK);
+  EXPECT_EQ(r.rejected_policy - before.rejected_policy, 1u);
+  EXPECT_EQ(r.opened_not_resumed - before.opened_not_resumed, 1u);
+  EXPECT_GE(r.early_data_refused - before.early_data_refused, 1u);
+  for (SSL_CTX *ctx : {a, b, other}) SSL_CTX_free(ctx);
   EXPECT_EQ(hsmstek_store_resumption_stats(nullptr, &r, sizeof(r)),
             HSMSTEK_ERR_INVALID_ARGUMENT);
   hsmstek_store_close(store);

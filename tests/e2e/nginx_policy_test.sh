@@ -19,7 +19,8 @@
 # does not apply: only the policy binding stops it). It must get a full
 # handshake and be refused (no "Reused", no verify=SUCCESS), over TLS 1.2 and
 # 1.3. Control: the same ticket resumes on H (identical policy) and on f.test,
-# and a CA-X client's g.test ticket resumes on g.test.
+# and a CA-X client's g.test ticket resumes on g.test. The same with a shared
+# session cache and session ids instead of tickets (TLS 1.2).
 #
 # Usage: nginx_policy_test.sh [BUILD_DIR]   (default /work/build-nginx)
 set -u
@@ -58,6 +59,7 @@ page='location / { return 200 "protocol=$ssl_protocol reused=$ssl_session_reused
 write_conf p "env SOFTHSM2_CONF=$TOKEN_CONF;" "
     hsmstek_store web \"$TOKEN_URI\";
     hsmstek_tickets web;
+    ssl_session_cache shared:SSL:1m;
     server {
         listen 127.0.0.1:$port ssl default_server;
         server_name f.test;
@@ -93,7 +95,8 @@ fi
 # HOST (SNI and Host header) with CLIENT's certificate.
 conn() {
   local args=(-connect "127.0.0.1:$1" -servername "$3" "-tls${2/./_}"
-    -cert "$tmp/$4.pem" -key "$tmp/$4.key" -sess_out "$5.pem" -ign_eof)
+    -cert "$tmp/$4.pem" -key "$tmp/$4.key" -sess_out "$5.pem" -ign_eof
+    "${tls_extra[@]}")
   if [ $# -ge 6 ]; then args+=(-sess_in "$6"); fi
   rm -f "$5.pem"
   printf 'GET / HTTP/1.0\r\nHost: %s\r\n\r\n' "$3" |
@@ -139,6 +142,26 @@ for v in 1.2 1.3; do
   check "tls${v}_g_ticket_resumes_on_g_for_clientX" p \
     eval 'resumed "$d/gx_again" && admitted_as "$d/gx_again" clientX'
 done
+
+# A shared session cache (TLS 1.2 session ids, client without tickets)
+# never reaches the ticket hooks: libhsmstek's session id context, derived
+# from each server's policy, keeps f's session off g.
+d=$tmp/cache
+mkdir -p "$d"
+tls_extra=(-no_ticket)
+conn "$port" 1.2 f.test clientY "$d/f"
+check "cache_f_admits_clientY_without_a_ticket" p \
+  eval 'full_no_ticket "$d/f" && admitted_as "$d/f" clientY'
+conn "$port" 1.2 g.test clientY "$d/g_sni" "$d/f.pem"
+check "cache_f_session_id_on_g_by_sni_is_a_full_handshake_and_refused" p \
+  refused "$d/g_sni"
+conn "$gport" 1.2 f.test clientY "$d/g_port" "$d/f.pem"
+check "cache_f_session_id_on_g_own_port_is_a_full_handshake_and_refused" p \
+  refused "$d/g_port"
+conn "$port" 1.2 f.test clientY "$d/f_again" "$d/f.pem"
+check "cache_f_session_id_resumes_on_f" p \
+  eval 'grep -q "^Reused, " "$d/f_again.out" && admitted_as "$d/f_again" clientY'
+tls_extra=()
 
 # The refusals are counted as policy rejections, not resumptions.
 status=$(curl -sk --resolve "f.test:$hport:127.0.0.1" "https://f.test:$hport/hsmstek")

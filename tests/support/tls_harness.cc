@@ -192,6 +192,7 @@ HandshakeResult Handshake(SSL_CTX *client_ctx, SSL_CTX *server_ctx,
     } else {
       result.ok = true;
       result.reused = SSL_session_reused(client) == 1;
+      result.server_verify_result = SSL_get_verify_result(server);
       // TLS 1.2 clients do not always report a renewed ticket through the
       // new-session callback; the connection's session holds the newest.
       if (SSL_version(client) != TLS1_3_VERSION) {

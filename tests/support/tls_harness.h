@@ -39,6 +39,8 @@ struct HandshakeResult {
   // The last session the client stored (with the newest ticket), if any.
   UniqueSslSession session;
   int tickets_received = 0;
+  // The server's SSL_get_verify_result() once the handshake completed.
+  long server_verify_result = -1;
 };
 
 // Runs one handshake between `client` and `server`, resuming `resume` if

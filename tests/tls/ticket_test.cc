@@ -199,6 +199,45 @@ TEST_P(TicketTest, EveryTamperedRegionFallsBackToAFullHandshake) {
   EXPECT_TRUE(good.ok && good.reused) << good.error;
 }
 
+// A ticket without a policy digest (a legacy key's) carries no policy: it
+// resumes only where no client verdict is at stake. A server that verifies
+// client certificates gives it a full handshake (Admissible(), legacy
+// branch).
+TEST_P(TicketTest, LegacyNginxKeyTicketDoesNotResumeOnAVerifyingServer) {
+  Bytes key(80);
+  ASSERT_EQ(RAND_bytes(key.data(), 80), 1);
+  UniqueSslCtx stock(SSL_CTX_new(TLS_server_method()));
+  PrepareServerCtx(stock.get(), version());
+  ASSERT_EQ(SSL_CTX_set_tlsext_ticket_keys(stock.get(), key.data(), 80), 1);
+  auto client = NewClientCtx(version());
+  HandshakeResult legacy = Handshake(client.get(), stock.get());
+  ASSERT_TRUE(legacy.ok && legacy.session) << legacy.error;
+
+  auto store = ProvisionedStore("tls-b", tls13() ? "legacyv13" : "legacyv12");
+  Result<std::vector<keystore::LegacyKey>> parsed =
+      keystore::ParseLegacyKeyFile(keystore::LegacyFormat::kNginx, key);
+  ASSERT_TRUE(parsed.ok()) << parsed.status().message();
+  {
+    Result<p11::Session> s = store->token()->Acquire();
+    ASSERT_TRUE(s.ok());
+    ASSERT_TRUE(keystore::ImportLegacyKeys(*s, store->label(), *parsed,
+                                           kStart + kDay,
+                                           keystore::LegacyFormat::kNginx)
+                    .ok());
+  }
+  auto context = ContextFor(store);
+  auto server = ServerCtx(context, version());
+  // Optional verification: the client (no certificate) is still admitted
+  // on a full handshake.
+  SSL_CTX_set_verify(server.get(), SSL_VERIFY_PEER, nullptr);
+  ASSERT_TRUE(tls::SetDeclaredPolicy(server.get(), {}).ok());
+  HandshakeResult r =
+      Handshake(client.get(), server.get(), legacy.session.get());
+  ASSERT_TRUE(r.ok) << r.error;
+  EXPECT_FALSE(r.reused);
+  EXPECT_EQ(context->stats->Snapshot().rejected_policy, 1u);
+}
+
 TEST_P(TicketTest, LegacyNginxKeyTicketResumesAfterImportAndIsRenewed) {
   // A stock OpenSSL server with an nginx-format 80-byte key (name || hmac ||
   // aes, which is also OpenSSL's own layout) issues the ticket.

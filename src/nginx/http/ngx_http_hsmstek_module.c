@@ -314,6 +314,11 @@ static int ngx_http_hsmstek_client_hello(ngx_ssl_conn_t *ssl_conn, int *al,
   SSL_clear_options(ssl_conn,
                     SSL_get_options(ssl_conn) & ~SSL_CTX_get_options(ctx));
   SSL_set_options(ssl_conn, SSL_CTX_get_options(ctx));
+  /* Not adjusted by SSL_set_SSL_CTX nor by nginx: without this, a server
+   * without "ssl_early_data on" would accept 0-RTT as the default server
+   * does (libhsmstek also refuses it unless the server opted in). */
+  SSL_set_max_early_data(ssl_conn, SSL_CTX_get_max_early_data(ctx));
+  SSL_set_recv_max_early_data(ssl_conn, SSL_CTX_get_recv_max_early_data(ctx));
   return SSL_CLIENT_HELLO_SUCCESS;
 }
 
@@ -427,7 +432,8 @@ static const ngx_http_hsmstek_metric_t ngx_http_hsmstek_metrics[] = {
      "the session: session id context, version, cipher).",
      "counter", "", NGX_HSMSTEK_RESUMPTION_FIELD(opened_not_resumed), 0},
     {"hsmstek_early_data_refused_total",
-     "Tickets issued without early data (enabled without the opt-in).",
+     "Handshakes in which early data was switched off (a server without "
+     "hsmstek_early_data).",
      "counter", "", NGX_HSMSTEK_RESUMPTION_FIELD(early_data_refused), 0},
     {"hsmstek_token_errors_total", "Token failures seen by the callback.",
      "counter", "", NGX_HSMSTEK_FIELD(token_errors), 0},
