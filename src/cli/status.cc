@@ -55,6 +55,16 @@ std::string LabelsPresent(keystore::KeyStore &store) {
   return out;
 }
 
+// "spent": every ratchet link destroyed (its tickets can never be opened
+// again, here or by whoever later holds the token); the policy object is
+// all that is left.
+std::string StateName(const keystore::MasterInfo &m) {
+  if (m.links.empty() && m.state == keystore::KeyState::kRetired) {
+    return "spent";
+  }
+  return std::string(keystore::KeyStateName(m.state));
+}
+
 // "3-5" for links 3, 4 and 5; "2,5" when not contiguous; "-" for none.
 std::string LinkRange(const std::vector<uint64_t> &links) {
   if (links.empty()) return "-";
@@ -75,9 +85,9 @@ void PrintTable(const keystore::StoreSnapshot &snap, const std::string &token,
   std::cout << "store " << Quote(snap.label) << " in token " << Quote(token)
             << " at " << FormatRfc3339(snap.now) << "\n\n";
   const char *kHeader[] = {
-      "LABEL", "STORE ID", "STATE",        "ACTIVATION",    "PERIOD", "WINDOW",
-      "CHECK", "EPOCH",    "KEY NAME NOW", "NEXT ROTATION", "LINK",   "LINKS",
-      "HORIZON", "NOTES"};
+      "LABEL",  "STORE ID", "STATE",   "ACTIVATION",   "PERIOD",
+      "WINDOW", "CHECK",    "EPOCH",   "KEY NAME NOW", "NEXT ROTATION",
+      "LINK",   "LINKS",    "HORIZON", "NOTES"};
   std::vector<std::vector<std::string>> rows;
   rows.emplace_back(std::begin(kHeader), std::end(kHeader));
   for (size_t i = 0; i < snap.masters.size(); ++i) {
@@ -89,15 +99,14 @@ void PrintTable(const keystore::StoreSnapshot &snap, const std::string &token,
                FormatRfc3339(*m.policy.retire_at);
     }
     rows.push_back(
-        {snap.label, HexEncode(m.id),
-         std::string(keystore::KeyStateName(m.state)),
+        {snap.label, HexEncode(m.id), StateName(m),
          FormatRfc3339(m.policy.not_before), FormatDuration(m.policy.period_s),
          FormatDuration(m.policy.decrypt_window_s), checks[i],
          std::to_string(m.current_epoch), HexEncode(m.current_name.bytes),
          FormatRfc3339(m.next_rotation),
          m.current_link ? std::to_string(*m.current_link) : "-",
-         LinkRange(m.links),
-         m.horizon ? FormatRfc3339(*m.horizon) : "-", notes});
+         LinkRange(m.links), m.horizon ? FormatRfc3339(*m.horizon) : "-",
+         notes});
   }
   std::vector<size_t> width(rows[0].size(), 0);
   for (const auto &r : rows) {
@@ -198,15 +207,15 @@ nlohmann::json ToJson(const keystore::StoreSnapshot &snap,
     nlohmann::json s = {
         {"label", snap.label},
         {"id", HexEncode(m.id)},
-        {"state", std::string(keystore::KeyStateName(m.state))},
+        {"state", StateName(m)},
         {"check", checks[i]},
         {"period_s", m.policy.period_s},
         {"decrypt_window_s", m.policy.decrypt_window_s},
         {"activation", FormatRfc3339(m.policy.not_before)},
         {"current_key_name", HexEncode(m.current_name.bytes)},
         {"ratchet_periods", m.ratchet_periods},
-        {"ratchet_s", static_cast<int64_t>(m.ratchet_periods) *
-                          m.policy.period_s},
+        {"ratchet_s",
+         static_cast<int64_t>(m.ratchet_periods) * m.policy.period_s},
         {"links", m.links},
         {"epoch", m.current_epoch},
         {"next_rotation", FormatRfc3339(m.next_rotation)},
@@ -268,6 +277,10 @@ Status RunStatus(const StatusArgs &a) {
   }
   std::vector<std::string> checks;
   for (const keystore::MasterInfo &m : snap->masters) {
+    if (m.links.empty()) {  // spent: nothing left to compute it from
+      checks.push_back("-");
+      continue;
+    }
     Result<std::array<uint8_t, keystore::kCheckValueSize>> check =
         (*store)->CheckValue(m.id);
     if (!check.ok()) {

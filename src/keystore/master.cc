@@ -27,8 +27,10 @@ std::string_view KeyStateName(KeyState state) {
 
 std::vector<MasterState> ComputeStates(const std::vector<Master> &masters,
                                        int64_t now) {
+  // A spent master (no link left) is retired whatever its policy says.
   auto retired = [now](const Master &m) {
-    return m.policy.retire_at && *m.policy.retire_at <= now;
+    return m.links.empty() ||
+           (m.policy.retire_at && *m.policy.retire_at <= now);
   };
   // Activated, unretired masters, newest first: the first one encrypts.
   std::vector<size_t> live;
@@ -178,6 +180,12 @@ Result<std::vector<Master>> LoadMasters(p11::Session &session,
       continue;
     }
     chains[id].emplace_back(0, handle);
+  }
+  // A policy with no key object left is a spent master (every link
+  // destroyed once no acceptable epoch used it): kept so that status shows
+  // it; it serves nothing and never counts as live (ComputeStates).
+  for (const Bytes &id : policy_ids) {
+    if (id.size() == sizeof(StoreId)) (void)chains[id];
   }
   std::vector<Master> masters;
   for (const auto &[id, chain] : chains) {

@@ -2,7 +2,9 @@
 
 #include <algorithm>
 #include <climits>
+#include <limits>
 #include <new>
+#include <set>
 
 #include "common/barrier.h"
 #include "common/bytes.h"
@@ -643,12 +645,12 @@ void KeyStore::DestroyEvicted(uint64_t pass) {
 bool KeyStore::RatchetLocked(const View &view, const Master &m,
                              const MasterState &state, int64_t now,
                              bool destroy, Status *error) {
-  // Pending masters need only link 0; a retired master's links go with
-  // `hsmstek destroy`.
-  if (state.state == KeyState::kPending || state.state == KeyState::kRetired ||
-      m.links.empty()) {
-    return false;
+  if (m.links.empty()) return false;
+  if (state.state == KeyState::kRetired) {
+    return destroy && SpentAt(m, state) <= now && SpendLocked(view, m, error);
   }
+  // Pending masters need only link 0.
+  if (state.state == KeyState::kPending) return false;
   const uint64_t n = EpochAt(now, m.policy.period_s);
   // The next epoch's link exists before its first epoch (active master
   // only: a superseded one issues nothing new).
@@ -737,6 +739,65 @@ bool KeyStore::RatchetLocked(const View &view, const Master &m,
         links_destroyed_.fetch_add(1);
       } else if (s.ckr() != CKR_OBJECT_HANDLE_INVALID && error->ok()) {
         *error = s.WithContext("destroying an old ratchet link of master " +
+                               HexEncode(m.id));
+      }
+    }
+    changed = true;
+  }
+  return changed;
+}
+
+int64_t KeyStore::SpentAt(const Master &m, const MasterState &state) const {
+  // The last second it issued tickets (retired, or superseded), plus the
+  // decrypt window and the skew grace, as for OldestAcceptable: a server
+  // whose clock lags, or one that still reads it as decrypt-only, has no
+  // use for its links after that.
+  int64_t end = std::numeric_limits<int64_t>::max();
+  if (m.policy.retire_at) end = *m.policy.retire_at;
+  if (state.superseded_at) end = std::min(end, *state.superseded_at);
+  if (end == std::numeric_limits<int64_t>::max()) return end;
+  const int64_t grace =
+      std::clamp<int64_t>(clock_skew_s_.load(), 0, m.policy.period_s);
+  return end + m.policy.decrypt_window_s + grace;
+}
+
+bool KeyStore::SpendLocked(const View &view, const Master &m, Status *error) {
+  Result<p11::Session> session = token_->Acquire();
+  if (!session.ok()) {
+    *error = session.status();
+    return false;
+  }
+  if (session->generation() != view.generation) return false;
+  // Every link, link 0 included; the policy object stays (status shows a
+  // spent master). Found again by id: another server may be spending it
+  // too, and a stale handle reads as a lost token. Links another server
+  // derived since this view was loaded are found by the next pass.
+  std::set<uint64_t> doomed;
+  for (const auto &[j, h] : m.links) doomed.insert(j);
+  for (const auto &[j, h] : m.duplicate_links) doomed.insert(j);
+  bool changed = false;
+  for (uint64_t j : doomed) {
+    p11::Template find;
+    find.Ulong(CKA_CLASS, CKO_SECRET_KEY)
+        .Ulong(CKA_KEY_TYPE, CKK_AES)
+        .String(CKA_LABEL, label_);
+    if (j == 0) {
+      find.Data(CKA_ID, m.id);
+    } else {
+      find.Data(CKA_ID, MakeLinkId(m.id, j));
+    }
+    Result<std::vector<CK_OBJECT_HANDLE>> found =
+        p11::FindObjects(*session, find);
+    if (!found.ok()) {
+      if (error->ok()) *error = found.status();
+      return changed;
+    }
+    for (CK_OBJECT_HANDLE h : *found) {
+      Status s = P11_CALL(*session, C_DestroyObject, session->handle(), h);
+      if (s.ok()) {
+        links_destroyed_.fetch_add(1);
+      } else if (s.ckr() != CKR_OBJECT_HANDLE_INVALID && error->ok()) {
+        *error = s.WithContext("destroying a ratchet link of spent master " +
                                HexEncode(m.id));
       }
     }

@@ -246,6 +246,11 @@ class KeyStore final : public atfork::Participant {
   // uses. True when it changed the token (the view must be reloaded).
   // `destroy` false: derive only (a reload does that; the maintenance pass
   // destroys).
+  // When a retired (or superseded) master's links may all go: its last
+  // issuing second plus the decrypt window plus the skew grace.
+  int64_t SpentAt(const Master &m, const MasterState &state) const;
+  // Destroys every link of `m` (link 0 too), keeping its policy object.
+  bool SpendLocked(const View &view, const Master &m, Status *error);
   bool RatchetLocked(const View &view, const Master &m,
                      const MasterState &state, int64_t now, bool destroy,
                      Status *error);

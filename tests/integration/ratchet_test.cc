@@ -508,6 +508,56 @@ TEST_F(RatchetTest, TwoProcessesRatchetTheSameStore) {
   EXPECT_EQ(CountLinkObjects(*store, id, 13), 0u);
 }
 
+// A retired master keeps no standing key: once no acceptable epoch (window
+// plus skew grace) uses it, every link goes, link 0 too; the policy object
+// stays and status shows the master as spent. The same for a superseded
+// master out of its window.
+TEST_F(RatchetTest, RetiredAndSupersededMastersAreSpent) {
+  constexpr int64_t kWindow = 3 * kHour;
+  constexpr int64_t kGrace = 60;  // OpenStore's clock_skew_s
+  clock_.Set(kVectorStart + 10);
+  auto store = OpenStore("rt-c", "spent");
+  Policy retiring = MakePolicy(kVectorStart, kWindow, kHour);
+  const int64_t retire_at = kVectorStart + 5 * kHour + 30;
+  retiring.retire_at = retire_at;
+  const StoreId retired = Provision(*store, retiring);
+  const StoreId superseded =
+      Provision(*store, MakePolicy(kVectorStart - kHour, kWindow, kHour));
+  auto links_of = [&](const StoreId &id) {
+    size_t n = 0;
+    for (uint64_t j = 0; j <= 12; ++j) n += CountLinkObjects(*store, id, j);
+    return n;
+  };
+  for (int64_t hour = 0; hour <= 8; ++hour) {
+    clock_.Set(kVectorStart + hour * kHour + 10);
+    store->Maintain();
+  }
+  EXPECT_GE(links_of(retired), 1u);
+  // The superseded one: spent once window and grace have passed.
+  EXPECT_EQ(links_of(superseded), 0u);
+  // The retired one: one second before its end, links remain (another
+  // server may still accept its last tickets); at its end, none.
+  clock_.Set(retire_at + kWindow + kGrace - 1);
+  store->Maintain();
+  EXPECT_GE(links_of(retired), 1u);
+  clock_.Set(retire_at + kWindow + kGrace);
+  store->Maintain();
+  EXPECT_EQ(links_of(retired), 0u);
+  EXPECT_EQ(CountLinkObjects(*store, retired, 0), 0u);
+  // Idempotent, and the same from another process's view.
+  store->Maintain();
+  auto other = OpenStore("rt-c", "spent");
+  other->Maintain();
+  EXPECT_EQ(links_of(retired), 0u);
+  Result<StoreSnapshot> snap = other->Describe();
+  ASSERT_TRUE(snap.ok()) << snap.status().message();
+  ASSERT_EQ(snap->masters.size(), 2u);
+  for (const MasterInfo &m : snap->masters) {
+    EXPECT_TRUE(m.links.empty());
+    EXPECT_EQ(m.state, KeyState::kRetired);
+  }
+}
+
 // A bundle carries link 0: once the current epoch uses a later link,
 // export is refused rather than hand out keys this token has forgotten.
 TEST_F(RatchetTest, ExportOfARatchetedMasterIsRefused) {
