@@ -150,6 +150,16 @@ void Token::ForkChild(atfork::Rank rank) {
         object_session_ != CK_INVALID_HANDLE || held_module_) {
       ForgetParentLocked();
     }
+    // Always, even with nothing of the parent's held: a failing parent's
+    // probe schedule is not the child's (Prober::ForkChild forgets it), so
+    // a child keeping failing_ would be skipped by StoreSet and never
+    // reconnected. The child starts fresh and connects on first use.
+    probe_pending_ = false;
+    probing_.store(false);
+    failing_.store(false);
+    retry_at_ = {};
+    backoff_ = std::chrono::milliseconds(0);
+    if (state_ == TokenState::kBackoff) state_ = TokenState::kDisconnected;
     mu_.unlock();
   }
   if (rank == atfork::Rank::kTokenObject) object_mu_.unlock();

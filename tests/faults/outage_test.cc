@@ -6,6 +6,8 @@
 // along for the store (epochs, outage durations: 15 store seconds per real
 // second, so a 10 s outage spans 150 store seconds and two minute lines).
 #include <openssl/ssl.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include <chrono>
 #include <cstdlib>
@@ -137,6 +139,42 @@ TEST_F(OutageTest, ResumesWithinASecondOfReinsertionWithABoundedLog) {
   // (~10) nor per handshake (hundreds).
   EXPECT_LE(log.lines.size(), 10u);
   EXPECT_GT(during, 100);
+}
+
+// Review finding 6: a child forked while its parent's token was failing
+// (faulted, disconnected, nothing held) kept failing_ while the prober's
+// schedule was dropped at fork: StoreSet skipped the member for the
+// child's life and nothing reconnected it. The child must start fresh.
+TEST_F(OutageTest, ChildForkedDuringAFaultStartsFreshAndReconnects) {
+  auto store = OpenStore("outage");
+  ASSERT_NE(store, nullptr);
+  auto context = ContextFor(store);
+  auto server = ServerCtx(context, TLS1_3_VERSION);
+  auto client = NewClientCtx(TLS1_3_VERSION);
+  HandshakeResult first = Handshake(client.get(), server.get());
+  ASSERT_TRUE(first.ok) << first.error;
+  UniqueSslSession ticket = Reoffer(first.session.get());
+  ASSERT_TRUE(ticket);
+  const auto &token = store->token();
+  token->ReportFault(CKR_DEVICE_REMOVED, token->generation());
+  ASSERT_TRUE(token->failing());
+  ASSERT_EQ(token->state(), p11::TokenState::kDisconnected);
+  pid_t pid = ::fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    int code = 0;
+    if (token->failing()) code = 2;
+    HandshakeResult r =
+        Handshake(client.get(), server.get(), Reoffer(ticket.get()).get());
+    if (code == 0 && !(r.ok && r.reused)) code = 3;
+    if (code == 0 && token->failing()) code = 4;
+    _exit(code);
+  }
+  int status = 0;
+  ASSERT_EQ(waitpid(pid, &status, 0), pid);
+  ASSERT_TRUE(WIFEXITED(status));
+  EXPECT_EQ(WEXITSTATUS(status), 0)
+      << "2: the child inherited failing; 3: no resumption; 4: still failing";
 }
 
 }  // namespace
