@@ -262,9 +262,7 @@ Status StoreSet::Load() {
     }
   }
   active_.store(0);
-  if (verifier_) {
-    (void)verifier_->Schedule(p11::Prober::Clock::now() + kVerifyInterval);
-  }
+  EnsureVerifier();
   if (!first.ok()) return first;
   return refusal;
 }
@@ -299,9 +297,21 @@ bool StoreSet::MoveTo(size_t from, size_t to, bool failback) {
   return true;
 }
 
+void StoreSet::EnsureVerifier() {
+  if (!verifier_) return;
+  // Once per process: a forked child has no thread until it schedules.
+  const uint64_t forks = atfork::ForkCount() + 1;
+  if (verifier_for_.exchange(forks) == forks) return;
+  (void)verifier_->Schedule(p11::Prober::Clock::now() + kVerifyInterval);
+}
+
 std::shared_ptr<KeyStore> StoreSet::Active() {
   size_t cur = active_.load(std::memory_order_relaxed);
   if (members_.size() == 1) return members_[0].store;
+  if (verifier_for_.load(std::memory_order_relaxed) !=
+      atfork::ForkCount() + 1) {
+    EnsureVerifier();
+  }
   for (size_t i = 0; i < cur; ++i) {
     if (Recovered(i)) {
       MoveTo(cur, i, /*failback=*/true);

@@ -184,6 +184,11 @@ class StoreSet {
   // Bumped when the reference's content changes (0: never read).
   std::atomic<uint64_t> reference_version_{0};
   ForkHook fork_hook_{verify_mu_};
+  // Starts the verification thread if this process has none yet (after
+  // Load, and on the first Active() in a forked child).
+  void EnsureVerifier();
+  // ForkCount()+1 of the process whose verifier was scheduled (0: none).
+  std::atomic<uint64_t> verifier_for_{0};
   // Last member: destroyed (its thread joined) first.
   std::unique_ptr<p11::Prober> verifier_;
 };

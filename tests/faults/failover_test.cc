@@ -5,6 +5,8 @@
 // master under the same label. Every call goes through the faulty module,
 // which removes fo-a under load.
 #include <openssl/ssl.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include <atomic>
 #include <chrono>
@@ -329,6 +331,32 @@ TEST_F(FailoverTest, SecondaryReprovisionedAfterLoadIsRefused) {
     EXPECT_NE(set->Active().get(), set->member(1).get());
   }
   EXPECT_FALSE(set->Health(1).active);
+}
+
+// A forked child (an nginx worker forked after load) has none of the
+// parent's threads and its tokens start a new generation, so every other
+// member is unpinned there: its first Active() starts its own
+// verification thread, which re-verifies them off the handshake path.
+TEST_F(FailoverTest, ForkedChildVerifiesTheOtherTokensInTheBackground) {
+  auto set = OpenSet(kA, kB);
+  ASSERT_TRUE(set);
+  ASSERT_TRUE(set->Load().ok());
+  ASSERT_TRUE(set->Health(1).verified);
+  pid_t pid = ::fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    (void)set->Active();
+    const auto deadline = steady_clock::now() + std::chrono::seconds(5);
+    while (!set->Health(1).verified && steady_clock::now() < deadline) {
+      (void)set->Active();
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+    _exit(set->Health(1).verified ? 0 : 2);
+  }
+  int status = 0;
+  ASSERT_EQ(waitpid(pid, &status, 0), pid);
+  ASSERT_TRUE(WIFEXITED(status));
+  EXPECT_EQ(WEXITSTATUS(status), 0) << "2: fo-b never re-verified in the child";
 }
 
 }  // namespace
