@@ -177,6 +177,7 @@ void Token::ForkChild(atfork::Rank rank) {
     retry_at_ = {};
     backoff_ = std::chrono::milliseconds(0);
     flapping_ = false;
+    last_fault_ms_ = -1;
     if (state_ == TokenState::kBackoff) state_ = TokenState::kDisconnected;
     mu_.unlock();
   }
@@ -578,9 +579,15 @@ void Token::ReportFault(CK_RV rv, uint64_t gen) {
   if (!IsConnectionFault(rv)) return;
   std::lock_guard<std::mutex> lock(mu_);
   if (gen != generation_.load() || state_ != TokenState::kConnected) return;
+  // Flapping: this connection was a reconnect soon after a fault and it
+  // faulted soon again. A single fault (a lost session), even right after
+  // the first connect, is retried at once.
   const int64_t now_ms = SteadyMs();
-  const bool early =
-      now_ms - connected_at_ms_.load() < kFlapWindow.count() * 1000;
+  const int64_t window_ms = kFlapWindow.count() * 1000;
+  const int64_t connected_at = connected_at_ms_.load();
+  const bool early = now_ms - connected_at < window_ms && last_fault_ms_ >= 0 &&
+                     connected_at - last_fault_ms_ < window_ms;
+  last_fault_ms_ = now_ms;
   // A token that faults soon after each connect (e.g. it logs in but
   // answers operations with CKR_DEVICE_ERROR) logs once a minute.
   if (!early) {

@@ -255,9 +255,11 @@ class Token final : public std::enable_shared_from_this<Token>,
   std::string last_error_;  // see label_
   // Steady ms of the last successful connect (-1: never).
   std::atomic<int64_t> connected_at_ms_{-1};
-  // A fault within kFlapWindow of a connect: the back-off is kept (not
-  // reset) and repeated lines are logged once a minute (guarded by mu_).
+  // A fault within kFlapWindow of a reconnect that itself came within
+  // kFlapWindow of a fault: the back-off is kept (not reset) and repeated
+  // lines are logged once a minute (guarded by mu_).
   bool flapping_ = false;
+  int64_t last_fault_ms_ = -1;  // steady ms of the last fault (-1: none)
   int64_t flap_logged_ms_ = 0;
 
   std::mutex object_mu_;  // serialises use of object_session_

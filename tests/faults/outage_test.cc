@@ -236,6 +236,9 @@ TEST_F(OutageTest, HandshakesDoNotWaitForASlowProbe) {
   SetRules("delay C_Login 2s\n");
   const auto token = (*store)->token();
   token->ReportFault(CKR_DEVICE_REMOVED, token->generation());
+  // The prober starts its (2 s) connect at once; a handshake that took
+  // the lock before it would reconnect inline (docs/SECURITY.md).
+  std::this_thread::sleep_for(std::chrono::milliseconds(100));
   using ms = std::chrono::milliseconds;
   ms worst_handshake{0}, worst_info{0};
   const auto start = steady_clock::now();
