@@ -73,14 +73,17 @@ HSMSTEK_EXPORT int hsmstek_store_open(const char *pkcs11_uri,
  * |count| == 1 it is hsmstek_store_open. On success sets |*out| to a new
  * store the caller owns; on failure leaves |*out| NULL.
  *
- * hsmstek_store_check verifies that every reachable token holds the same
- * masters (same active master, same check values) and fails with
- * HSMSTEK_ERR_FAILED_PRECONDITION naming both check values otherwise: such
- * a token is never used. A token unreachable at the check is not used by
- * this process until the store is opened again (e.g. an nginx reload).
- * Each handshake uses one token, chosen without a token round trip; a
- * fault moves the next handshakes to the next connected token (failover)
- * and back once the preferred one answers (failback). Thread-safe. */
+ * hsmstek_store_check verifies every token against the first one (the
+ * reference: masters, policies, check values, legacy keys) and fails with
+ * HSMSTEK_ERR_FAILED_PRECONDITION naming both check values for one that
+ * differs, or with the first token's error when it cannot be read (then
+ * no other token is used until it answers). A token is used only while
+ * verified; after any reconnect or reload it is verified again by a
+ * background thread (each second) before it is used again, and refused
+ * while it differs. Each handshake uses one token, chosen without a token
+ * round trip; a fault moves the next handshakes to the next verified
+ * token (failover) and back once the preferred one has been connected for
+ * 5 s and re-read (failback). Thread-safe. */
 HSMSTEK_EXPORT int hsmstek_store_open_tokens(const char *const *pkcs11_uris,
                                              size_t count, hsmstek_store **out);
 
@@ -284,12 +287,14 @@ HSMSTEK_EXPORT int hsmstek_store_resumption_stats(hsmstek_store *store,
 typedef struct hsmstek_token_health {
   int up;       /* 1: connected now */
   int active;   /* 1: the token handshakes use now */
-  int verified; /* 1: holds the same masters as the others (checked) */
-  int64_t ms_since_success; /* since the last good use; -1: never */
+  int verified; /* 1: usable: its current view equals the first token's */
+  int64_t ms_since_success; /* since the last session lease (grows on
+                               an idle standby); -1: never */
   uint64_t failovers;       /* times handshakes moved away from it */
   uint64_t faults;          /* connection faults seen */
   char token[96];           /* "token \"label\" (serial \"...\")" */
-  char last_error[256];     /* last fault or failed connect, "" if none */
+  char last_error[256];     /* last fault or failed connect, kept after
+                               recovery; "" if none */
 } hsmstek_token_health;
 
 /* hsmstek_store_token_count returns how many tokens |store| was opened

@@ -4,6 +4,7 @@
 #include "hsmstek/hsmstek.h"
 
 #include <algorithm>
+#include <cstddef>
 #include <cstring>
 #include <exception>
 #include <memory>
@@ -353,6 +354,15 @@ int hsmstek_store_token_health(hsmstek_store *store, size_t index,
     copy(full.token, sizeof(full.token), h.token);
     copy(full.last_error, sizeof(full.last_error), h.health.last_error);
     std::memcpy(out, &full, out_size);
+    // A size that cuts a string still leaves it NUL-terminated.
+    auto terminate = [&](size_t offset, size_t size) {
+      if (out_size > offset && out_size < offset + size) {
+        reinterpret_cast<char *>(out)[out_size - 1] = '\0';
+      }
+    };
+    terminate(offsetof(hsmstek_token_health, token), sizeof(full.token));
+    terminate(offsetof(hsmstek_token_health, last_error),
+              sizeof(full.last_error));
     return Succeed();
   });
 }

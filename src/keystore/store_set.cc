@@ -1,5 +1,6 @@
 #include "keystore/store_set.h"
 
+#include <algorithm>
 #include <map>
 
 #include "common/bytes.h"
@@ -10,28 +11,12 @@ namespace hsmstek::keystore {
 
 namespace {
 
-using CheckValues = std::map<StoreId, std::array<uint8_t, kCheckValueSize>>;
-
-struct Masters {
-  std::optional<StoreId> active;
-  CheckValues check;
-};
-
-// Reads the masters of `store` and their check values (token round trips:
-// one derivation per master; at load only).
-Result<Masters> ReadMasters(KeyStore &store) {
-  Result<StoreSnapshot> snap = store.Describe();
-  if (!snap.ok()) return snap.status();
-  Masters out;
-  for (const MasterInfo &m : snap->masters) {
-    if (m.state == KeyState::kRetired) continue;
-    Result<std::array<uint8_t, kCheckValueSize>> cv = store.CheckValue(m.id);
-    if (!cv.ok()) return cv.status();
-    out.check[m.id] = *cv;
-    if (m.state == KeyState::kActive) out.active = m.id;
-  }
-  return out;
-}
+// Failback waits this long after the earlier member's token connected
+// without a fault (and its view was read again in the background): a
+// token that connects and then fails at once does not make the set flap.
+constexpr int64_t kHoldDownMs = 5000;
+// The background pass runs this often.
+constexpr std::chrono::seconds kVerifyInterval{1};
 
 std::string Hex(std::span<const uint8_t> b) {
   return HexEncode(ByteSpan(b.data(), b.size()));
@@ -45,8 +30,15 @@ StoreSet::StoreSet(std::vector<std::shared_ptr<KeyStore>> stores)
   for (size_t i = 0; i < stores.size(); ++i) {
     members_[i].store = std::move(stores[i]);
   }
-  // A single member needs no verification against anything.
-  if (members_.size() == 1) members_[0].verified.store(true);
+  // The first member is the reference: verified by definition.
+  members_[0].verified.store(true);
+  if (members_.size() > 1) {
+    verifier_ = std::make_unique<p11::Prober>(
+        [this]() -> std::optional<p11::Prober::Clock::time_point> {
+          VerifyNow();
+          return p11::Prober::Clock::now() + kVerifyInterval;
+        });
+  }
 }
 
 Result<std::shared_ptr<StoreSet>> StoreSet::Open(
@@ -86,70 +78,209 @@ std::string StoreSet::Name(size_t i) const {
          QuoteForMessage(token->serial()) + ")";
 }
 
-Status StoreSet::Load() {
-  std::optional<size_t> reference;
-  Masters expected;
-  Status first_error;
-  for (size_t i = 0; i < members_.size(); ++i) {
-    KeyStore &store = *members_[i].store;
-    Status loaded = store.Load();
-    Result<Masters> masters =
-        loaded.ok() ? ReadMasters(store) : Result<Masters>(loaded);
-    if (!masters.ok()) {
-      if (first_error.ok()) first_error = masters.status();
-      if (members_.size() > 1) {
-        log::Warning("hsmstek: store " + QuoteForMessage(store.label()) + ": " +
-                     Name(i) +
-                     " not verified, not used: " + masters.status().message());
-      }
-      continue;
+StoreSet::Pin StoreSet::PinOf(const KeyStore &store) {
+  return Pin{store.token()->generation(), store.reloads()};
+}
+
+Result<StoreSet::Content> StoreSet::ReadContent(KeyStore &store) {
+  Result<StoreSnapshot> snap = store.Describe();
+  if (!snap.ok()) return snap.status();
+  Content out;
+  for (const MasterInfo &m : snap->masters) {
+    MasterView v;
+    v.policy = m.policy;
+    if (m.state != KeyState::kRetired) {
+      Result<std::array<uint8_t, kCheckValueSize>> cv = store.CheckValue(m.id);
+      if (!cv.ok()) return cv.status();
+      v.check = *cv;
     }
-    if (!reference) {
-      reference = i;
-      expected = std::move(*masters);
-      members_[i].verified.store(true);
-      continue;
-    }
-    // Same active master, and every master both hold has the same value.
-    auto differs = [&]() -> std::optional<std::string> {
-      auto cv_of = [](const Masters &m) {
-        return m.active ? Hex(m.check.at(*m.active)) : std::string("none");
-      };
-      if (expected.active != masters->active) {
-        return cv_of(*masters) + " vs " + cv_of(expected);
-      }
-      for (const auto &[id, cv] : masters->check) {
-        auto it = expected.check.find(id);
-        if (it != expected.check.end() && it->second != cv) {
-          return Hex(cv) + " vs " + Hex(it->second);
-        }
-      }
-      return std::nullopt;
-    }();
-    if (differs) {
-      return FailedPrecondition(
-          "store " + QuoteForMessage(store.label()) + ": " + Name(i) +
-          " holds different masters than " + Name(*reference) +
-          " (active master check value " + *differs +
-          "); refusing it: tokens of one store must be replicated with "
-          "`hsmstek export` / `hsmstek import`");
-    }
-    members_[i].verified.store(true);
+    out.masters[m.id] = v;
+    if (m.state == KeyState::kActive) out.active = m.id;
   }
-  if (!reference) return first_error;
-  // Start on the preferred verified member.
-  active_.store(*reference);
+  for (const LegacyInfo &l : snap->legacy) {
+    out.legacy.emplace_back(l.name, l.expires);
+  }
+  std::sort(out.legacy.begin(), out.legacy.end(),
+            [](const auto &a, const auto &b) {
+              return a.first.bytes < b.first.bytes;
+            });
+  return out;
+}
+
+namespace {
+
+// What differs between `got` and `want`, for the refusal message.
+template <typename Content>
+std::string Difference(const Content &got, const Content &want) {
+  auto cv_of = [](const Content &c) {
+    if (!c.active) return std::string("none");
+    const auto &v = c.masters.at(*c.active);
+    return v.check ? Hex(*v.check) : std::string("none");
+  };
+  if (got.active != want.active || cv_of(got) != cv_of(want)) {
+    return "active master check value " + cv_of(got) + " vs " + cv_of(want);
+  }
+  for (const auto &[id, v] : got.masters) {
+    auto it = want.masters.find(id);
+    if (it == want.masters.end()) {
+      return "a master the reference lacks (" +
+             (v.check ? "check value " + Hex(*v.check)
+                      : std::string("retired")) +
+             ")";
+    }
+    if (v.check != it->second.check) {
+      return "master check value " +
+             (v.check ? Hex(*v.check) : std::string("retired")) + " vs " +
+             (it->second.check ? Hex(*it->second.check)
+                               : std::string("retired"));
+    }
+    if (!(v.policy == it->second.policy)) return "a master policy differs";
+  }
+  if (got.masters.size() != want.masters.size()) {
+    return "it lacks a master of the reference";
+  }
+  return "legacy keys differ";
+}
+
+}  // namespace
+
+Status StoreSet::RefreshReference() {
+  KeyStore &primary = *members_[0].store;
+  const Pin before = PinOf(primary);
+  {
+    std::lock_guard<std::mutex> lock(verify_mu_);
+    if (reference_ && reference_pin_ == before) return Status::Ok();
+  }
+  Result<Content> content = ReadContent(primary);
+  if (!content.ok()) return content.status();
+  const Pin after = PinOf(primary);
+  if (!(after == before) && after.generation != before.generation) {
+    return Unavailable("the reference token reconnected meanwhile");
+  }
+  std::lock_guard<std::mutex> lock(verify_mu_);
+  if (!reference_ || !(*reference_ == *content)) {
+    reference_ = std::move(*content);
+    reference_version_.fetch_add(1);
+  }
+  reference_pin_ = after;
   return Status::Ok();
 }
 
+bool StoreSet::Pinned(size_t i) const {
+  if (i == 0) return true;
+  const Member &m = members_[i];
+  if (!m.verified.load()) return false;
+  const Pin now = PinOf(*m.store);
+  return m.pin_generation.load() == now.generation &&
+         m.pin_reloads.load() == now.reloads &&
+         m.pin_reference.load() == reference_version_.load();
+}
+
+Status StoreSet::VerifyMember(size_t i, bool log_refusal) {
+  Member &m = members_[i];
+  KeyStore &store = *m.store;
+  if (reference_version_.load() == 0) {
+    return Unavailable(
+        "the first token of the store (the reference) has "
+        "not answered yet");
+  }
+  const Pin before = PinOf(store);
+  Result<Content> content = ReadContent(store);
+  if (!content.ok()) return content.status();  // stays unpinned; retried
+  const Pin after = PinOf(store);
+  std::lock_guard<std::mutex> lock(verify_mu_);
+  const std::string diff = *reference_ == *content
+                               ? std::string()
+                               : Difference(*content, *reference_);
+  if (diff.empty()) {
+    if (after.generation != before.generation) {
+      return Unavailable("reconnected while verified");
+    }
+    m.pin_generation.store(after.generation);
+    m.pin_reloads.store(after.reloads);
+    m.pin_reference.store(reference_version_.load());
+    m.verified.store(true);
+    if (!m.last_refusal.empty()) {
+      log::Warning("hsmstek: store " + QuoteForMessage(store.label()) + ": " +
+                   Name(i) + " now holds the same masters as " + Name(0) +
+                   "; using it again");
+      m.last_refusal.clear();
+    }
+    return Status::Ok();
+  }
+  m.verified.store(false);
+  Status refused = FailedPrecondition(
+      "store " + QuoteForMessage(store.label()) + ": " + Name(i) +
+      " holds different masters than " + Name(0) + " (" + diff +
+      "); refusing it: tokens of one store must be replicated with "
+      "`hsmstek export` / `hsmstek import`, and a new master imported to "
+      "every token before it activates");
+  if (log_refusal && refused.message() != m.last_refusal) {
+    log::Warning("hsmstek: " + refused.message());
+  }
+  m.last_refusal = refused.message();
+  return refused;
+}
+
+void StoreSet::VerifyNow() {
+  if (members_.size() == 1) return;
+  Status ref = RefreshReference();
+  (void)ref;  // without a reference nothing is verified; retried next pass
+  for (size_t i = 1; i < members_.size(); ++i) {
+    if (Pinned(i)) continue;
+    members_[i].verified.store(false);
+    Status verified = VerifyMember(i, /*log_refusal=*/true);
+    (void)verified;  // refusals are logged; other errors are retried
+  }
+}
+
+Status StoreSet::Load() {
+  Status first = members_[0].store->Load();
+  if (first.ok()) first = RefreshReference();
+  if (!first.ok() && members_.size() > 1) {
+    log::Warning("hsmstek: store " +
+                 QuoteForMessage(members_[0].store->label()) + ": " + Name(0) +
+                 " (the reference) cannot be read, so no other token of the "
+                 "store is used until it answers: " +
+                 first.message());
+  }
+  Status refusal;
+  for (size_t i = 1; i < members_.size(); ++i) {
+    KeyStore &store = *members_[i].store;
+    members_[i].verified.store(false);
+    Status loaded = store.Load();
+    if (!loaded.ok()) {
+      log::Warning("hsmstek: store " + QuoteForMessage(store.label()) + ": " +
+                   Name(i) +
+                   " not verified yet, not used: " + loaded.message());
+      continue;
+    }
+    if (!first.ok()) continue;
+    Status verified = VerifyMember(i, /*log_refusal=*/false);
+    if (verified.code() == ErrorCode::kFailedPrecondition && refusal.ok()) {
+      refusal = verified;
+    }
+  }
+  active_.store(0);
+  EnsureVerifier();
+  if (!first.ok()) return first;
+  return refusal;
+}
+
 bool StoreSet::Usable(size_t i) const {
-  return members_[i].verified.load() && !members_[i].store->token()->failing();
+  return Pinned(i) && !members_[i].store->token()->failing();
 }
 
 bool StoreSet::Recovered(size_t i) const {
   const p11::Token &token = *members_[i].store->token();
-  return members_[i].verified.load() && !token.failing() &&
-         token.state() == p11::TokenState::kConnected;
+  if (!Usable(i) || token.state() != p11::TokenState::kConnected) return false;
+  if (token.connected_for_ms() < kHoldDownMs) return false;
+  if (i != 0) return true;
+  // The reference was read again (a real operation, in the background)
+  // since it reconnected.
+  std::unique_lock<std::mutex> lock(verify_mu_, std::try_to_lock);
+  return lock.owns_lock() && reference_ &&
+         reference_pin_.generation == token.generation();
 }
 
 bool StoreSet::MoveTo(size_t from, size_t to, bool failback) {
@@ -166,16 +297,28 @@ bool StoreSet::MoveTo(size_t from, size_t to, bool failback) {
   return true;
 }
 
+void StoreSet::EnsureVerifier() {
+  if (!verifier_) return;
+  // Once per process: a forked child has no thread until it schedules.
+  const uint64_t forks = atfork::ForkCount() + 1;
+  if (verifier_for_.exchange(forks) == forks) return;
+  (void)verifier_->Schedule(p11::Prober::Clock::now() + kVerifyInterval);
+}
+
 std::shared_ptr<KeyStore> StoreSet::Active() {
   size_t cur = active_.load(std::memory_order_relaxed);
   if (members_.size() == 1) return members_[0].store;
+  if (verifier_for_.load(std::memory_order_relaxed) !=
+      atfork::ForkCount() + 1) {
+    EnsureVerifier();
+  }
   for (size_t i = 0; i < cur; ++i) {
     if (Recovered(i)) {
       MoveTo(cur, i, /*failback=*/true);
       return members_[active_.load()].store;
     }
   }
-  if (!members_[cur].store->token()->failing()) return members_[cur].store;
+  if (Usable(cur)) return members_[cur].store;
   for (size_t k = 1; k < members_.size(); ++k) {
     const size_t j = (cur + k) % members_.size();
     if (Usable(j)) {
@@ -183,7 +326,10 @@ std::shared_ptr<KeyStore> StoreSet::Active() {
       break;
     }
   }
-  return members_[active_.load()].store;
+  const size_t now = active_.load();
+  // Never an unverified member: the reference (failing: no tickets) then.
+  if (!Pinned(now)) return members_[0].store;
+  return members_[now].store;
 }
 
 void StoreSet::Served(const KeyStore &store, bool token_trouble,
@@ -205,7 +351,7 @@ void StoreSet::Served(const KeyStore &store, bool token_trouble,
 MemberHealth StoreSet::Health(size_t i) const {
   MemberHealth h;
   h.token = Name(i);
-  h.verified = members_[i].verified.load();
+  h.verified = Pinned(i);
   h.active = active_.load() == i;
   h.health = members_[i].store->token()->Health();
   h.failovers = members_[i].failovers.load();

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <string>
+#include <thread>
 
 #include "common/log.h"
 #include "pkcs11/object.h"
@@ -88,6 +89,8 @@ int64_t SteadyMs() {
 // start: Acquire then reconnects itself rather than never.
 constexpr std::chrono::seconds kProbeStalled{3};
 constexpr std::chrono::milliseconds kMinProbeInterval{50};
+// A fault this soon after a connect keeps the back-off (a flapping token).
+constexpr std::chrono::seconds kFlapWindow{10};
 
 }  // namespace
 
@@ -97,6 +100,13 @@ void Token::ScheduleProbeLocked(std::chrono::steady_clock::time_point at) {
 }
 
 std::optional<std::chrono::steady_clock::time_point> Token::Probe() {
+  // Set before taking mu_, cleared on every exit: a handshake that sees it
+  // never waits for mu_ behind this connect (Acquire).
+  probing_.store(true);
+  struct ClearProbing {
+    std::atomic<bool> &flag;
+    ~ClearProbing() { flag.store(false); }
+  } clear_probing{probing_};
   std::lock_guard<std::mutex> lock(mu_);
   if (!probe_pending_) return std::nullopt;
   if (state_ != TokenState::kDisconnected && ForkedSinceConnect()) {
@@ -110,9 +120,7 @@ std::optional<std::chrono::steady_clock::time_point> Token::Probe() {
       std::chrono::steady_clock::now() < retry_at_) {
     return retry_at_;
   }
-  probing_.store(true);
   Status status = ConnectLocked();
-  probing_.store(false);
   if (status.ok()) {
     probe_pending_ = false;
     return std::nullopt;
@@ -127,22 +135,31 @@ TokenHealth Token::Health() const {
   h.since_success_ms = last < 0 ? -1 : SteadyMs() - last;
   h.faults = faults_.load();
   h.probes = prober_ ? prober_->probes() : 0;
-  std::lock_guard<std::mutex> lock(mu_);
+  std::lock_guard<std::mutex> lock(info_mu_);
   h.last_error = last_error_;
   return h;
+}
+
+int64_t Token::connected_for_ms() const {
+  if (state_.load() != TokenState::kConnected) return 0;
+  const int64_t at = connected_at_ms_.load();
+  return at < 0 ? 0 : SteadyMs() - at;
 }
 
 void Token::ForkPrepare(atfork::Rank rank) {
   if (rank == atfork::Rank::kTokenObject) object_mu_.lock();
   if (rank == atfork::Rank::kTokenState) mu_.lock();
+  if (rank == atfork::Rank::kLeaf) info_mu_.lock();
 }
 
 void Token::ForkParent(atfork::Rank rank) {
+  if (rank == atfork::Rank::kLeaf) info_mu_.unlock();
   if (rank == atfork::Rank::kTokenState) mu_.unlock();
   if (rank == atfork::Rank::kTokenObject) object_mu_.unlock();
 }
 
 void Token::ForkChild(atfork::Rank rank) {
+  if (rank == atfork::Rank::kLeaf) info_mu_.unlock();
   if (rank == atfork::Rank::kTokenState) {
     // Before anything can read state() or generation(): the store then sees
     // its view and cached handles as stale and reloads, which reconnects.
@@ -150,6 +167,18 @@ void Token::ForkChild(atfork::Rank rank) {
         object_session_ != CK_INVALID_HANDLE || held_module_) {
       ForgetParentLocked();
     }
+    // Always, even with nothing of the parent's held: a failing parent's
+    // probe schedule is not the child's (Prober::ForkChild forgets it), so
+    // a child keeping failing_ would be skipped by StoreSet and never
+    // reconnected. The child starts fresh and connects on first use.
+    probe_pending_ = false;
+    probing_.store(false);
+    failing_.store(false);
+    retry_at_ = {};
+    backoff_ = std::chrono::milliseconds(0);
+    flapping_ = false;
+    last_fault_ms_ = -1;
+    if (state_ == TokenState::kBackoff) state_ = TokenState::kDisconnected;
     mu_.unlock();
   }
   if (rank == atfork::Rank::kTokenObject) object_mu_.unlock();
@@ -193,12 +222,12 @@ Result<std::shared_ptr<Token>> Token::Create(const TokenUri &uri,
 TokenState Token::state() const { return state_.load(); }
 
 std::string Token::label() const {
-  std::lock_guard<std::mutex> lock(mu_);
+  std::lock_guard<std::mutex> lock(info_mu_);
   return label_;
 }
 
 std::string Token::serial() const {
-  std::lock_guard<std::mutex> lock(mu_);
+  std::lock_guard<std::mutex> lock(info_mu_);
   return serial_;
 }
 
@@ -276,7 +305,10 @@ Status Token::ConnectLocked() {
                    status.message());
     }
     last_connect_error_ = status;
-    last_error_ = status.message();
+    {
+      std::lock_guard<std::mutex> info(info_mu_);
+      last_error_ = status.message();
+    }
     failing_.store(true);
     // Never sooner than kMinProbeInterval: a zero back-off must not spin.
     ScheduleProbeLocked(std::max(
@@ -354,9 +386,12 @@ Status Token::ConnectLocked() {
   const SlotMatch &match = matches[0];
   module_ = match.module;
   slot_ = match.slot;
-  label_ = TrimPadded(match.info.label, sizeof(match.info.label));
-  serial_ =
-      TrimPadded(match.info.serialNumber, sizeof(match.info.serialNumber));
+  {
+    std::lock_guard<std::mutex> info(info_mu_);
+    label_ = TrimPadded(match.info.label, sizeof(match.info.label));
+    serial_ =
+        TrimPadded(match.info.serialNumber, sizeof(match.info.serialNumber));
+  }
   CK_FUNCTION_LIST *f = module_->functions();
 
   for (CK_MECHANISM_TYPE m : options_.required_mechanisms) {
@@ -429,15 +464,20 @@ Status Token::ConnectLocked() {
     module_->TokenConnected();
     held_module_ = module_;
   }
-  backoff_ = std::chrono::milliseconds(0);
+  // backoff_ is kept: reset only once a connection has lasted
+  // kFlapWindow (ReportFault), so a token that connects and then fails at
+  // once is retried at the growing back-off, not in a loop.
   connected_fork_count_ = Module::ForkCount();
   last_connect_error_ = Status::Ok();
   probe_pending_ = false;
   failing_.store(false);
   last_success_ms_.store(SteadyMs());
+  connected_at_ms_.store(SteadyMs());
   generation_.fetch_add(1);
-  log::Info("connected to token " + QuoteForMessage(label_) + " (slot " +
-            std::to_string(slot_) + ")");
+  if (!flapping_) {
+    log::Info("connected to token " + QuoteForMessage(label_) + " (slot " +
+              std::to_string(slot_) + ")");
+  }
   return Status::Ok();
 }
 
@@ -459,10 +499,17 @@ Result<Session> Token::Acquire() {
   // A probe holds mu_ while it connects to a token in back-off; a handshake
   // does not wait for it. Right after a fault (kDisconnected) the probe is
   // the reconnect the caller would have made: waiting for it is as fast.
-  if (probing_.load() && state_.load() == TokenState::kBackoff) {
-    return Unavailable("token unavailable (reconnecting)");
+  // probing_ is set before the prober takes mu_, so a handshake never
+  // waits behind its connect; other holders of mu_ are short.
+  std::unique_lock<std::mutex> lock(mu_, std::defer_lock);
+  for (int spins = 0; !lock.try_lock(); ++spins) {
+    if (probing_.load()) return Unavailable("token unavailable (reconnecting)");
+    if (spins < 64) {
+      std::this_thread::yield();
+    } else {
+      std::this_thread::sleep_for(std::chrono::microseconds(50));
+    }
   }
-  std::lock_guard<std::mutex> lock(mu_);
   if (state_ != TokenState::kDisconnected && ForkedSinceConnect()) {
     // Nothing opened by the parent is used by the child.
     DisconnectLocked(/*close_handles=*/false);
@@ -532,16 +579,55 @@ void Token::ReportFault(CK_RV rv, uint64_t gen) {
   if (!IsConnectionFault(rv)) return;
   std::lock_guard<std::mutex> lock(mu_);
   if (gen != generation_.load() || state_ != TokenState::kConnected) return;
-  log::Warning("token " + QuoteForMessage(label_) + ": " +
-               std::string(CkrName(rv)) +
-               "; dropping sessions and reconnecting");
+  // Flapping: this connection was a reconnect soon after a fault and it
+  // faulted soon again. A single fault (a lost session), even right after
+  // the first connect, is retried at once.
+  const int64_t now_ms = SteadyMs();
+  const int64_t window_ms = kFlapWindow.count() * 1000;
+  const int64_t connected_at = connected_at_ms_.load();
+  const bool early = now_ms - connected_at < window_ms && last_fault_ms_ >= 0 &&
+                     connected_at - last_fault_ms_ < window_ms;
+  last_fault_ms_ = now_ms;
+  // A token that faults soon after each connect (e.g. it logs in but
+  // answers operations with CKR_DEVICE_ERROR) logs once a minute.
+  if (!early) {
+    flapping_ = false;
+  } else if (!flapping_) {
+    flapping_ = true;
+    flap_logged_ms_ = 0;
+  }
+  if (!flapping_ || now_ms - flap_logged_ms_ >= 60000) {
+    log::Warning("token " + QuoteForMessage(label_) + ": " +
+                 std::string(CkrName(rv)) +
+                 (flapping_ ? "; it failed again soon after connecting: "
+                              "reconnecting at the back-off"
+                            : "; dropping sessions and reconnecting"));
+    if (flapping_) flap_logged_ms_ = now_ms;
+  }
   faults_.fetch_add(1);
   failing_.store(true);
-  last_error_ = std::string(CkrName(rv));
+  {
+    std::lock_guard<std::mutex> info(info_mu_);
+    last_error_ = std::string(CkrName(rv));
+  }
   DisconnectLocked(/*close_handles=*/true);
-  // Reconnecting is the prober's job from now on (at once: most faults
-  // are a session lost, not the token).
-  retry_at_ = std::chrono::steady_clock::now();
+  // Reconnecting is the prober's job from now on: at once after a
+  // connection that lasted (most faults are a session lost, not the
+  // token), else at the back-off, which keeps growing while it flaps.
+  const auto now = std::chrono::steady_clock::now();
+  if (early) {
+    backoff_ = backoff_.count() == 0
+                   ? options_.backoff_initial
+                   : std::min(backoff_ * 2, options_.backoff_max);
+    // With a prober, never sooner than kMinProbeInterval (no spinning).
+    retry_at_ =
+        now +
+        (prober_ != nullptr ? std::max(backoff_, kMinProbeInterval) : backoff_);
+    state_ = TokenState::kBackoff;
+  } else {
+    backoff_ = std::chrono::milliseconds(0);
+    retry_at_ = now;
+  }
   ScheduleProbeLocked(retry_at_);
 }
 

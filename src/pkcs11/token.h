@@ -165,11 +165,14 @@ class Token final : public std::enable_shared_from_this<Token>,
   // successful connect (lock-free: asked on every handshake by StoreSet).
   // A token never used in this process (e.g. a forked worker) is not.
   bool failing() const { return failing_.load(std::memory_order_relaxed); }
+  // Milliseconds connected since the last (re)connect; 0 when not
+  // connected. Lock-free (StoreSet's failback hold-down).
+  int64_t connected_for_ms() const;
 
-  // Fork participant: object_mu_ (rank kTokenObject) and mu_ (kTokenState)
-  // are held across fork; the child forgets every session and handle of
-  // the parent without closing them and starts a new generation, so its
-  // first use reconnects and no cached handle of the parent is used.
+  // Fork participant: object_mu_ (rank kTokenObject), mu_ (kTokenState) and
+  // info_mu_ (kLeaf) are held across fork; the child forgets every session and
+  // handle of the parent without closing them and starts a new generation, so
+  // its first use reconnects and no cached handle of the parent is used.
   void ForkPrepare(atfork::Rank rank) override;
   void ForkParent(atfork::Rank rank) override;
   void ForkChild(atfork::Rank rank) override;
@@ -207,6 +210,10 @@ class Token final : public std::enable_shared_from_this<Token>,
   // asks on every ticket).
   std::atomic<TokenState> state_{TokenState::kDisconnected};
   CK_SLOT_ID slot_ = 0;
+  // label_, serial_ and last_error_ are written holding mu_ and info_mu_,
+  // read holding either: label(), serial() and Health() take info_mu_
+  // only, never waiting behind a connect (which holds mu_).
+  mutable std::mutex info_mu_;  // rank kLeaf
   std::string label_;
   std::string serial_;
   CK_SESSION_HANDLE object_session_ = CK_INVALID_HANDLE;
@@ -238,13 +245,22 @@ class Token final : public std::enable_shared_from_this<Token>,
   // A reconnect is the prober's job (guarded by mu_): set when a
   // connected token faults or a probe was scheduled, cleared on connect.
   bool probe_pending_ = false;
-  // Set while the prober connects: Acquire fails fast instead of waiting
-  // for mu_ behind a connect to a token that may not answer.
+  // Set (before it takes mu_) while the prober connects: Acquire fails fast
+  // instead of waiting for mu_ behind a connect to a token that may not
+  // answer.
   std::atomic<bool> probing_{false};
   std::atomic<int64_t> last_success_ms_{-1};  // steady clock, ms
   std::atomic<uint64_t> faults_{0};
   std::atomic<bool> failing_{false};
-  std::string last_error_;  // guarded by mu_
+  std::string last_error_;  // see label_
+  // Steady ms of the last successful connect (-1: never).
+  std::atomic<int64_t> connected_at_ms_{-1};
+  // A fault within kFlapWindow of a reconnect that itself came within
+  // kFlapWindow of a fault: the back-off is kept (not reset) and repeated
+  // lines are logged once a minute (guarded by mu_).
+  bool flapping_ = false;
+  int64_t last_fault_ms_ = -1;  // steady ms of the last fault (-1: none)
+  int64_t flap_logged_ms_ = 0;
 
   std::mutex object_mu_;  // serialises use of object_session_
   // Last member: destroyed (its thread joined) before anything it uses.

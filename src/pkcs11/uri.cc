@@ -3,6 +3,7 @@
 #include <p11-kit/uri.h>
 
 #include <algorithm>
+#include <cctype>
 #include <cstring>
 #include <memory>
 #include <string>
@@ -103,7 +104,13 @@ bool TokenUri::MatchesToken(const CK_TOKEN_INFO &info, CK_SLOT_ID slot) const {
 Result<TokenUri> ParseTokenUri(std::string_view text) {
   TokenUri out;
   out.text = RedactUri(text);
-  if (text.substr(0, 7) != "pkcs11:") {
+  // The scheme is case-insensitive (RFC 3986); p11-kit wants it lowercase.
+  std::string copy(text);
+  for (size_t i = 0; i < copy.size() && i < 7; ++i) {
+    copy[i] =
+        static_cast<char>(std::tolower(static_cast<unsigned char>(copy[i])));
+  }
+  if (copy.substr(0, 7) != "pkcs11:") {
     return InvalidArgument("not a PKCS#11 URI (must start with \"pkcs11:\"): " +
                            out.text);
   }
@@ -114,7 +121,6 @@ Result<TokenUri> ParseTokenUri(std::string_view text) {
   }
   UniqueUri uri(p11_kit_uri_new());
   if (!uri) return Internal("p11_kit_uri_new failed");
-  std::string copy(text);
   int rc = p11_kit_uri_parse(copy.c_str(), P11_KIT_URI_FOR_ANY, uri.get());
   if (rc != P11_KIT_URI_OK) {
     return InvalidArgument(std::string("bad PKCS#11 URI (") +

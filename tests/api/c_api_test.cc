@@ -3,8 +3,10 @@
 #include <gtest/gtest.h>
 #include <hsmstek/hsmstek.h>
 
+#include <cstddef>
 #include <hsmstek/hsmstek.hpp>
 #include <string>
+#include <vector>
 
 #include "keystore/provisioning.h"
 #include "keystore/store.h"
@@ -332,6 +334,47 @@ TEST_F(CApiTest, OpenTokensAndTokenHealth) {
   EXPECT_EQ(h.failovers, 0u);
   EXPECT_NE(std::string(h.token).find("capi"), std::string::npos) << h.token;
   EXPECT_EQ(hsmstek_store_token_count(nullptr), 0u);
+  hsmstek_store_close(store);
+}
+
+// Two tokens (here two connections to one token, which hold the same
+// masters by construction), the argument checks, and a partial out_size.
+TEST_F(CApiTest, OpenTwoTokensHealthOfEachAndPartialSizes) {
+  const std::string uri = SoftHsm::Get().Uri("capi", "web");
+  const char *nine[9];
+  for (const char *&u : nine) u = uri.c_str();
+  hsmstek_store *store = nullptr;
+  EXPECT_EQ(hsmstek_store_open_tokens(nine, 9, &store),
+            HSMSTEK_ERR_INVALID_ARGUMENT);
+  const char *with_null[] = {uri.c_str(), nullptr};
+  EXPECT_EQ(hsmstek_store_open_tokens(with_null, 2, &store),
+            HSMSTEK_ERR_INVALID_ARGUMENT);
+  ASSERT_EQ(hsmstek_store_open_tokens(nine, 2, &store), HSMSTEK_OK)
+      << hsmstek_last_error();
+  EXPECT_EQ(hsmstek_store_token_count(store), 2u);
+  ASSERT_EQ(hsmstek_store_check(store), HSMSTEK_OK) << hsmstek_last_error();
+  hsmstek_token_health h[2]{};
+  for (size_t i = 0; i < 2; ++i) {
+    ASSERT_EQ(hsmstek_store_token_health(store, i, &h[i], sizeof(h[i])),
+              HSMSTEK_OK);
+    EXPECT_EQ(h[i].up, 1);
+    EXPECT_EQ(h[i].verified, 1) << i;
+  }
+  EXPECT_EQ(h[0].active, 1);
+  EXPECT_EQ(h[1].active, 0);
+  EXPECT_EQ(hsmstek_store_token_health(store, 2, &h[0], sizeof(h[0])),
+            HSMSTEK_ERR_INVALID_ARGUMENT);
+  EXPECT_EQ(hsmstek_store_token_health(store, 0, &h[0], sizeof(h[0]) + 1),
+            HSMSTEK_ERR_INVALID_ARGUMENT);
+  // Cut inside the token name: what is there is a NUL-terminated string.
+  const size_t cut = offsetof(hsmstek_token_health, token) + 4;
+  std::vector<char> bytes(sizeof(hsmstek_token_health), 'x');
+  ASSERT_EQ(hsmstek_store_token_health(
+                store, 0,
+                reinterpret_cast<hsmstek_token_health *>(bytes.data()), cut),
+            HSMSTEK_OK);
+  EXPECT_EQ(bytes[cut - 1], '\0');
+  EXPECT_EQ(bytes[cut], 'x');  // nothing written past out_size
   hsmstek_store_close(store);
 }
 

@@ -340,6 +340,31 @@ expect_fail http_bad_option "
     hsmstek_store web \"$uri\" rotate=1d; #@" "" \
   'invalid parameter "rotate=1d" of hsmstek store "web"'
 
+# Review finding 8: an argument that may carry a PIN is never echoed,
+# whatever the case of its scheme or wherever it stands.
+expect_ok http_uri_scheme_any_case "
+    hsmstek_store web \"PKCS11:token=tickets;object=web?module-path=/usr/lib/softhsm/libsofthsm2.so&pin-source=file:$tmp/no-such-pin\";" ""
+expect_no_pin() {
+  local conf="$tmp/$1.conf"
+  write_conf "$conf" "$2" ""
+  run_t "$conf"
+  if [ "$rc" -ne 0 ] && grep -qF "$3" "$tmp/out" &&
+     ! grep -q "s3cret" "$tmp/out"; then
+    pass "$1"
+  else
+    fail "$1 (expected rc!=0, \"$3\" and no PIN; rc=$rc)"
+  fi
+}
+expect_no_pin http_uri_after_option_not_echoed "
+    hsmstek_store web \"$uri\" clock_skew=1s \"pkcs11:token=b;object=web?pin-value=s3cret\";" \
+  'invalid parameter #4 of hsmstek store "web" (not shown'
+expect_no_pin http_uri_as_option_value_not_echoed "
+    hsmstek_store web \"$uri\" \"clock_skew=pkcs11:token=b;object=web?pin-value=s3cret\";" \
+  'invalid parameter #3 of hsmstek store "web" (not shown'
+expect_no_pin http_pin_option_not_echoed "
+    hsmstek_store web \"$uri\" \"pin-value=s3cret\";" \
+  'invalid parameter #3 of hsmstek store "web" (not shown'
+
 expect_fail http_store_missing_uri "
     hsmstek_store web; #@" "" \
   'invalid number of arguments in "hsmstek_store" directive'

@@ -128,10 +128,13 @@ check "ticket_sealed_on_fo_b_resumes_after_failback" n resumed "$tmp/old"
 # Failback: every worker that served a handshake since uses fo-a again.
 for _ in 1 2 3 4 5 6; do tls "$port" 1.3 "$tmp/x"; done
 # Each worker answers for itself: one that met a stale session of fo-a
-# after re-insertion reconnects within a moment; ask a few times.
+# after re-insertion reconnects within a moment; failback waits until fo-a
+# has been connected for 5 s and re-read (hold-down), and happens on a
+# handshake: ask for up to 12 s, with handshakes.
 back_on_a() {
   local _
-  for _ in $(seq 1 10); do
+  for _ in $(seq 1 40); do
+    for _ in 1 2 3 4; do tls "$port" 1.3 "$tmp/x"; done
     metrics=$(curl -s "http://127.0.0.1:$sport/metrics")
     if grep -q 'hsmstek_token_up{store="fo",token="1"} 1' <<<"$metrics" &&
       grep -q 'hsmstek_token_active{store="fo",token="1"} 1' <<<"$metrics"; then

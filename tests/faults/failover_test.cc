@@ -5,6 +5,8 @@
 // master under the same label. Every call goes through the faulty module,
 // which removes fo-a under load.
 #include <openssl/ssl.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include <atomic>
 #include <chrono>
@@ -27,6 +29,7 @@ using std::chrono::steady_clock;
 constexpr char kA[] = "fo-a";
 constexpr char kB[] = "fo-b";
 constexpr char kC[] = "fo-c";
+constexpr char kD[] = "fo-d";  // a replica of fo-a, re-provisioned by a test
 constexpr char kLabel[] = "fo";
 
 // SoftHSM itself, not the faulty module: the ceremony's export wraps a
@@ -96,6 +99,20 @@ void EnsureTokens() {
   Cli("import '" + Direct(kB, kLabel, true) +
       "' --unwrap-key pkcs11:object=fo-wrap --in " + dir + "/fo.bundle");
   Cli("provision '" + Direct(kC, kLabel, true) + "'");
+  // fo-d: a second replica of fo-a's master (same ceremony).
+  hsm.CreateToken(kD);
+  Cli("wrap-key generate '" + Direct(kD, "fo-wrap-d", true) + "' --out " + dir +
+      "/d-wrap.pem");
+  Cli("wrap-key trust '" + Direct(kA, "fo-wrap-d", false) + "' --in " + dir +
+      "/d-wrap.pem --so-pin-source file:" + dir + "/so.pin");
+  Cli("signer trust '" + Direct(kD, "fo-signer", false) + "' --in " + dir +
+      "/a-signer.pem --so-pin-source file:" + dir + "/so.pin");
+  Cli("export '" + Direct(kA, kLabel, true) + "' --id " + id +
+      " --wrap-key pkcs11:object=fo-wrap-d --signer pkcs11:object=fo-signer "
+      "--out " +
+      dir + "/fo-d.bundle");
+  Cli("import '" + Direct(kD, kLabel, true) +
+      "' --unwrap-key pkcs11:object=fo-wrap-d --in " + dir + "/fo-d.bundle");
 }
 
 void ApplyControlFile() {
@@ -256,6 +273,90 @@ TEST_F(FailoverTest, TokenWithDifferentMastersIsRefusedNamingBothCheckValues) {
   auto good = OpenSet(kA, kB);
   ASSERT_TRUE(good);
   EXPECT_TRUE(good->Load().ok());
+}
+
+// Review finding 1: the first token is the reference even when it cannot
+// be reached at load. Before, fo-c (its own master) became the reference,
+// verified and active, and stayed so after fo-a came back.
+TEST_F(FailoverTest, PrimaryUnreachableAtLoadLeavesAMismatchedSecondaryUnused) {
+  SetRules(std::string("remove token ") + kA + "\n");
+  ApplyControlFile();
+  auto set = OpenSet(kA, kC);
+  ASSERT_TRUE(set);
+  Status loaded = set->Load();
+  EXPECT_FALSE(loaded.ok());
+  EXPECT_FALSE(set->Health(1).verified);
+  for (int i = 0; i < 20; ++i) {
+    EXPECT_NE(set->Active().get(), set->member(1).get());
+  }
+  SetRules("insert\n");
+  ApplyControlFile();
+  // fo-a answers again: the background pass reads it and compares fo-c,
+  // which it refuses.
+  const auto deadline = steady_clock::now() + std::chrono::seconds(10);
+  while (steady_clock::now() < deadline &&
+         (!set->Health(0).health.up || set->Health(1).verified)) {
+    set->VerifyNow();
+    (void)set->Active();
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  set->VerifyNow();
+  EXPECT_TRUE(set->Health(0).health.up);
+  EXPECT_FALSE(set->Health(1).verified);
+  EXPECT_TRUE(set->Health(0).active);
+  EXPECT_EQ(set->Active().get(), set->member(0).get());
+}
+
+// Review finding 2: verification is not once-only. fo-d is verified, then
+// a master is planted on it (rotate --activate-in 0s, as an attacker with
+// its PIN would). Its next reload unpins it at once; the next pass refuses
+// it; with fo-a failing it is never chosen. Before, it stayed verified and
+// the set failed over to it.
+TEST_F(FailoverTest, SecondaryReprovisionedAfterLoadIsRefused) {
+  auto set = OpenSet(kA, kD);
+  ASSERT_TRUE(set);
+  Status loaded = set->Load();
+  ASSERT_TRUE(loaded.ok()) << loaded.message();
+  ASSERT_TRUE(set->Health(1).verified);
+  Cli("rotate '" + Direct(kD, kLabel, true) + "' --activate-in 0s");
+  // fo-d's own refresh (every 30 s in a server) picks the new master up.
+  ASSERT_TRUE(set->member(1)->Load().ok());
+  EXPECT_FALSE(set->Health(1).verified) << "a reloaded member stays pinned";
+  set->VerifyNow();
+  EXPECT_FALSE(set->Health(1).verified);
+  const auto &a = set->member(0)->token();
+  a->ReportFault(CKR_DEVICE_REMOVED, a->generation());
+  ASSERT_TRUE(a->failing());
+  for (int i = 0; i < 20; ++i) {
+    EXPECT_NE(set->Active().get(), set->member(1).get());
+  }
+  EXPECT_FALSE(set->Health(1).active);
+}
+
+// A forked child (an nginx worker forked after load) has none of the
+// parent's threads and its tokens start a new generation, so every other
+// member is unpinned there: its first Active() starts its own
+// verification thread, which re-verifies them off the handshake path.
+TEST_F(FailoverTest, ForkedChildVerifiesTheOtherTokensInTheBackground) {
+  auto set = OpenSet(kA, kB);
+  ASSERT_TRUE(set);
+  ASSERT_TRUE(set->Load().ok());
+  ASSERT_TRUE(set->Health(1).verified);
+  pid_t pid = ::fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    (void)set->Active();
+    const auto deadline = steady_clock::now() + std::chrono::seconds(5);
+    while (!set->Health(1).verified && steady_clock::now() < deadline) {
+      (void)set->Active();
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+    _exit(set->Health(1).verified ? 0 : 2);
+  }
+  int status = 0;
+  ASSERT_EQ(waitpid(pid, &status, 0), pid);
+  ASSERT_TRUE(WIFEXITED(status));
+  EXPECT_EQ(WEXITSTATUS(status), 0) << "2: fo-b never re-verified in the child";
 }
 
 }  // namespace

@@ -6,6 +6,8 @@
 // along for the store (epochs, outage durations: 15 store seconds per real
 // second, so a 10 s outage spans 150 store seconds and two minute lines).
 #include <openssl/ssl.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include <chrono>
 #include <cstdlib>
@@ -137,6 +139,135 @@ TEST_F(OutageTest, ResumesWithinASecondOfReinsertionWithABoundedLog) {
   // (~10) nor per handshake (hundreds).
   EXPECT_LE(log.lines.size(), 10u);
   EXPECT_GT(during, 100);
+}
+
+// Review finding 6: a child forked while its parent's token was failing
+// (faulted, disconnected, nothing held) kept failing_ while the prober's
+// schedule was dropped at fork: StoreSet skipped the member for the
+// child's life and nothing reconnected it. The child must start fresh.
+TEST_F(OutageTest, ChildForkedDuringAFaultStartsFreshAndReconnects) {
+  auto store = OpenStore("outage");
+  ASSERT_NE(store, nullptr);
+  auto context = ContextFor(store);
+  auto server = ServerCtx(context, TLS1_3_VERSION);
+  auto client = NewClientCtx(TLS1_3_VERSION);
+  HandshakeResult first = Handshake(client.get(), server.get());
+  ASSERT_TRUE(first.ok) << first.error;
+  UniqueSslSession ticket = Reoffer(first.session.get());
+  ASSERT_TRUE(ticket);
+  const auto &token = store->token();
+  token->ReportFault(CKR_DEVICE_REMOVED, token->generation());
+  ASSERT_TRUE(token->failing());
+  ASSERT_NE(token->state(), p11::TokenState::kConnected);
+  pid_t pid = ::fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    int code = 0;
+    if (token->failing()) code = 2;
+    HandshakeResult r =
+        Handshake(client.get(), server.get(), Reoffer(ticket.get()).get());
+    if (code == 0 && !(r.ok && r.reused)) code = 3;
+    if (code == 0 && token->failing()) code = 4;
+    _exit(code);
+  }
+  int status = 0;
+  ASSERT_EQ(waitpid(pid, &status, 0), pid);
+  ASSERT_TRUE(WIFEXITED(status));
+  EXPECT_EQ(WEXITSTATUS(status), 0)
+      << "2: the child inherited failing; 3: no resumption; 4: still failing";
+}
+
+keystore::StoreOptions ProberOptions(const FakeClock *clock) {
+  keystore::StoreOptions options;
+  options.clock = clock;
+  options.background_maintenance = false;
+  return options;  // default token options: prober on, back-off 200..750 ms
+}
+
+// Review finding 3: a token that logs in but fails every operation made a
+// reconnect loop with no back-off (the connect reset it, the probe ran at
+// once, each cycle logged a fault and a connect). Now a fault soon after a
+// connect keeps the back-off growing and is logged once a minute.
+TEST_F(OutageTest, TokenThatConnectsThenFailsBacksOffAndLogsOnce) {
+  auto store = keystore::KeyStore::Open(
+      SoftHsm::Get().Uri(kFaultToken, "outage"), ProberOptions(&clock_));
+  ASSERT_TRUE(store.ok()) << store.status().message();
+  auto context = ContextFor(*store);
+  auto server = ServerCtx(context, TLS1_3_VERSION);
+  auto client = NewClientCtx(TLS1_3_VERSION);
+  ASSERT_TRUE(Handshake(client.get(), server.get()).ok);
+  CapturedLog log;
+  log::SetSink(Capture, &log);
+  SetRules(
+      "fail C_FindObjectsInit after 0 always with CKR_DEVICE_ERROR\n"
+      "fail C_EncryptInit after 0 always with CKR_DEVICE_ERROR\n"
+      "fail C_DecryptInit after 0 always with CKR_DEVICE_ERROR\n");
+  const auto token = (*store)->token();
+  const uint64_t faults_before = token->Health().faults;
+  const auto start = steady_clock::now();
+  while (steady_clock::now() - start < std::chrono::seconds(4)) {
+    ASSERT_TRUE(Handshake(client.get(), server.get()).ok);
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  SetRules("");
+  log::SetSink(nullptr, nullptr);
+  const uint64_t faults = token->Health().faults - faults_before;
+  std::lock_guard<std::mutex> lock(log.mu);
+  std::printf("[ flapping ] %llu faults, %zu log lines in 4 s\n",
+              static_cast<unsigned long long>(faults), log.lines.size());
+  // Back-off 200, 400, 750, 750, ... ms: about 7 cycles in 4 s.
+  EXPECT_GE(faults, 2u);
+  EXPECT_LE(faults, 10u);
+  EXPECT_LE(CountContaining(log.lines, "CKR_DEVICE_ERROR"), 4u);
+  EXPECT_LE(CountContaining(log.lines, "connected to token"), 1u);
+}
+
+// Review finding 4: the prober held Token::mu_ through a connect, and a
+// handshake (Acquire right after a fault), label() and Health() waited for
+// it. With C_Login taking 2 s, none of them may wait.
+TEST_F(OutageTest, HandshakesDoNotWaitForASlowProbe) {
+  auto store = keystore::KeyStore::Open(
+      SoftHsm::Get().Uri(kFaultToken, "outage"), ProberOptions(&clock_));
+  ASSERT_TRUE(store.ok()) << store.status().message();
+  auto context = ContextFor(*store);
+  auto server = ServerCtx(context, TLS1_3_VERSION);
+  auto client = NewClientCtx(TLS1_3_VERSION);
+  ASSERT_TRUE(Handshake(client.get(), server.get()).ok);
+  SetRules("delay C_Login 2s\n");
+  const auto token = (*store)->token();
+  token->ReportFault(CKR_DEVICE_REMOVED, token->generation());
+  // The prober starts its (2 s) connect at once; a handshake that took
+  // the lock before it would reconnect inline (docs/SECURITY.md).
+  std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  using ms = std::chrono::milliseconds;
+  ms worst_handshake{0}, worst_info{0};
+  const auto start = steady_clock::now();
+  while (steady_clock::now() - start < std::chrono::milliseconds(1500)) {
+    auto t0 = steady_clock::now();
+    ASSERT_TRUE(Handshake(client.get(), server.get()).ok);
+    auto t1 = steady_clock::now();
+    (void)token->Health();
+    (void)token->label();
+    (void)token->serial();
+    auto t2 = steady_clock::now();
+    worst_handshake =
+        std::max(worst_handshake, std::chrono::duration_cast<ms>(t1 - t0));
+    worst_info = std::max(worst_info, std::chrono::duration_cast<ms>(t2 - t1));
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  SetRules("");
+  std::printf("[ slow     ] worst handshake %lld ms, worst Health %lld ms\n",
+              static_cast<long long>(worst_handshake.count()),
+              static_cast<long long>(worst_info.count()));
+  EXPECT_LT(worst_handshake.count(), 250);
+  EXPECT_LT(worst_info.count(), 50);
+  // And it does reconnect.
+  const auto deadline = steady_clock::now() + std::chrono::seconds(6);
+  while (token->state() != p11::TokenState::kConnected &&
+         steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  EXPECT_EQ(token->state(), p11::TokenState::kConnected);
 }
 
 }  // namespace

@@ -29,8 +29,8 @@ static const char *ngx_hsmstek_check_uri(const ngx_str_t *uri,
                                          ngx_uint_t *pin_value) {
   *pin_value = 0;
   if (uri->len < ngx_hsmstek_scheme.len ||
-      ngx_strncmp(uri->data, ngx_hsmstek_scheme.data, ngx_hsmstek_scheme.len) !=
-          0) {
+      ngx_strncasecmp(uri->data, ngx_hsmstek_scheme.data,
+                      ngx_hsmstek_scheme.len) != 0) {
     return "it does not start with \"pkcs11:\"";
   }
   for (size_t i = 0; i < uri->len; i++) {
@@ -93,13 +93,40 @@ ngx_int_t ngx_hsmstek_init_main_conf(ngx_conf_t *cf,
   return NGX_OK;
 }
 
+/* ngx_hsmstek_may_echo: whether an argument may be printed in an error.
+ * Never one that may be (part of) a PKCS#11 URI: it may carry a pin-value. */
+static ngx_uint_t ngx_hsmstek_may_echo(const ngx_str_t *arg) {
+  static const char *const bad[] = {"pkcs11", "pin-"};
+  for (size_t b = 0; b < sizeof(bad) / sizeof(bad[0]); b++) {
+    size_t n = ngx_strlen(bad[b]);
+    for (size_t i = 0; i + n <= arg->len; i++) {
+      if (ngx_strncasecmp(arg->data + i, (u_char *)bad[b], n) == 0) return 0;
+    }
+  }
+  for (size_t i = 0; i < arg->len; i++) {
+    if (arg->data[i] == '?' || arg->data[i] == '%') return 0;
+  }
+  return 1;
+}
+
 /* ngx_hsmstek_store_option parses one "key=value" option of hsmstek_store
- * into |store|. Returns NGX_CONF_OK or NGX_CONF_ERROR (already logged). */
+ * (argument number |n| of the directive) into |store|. Returns NGX_CONF_OK
+ * or NGX_CONF_ERROR (already logged; an argument that may carry a PIN is
+ * named by its number, never printed). */
 static char *ngx_hsmstek_store_option(ngx_conf_t *cf,
                                       ngx_hsmstek_store_conf_t *store,
-                                      ngx_str_t *opt) {
+                                      ngx_str_t *opt, ngx_uint_t n) {
   static const ngx_str_t skew = ngx_string("clock_skew=");
   static const ngx_str_t renew = ngx_string("tls13_renew=");
+
+  if (!ngx_hsmstek_may_echo(opt)) {
+    ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                       "invalid parameter #%ui of hsmstek store \"%V\" (not "
+                       "shown: it may carry a PIN); a PKCS#11 URI must come "
+                       "before the options",
+                       n, &store->name);
+    return NGX_CONF_ERROR;
+  }
 
   if (opt->len > skew.len && ngx_strncmp(opt->data, skew.data, skew.len) == 0) {
     if (store->clock_skew != NGX_CONF_UNSET) {
@@ -188,10 +215,11 @@ char *ngx_hsmstek_store_directive(ngx_conf_t *cf, ngx_command_t *cmd,
   }
 
   /* The URIs: value[2] and every following argument that starts with
-   * "pkcs11:" (options never do). */
+   * "pkcs11:" in any case (the scheme is case-insensitive; options never
+   * do). */
   ngx_uint_t nuris = 0;
   while (2 + nuris < cf->args->nelts && value[2 + nuris].len >= 7 &&
-         ngx_strncmp(value[2 + nuris].data, "pkcs11:", 7) == 0) {
+         ngx_strncasecmp(value[2 + nuris].data, (u_char *)"pkcs11:", 7) == 0) {
     nuris++;
   }
   if (nuris == 0) nuris = 1; /* value[2] is checked (and refused) below */
@@ -249,7 +277,7 @@ char *ngx_hsmstek_store_directive(ngx_conf_t *cf, ngx_command_t *cmd,
   store->store = NULL;
 
   for (ngx_uint_t i = 2 + nuris; i < cf->args->nelts; i++) {
-    if (ngx_hsmstek_store_option(cf, store, &value[i]) != NGX_CONF_OK) {
+    if (ngx_hsmstek_store_option(cf, store, &value[i], i) != NGX_CONF_OK) {
       return NGX_CONF_ERROR;
     }
   }
