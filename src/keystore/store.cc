@@ -201,11 +201,23 @@ void KeyStore::LogSkippedLocked(const std::vector<SkippedObject> &skipped) {
   }
 }
 
+Result<std::vector<Master>> KeyStore::LoadVerifiedLocked(
+    p11::Session &session, std::vector<SkippedObject> *skipped) {
+  Result<std::vector<Master>> masters = LoadMasters(session, label_, skipped);
+  if (!masters.ok()) return masters.status();
+  // Only links shown to follow from the chain are used (link_check.h).
+  for (Master &m : *masters) {
+    Status s = link_trust_.Verify(session, m, skipped, &refused_lockdown_);
+    if (!s.ok()) return s.WithContext("verifying the ratchet links");
+  }
+  return masters;
+}
+
 Status KeyStore::ReloadLocked() {
   Result<p11::Session> session = token_->Acquire();
   if (!session.ok()) return session.status();
   std::vector<SkippedObject> skipped;
-  Result<std::vector<Master>> masters = LoadMasters(*session, label_, &skipped);
+  Result<std::vector<Master>> masters = LoadVerifiedLocked(*session, &skipped);
   if (!masters.ok()) return masters.status();
   Result<std::vector<LegacyKeyObjects>> legacy =
       LoadLegacyKeys(*session, label_, &skipped);
@@ -228,7 +240,7 @@ Status KeyStore::ReloadLocked() {
     }
     if (derived) {
       skipped.clear();
-      masters = LoadMasters(*session, label_, &skipped);
+      masters = LoadVerifiedLocked(*session, &skipped);
       if (!masters.ok()) return masters.status();
       legacy = LoadLegacyKeys(*session, label_, &skipped);
       if (!legacy.ok()) return legacy.status();
@@ -677,15 +689,39 @@ bool KeyStore::RatchetLocked(const View &view, const Master &m,
         .String(CKA_LABEL, label_)
         .Data(CKA_ID, id);
     Result<std::vector<CK_OBJECT_HANDLE>> found =
-        p11::FindObjects(*session, find, 1);
+        p11::FindObjects(*session, find, 8);
     if (!found.ok()) {
       *error = found.status();
       return changed;
     }
-    CK_OBJECT_HANDLE next;
-    if (!found->empty()) {
-      next = found->front();
-    } else {
+    // Adopted only when its value is shown to be the successor of `top`: a
+    // PIN holder may have planted a key of known value under this id.
+    CK_OBJECT_HANDLE next = CK_INVALID_HANDLE;
+    for (CK_OBJECT_HANDLE c : *found) {
+      bool ok = link_trust_.Trusted(c);
+      if (!ok && !link_trust_.Refused(c)) {
+        Result<bool> follows =
+            LinkFollows(*session, top_handle, top + 1, c, &refused_lockdown_);
+        if (!follows.ok()) {
+          *error = follows.status().WithContext("verifying a ratchet link");
+          return changed;
+        }
+        ok = *follows;
+        link_trust_.Record(*session, c, ok);
+        if (!ok) {
+          log::Warning("hsmstek: store " + QuoteForMessage(label_) +
+                       ": ratchet link " + std::to_string(top + 1) +
+                       " of master " + HexEncode(m.id) +
+                       " found in the token does not follow from the chain "
+                       "(a planted key?): not used; deriving the real one");
+        }
+      }
+      if (ok) {
+        next = c;
+        break;
+      }
+    }
+    if (next == CK_INVALID_HANDLE) {
       Result<CK_OBJECT_HANDLE> derived =
           DeriveLink(*session, top_handle, top + 1, label_, m.id,
                      m.policy.replicable, &refused_lockdown_);
@@ -695,6 +731,7 @@ bool KeyStore::RatchetLocked(const View &view, const Master &m,
         return changed;
       }
       next = *derived;
+      link_trust_.Trust(*session, next);
       links_derived_.fetch_add(1);
     }
     changed = true;

@@ -30,6 +30,7 @@
 #include "common/clock.h"
 #include "common/fork_registry.h"
 #include "keystore/derivation.h"
+#include "keystore/link_check.h"
 #include "keystore/master.h"
 #include "keystore/store_limits.h"
 #include "pkcs11/token.h"
@@ -226,6 +227,9 @@ class KeyStore final : public atfork::Participant {
   // reloading when stale, disconnected or due.
   Result<std::shared_ptr<const View>> CurrentView(bool force_reload);
   Status ReloadLocked();
+  // LoadMasters, keeping only the links LinkTrust verifies (load_mu_ held).
+  Result<std::vector<Master>> LoadVerifiedLocked(
+      p11::Session &session, std::vector<SkippedObject> *skipped);
   // Whether a reload may run now (load_mu_ held): not during the back-off
   // after a failed one, unless the token reconnected since.
   bool ReloadDueLocked() const;
@@ -300,6 +304,7 @@ class KeyStore final : public atfork::Participant {
   Status last_reload_error_;
   uint64_t failed_generation_ = 0;
   std::set<std::string> logged_skips_;  // logged once each
+  LinkTrust link_trust_;
   std::atomic<uint64_t> exceptions_{0};
 
   std::mutex thread_mu_;

@@ -285,6 +285,50 @@ TEST_F(RatchetTest, TokensAtDifferentLinksServeTheSameTickets) {
   EXPECT_EQ(HexEncode(a->NameOf(id, 493030)->bytes), v["key_name_hex"]);
 }
 
+// A PIN holder plants keys of known value under link ids: the next link
+// before the store derives it, and a second object with link 0's id. The
+// store never adopts them: it keeps deriving the real chain (the vectors),
+// a fresh process picks the real link 0, and status lists the planted ones.
+TEST_F(RatchetTest, PlantedLinksAreNeverAdopted) {
+  nlohmann::json v = Load("ratchet.json");
+  const int64_t ratchet_s =
+      v["ratchet_periods"].get<int64_t>() * v["period_s"].get<int64_t>();
+  clock_.Set(kVectorStart + 5 * kHour);
+  auto store = OpenStore("rt-a", "planted");
+  ImportVectorMaster(*store, MakePolicy(kVectorStart, kDay, ratchet_s));
+  store->Maintain();
+  const StoreId id = VectorStoreId();
+  ASSERT_EQ(CountLinkObjects(*store, id, 1), 0u);
+  const LinkId link1 = MakeLinkId(id, 1);
+  ImportKey(*store, Bytes(32, 0x66), Bytes(link1.begin(), link1.end()), id,
+            nullptr);
+  ImportKey(*store, Bytes(32, 0x77), Bytes(id.begin(), id.end()), id, nullptr);
+  clock_.Set(v["epoch"].get<int64_t>() * kHour + 5);
+  for (int pass = 0; pass < 2; ++pass) store->Maintain();
+  // The real link 1 was derived next to the planted one.
+  EXPECT_EQ(CountLinkObjects(*store, id, 1), 2u);
+  auto fresh = OpenStore("rt-a", "planted");
+  for (KeyStore *s : {store.get(), fresh.get()}) {
+    s->Maintain();
+    Result<TicketKeys> keys = s->KeysForEncrypt();
+    ASSERT_TRUE(keys.ok()) << keys.status().message();
+    EXPECT_EQ(HexEncode(keys->name.bytes), v["key_name_hex"]);
+    uint64_t link = 99;
+    Result<std::array<uint8_t, kCheckValueSize>> check =
+        s->CheckValue(id, &link);
+    ASSERT_TRUE(check.ok()) << check.status().message();
+    EXPECT_EQ(link, 1u);
+    EXPECT_EQ(HexEncode(*check), v["link_check_value_hex"]);
+    Result<StoreSnapshot> snap = s->Describe();
+    ASSERT_TRUE(snap.ok());
+    size_t planted = 0;
+    for (const SkippedObject &o : snap->skipped) {
+      if (o.reason.find("planted") != std::string::npos) ++planted;
+    }
+    EXPECT_GE(planted, 1u);
+  }
+}
+
 // Two servers (two stores) on one master issue the same names; the names
 // change every epoch and never carry the store id.
 TEST_F(RatchetTest, ServersShareOpaqueNamesThatChangeEveryEpoch) {
