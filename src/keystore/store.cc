@@ -1,6 +1,7 @@
 #include "keystore/store.h"
 
 #include <algorithm>
+#include <chrono>
 #include <climits>
 #include <new>
 
@@ -652,6 +653,13 @@ void KeyStore::DestroyEvicted(uint64_t pass) {
   });
 }
 
+int64_t KeyStore::SteadyNow() const {
+  if (options_.steady_clock != nullptr) return options_.steady_clock->NowUnix();
+  return std::chrono::duration_cast<std::chrono::seconds>(
+             std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
 bool KeyStore::RatchetLocked(const View &view, const Master &m,
                              const MasterState &state, int64_t now,
                              bool destroy, Status *error) {
@@ -676,6 +684,30 @@ bool KeyStore::RatchetLocked(const View &view, const Master &m,
   bool changed = false;
   uint64_t top = m.links.rbegin()->first;
   CK_OBJECT_HANDLE top_handle = m.links.rbegin()->second;
+  // Destruction never outruns the token (docs/DESIGN.md, "Behind"): a clock
+  // that wants more than the next link is ahead of every server that
+  // derived the chain so far (or the fleet was down): derive, but destroy
+  // nothing for one ratchet interval of this process's steady clock.
+  DestroyGuard &guard = destroy_guard_[m.id];
+  const int64_t steady = SteadyNow();
+  const int64_t interval_s =
+      static_cast<int64_t>(RatchetPeriods(m.policy)) * m.policy.period_s;
+  const bool jump = want_top && *want_top > top + 1;
+  if (jump) {
+    guard.armed = true;
+    guard.since = steady;
+    if (!guard.jump_logged) {
+      guard.jump_logged = true;
+      log::Warning("hsmstek: store " + QuoteForMessage(label_) + ": master " +
+                   HexEncode(m.id) + ": this clock wants ratchet link " +
+                   std::to_string(*want_top) + " but the token holds links " +
+                   "up to " + std::to_string(top) +
+                   " only (clock ahead, or every server was down): deriving "
+                   "forward, destroying nothing for one ratchet interval");
+    }
+  } else if (want_top) {
+    guard.jump_logged = false;
+  }
   // A server back from a long pause catches up a bounded number of links
   // per pass (one pass a second): maintenance stays short.
   for (int steps = 0; want_top && top < *want_top && steps < kMaxRatchetSteps;
@@ -738,7 +770,11 @@ bool KeyStore::RatchetLocked(const View &view, const Master &m,
     ++top;
     top_handle = next;
   }
-  if (!keep_from || !destroy) return changed;
+  if (!keep_from || !destroy || jump) return changed;
+  // At most one link per ratchet interval of the steady clock: what a
+  // normal server needs, and all a clock far ahead can take before the
+  // fleet would destroy the same link anyway.
+  if (guard.armed && steady - guard.since < interval_s) return changed;
   // The highest link is never destroyed: the chain continues from it.
   const uint64_t destroy_below = std::min(*keep_from, top);
   std::set<uint64_t> doomed;
@@ -747,6 +783,11 @@ bool KeyStore::RatchetLocked(const View &view, const Master &m,
   }
   for (const auto &[j, h] : m.duplicate_links) {
     if (j < destroy_below) doomed.insert(j);
+  }
+  if (doomed.size() > 1) doomed.erase(std::next(doomed.begin()), doomed.end());
+  if (!doomed.empty()) {
+    guard.armed = true;
+    guard.since = steady;
   }
   for (uint64_t j : doomed) {
     // Found again right before: another server may have destroyed it since

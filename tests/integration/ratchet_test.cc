@@ -74,6 +74,7 @@ class RatchetTest : public ::testing::Test {
                                       const std::string &label) {
     StoreOptions options;
     options.clock = &clock_;
+    options.steady_clock = &clock_;
     options.background_maintenance = false;
     options.clock_skew_s = 60;
     options.token.backoff_initial = std::chrono::milliseconds(0);
@@ -441,8 +442,57 @@ TEST_F(RatchetTest, RestartAfterALongPauseCatchesUp) {
   const Ticket now = Issue(*later);
   EXPECT_TRUE(Opens(*later, now));
   EXPECT_FALSE(Opens(*later, before));
-  EXPECT_EQ(CountLinkObjects(*later, id, 0), 0u);
   EXPECT_EQ(CountLinkObjects(*later, id, 10), 1u);
+  // The token held links up to 1 only: a jump. Nothing is destroyed until
+  // one ratchet interval of this process has passed, then one link per
+  // interval.
+  EXPECT_EQ(CountLinkObjects(*later, id, 0), 1u);
+  EXPECT_EQ(later->links_destroyed(), 0u);
+  clock_.Advance(kDay);
+  later->Maintain();
+  EXPECT_EQ(CountLinkObjects(*later, id, 0), 0u);
+  EXPECT_EQ(CountLinkObjects(*later, id, 1), 1u);
+  clock_.Advance(kHour);
+  later->Maintain();
+  EXPECT_EQ(CountLinkObjects(*later, id, 1), 1u);
+  clock_.Advance(kDay);
+  later->Maintain();
+  EXPECT_EQ(CountLinkObjects(*later, id, 1), 0u);
+}
+
+// A process whose clock is 30 days ahead (or `hsmstek status` run on such
+// a host) maintains the token a normal server uses: it derives forward but
+// destroys nothing the normal server needs, which keeps sealing and
+// resuming.
+TEST_F(RatchetTest, AClockFarAheadDestroysNothingTheFleetNeeds) {
+  constexpr int64_t kWindow = 6 * kHour;
+  clock_.Set(kVectorStart + 10 * kHour + 10);
+  auto normal = OpenStore("rt-c", "far-ahead");
+  const StoreId id =
+      Provision(*normal, MakePolicy(kVectorStart, kWindow, kHour));
+  normal->Maintain();
+  const Ticket before = Issue(*normal);
+  FakeClock ahead(clock_.NowUnix() + 30 * kDay);
+  StoreOptions options = normal->options();
+  options.clock = &ahead;
+  options.steady_clock = &ahead;
+  auto bad = *KeyStore::Open(SoftHsm::Get().Uri("rt-c", "far-ahead"),
+                             std::move(options));
+  ASSERT_TRUE(bad->Load().ok());
+  for (int minute = 0; minute < 50; minute += 5) {
+    ahead.Advance(5 * 60);
+    clock_.Advance(5 * 60);
+    bad->Maintain();
+    normal->Maintain();
+    EXPECT_TRUE(Opens(*normal, before)) << "minute " << minute;
+    EXPECT_TRUE(Opens(*normal, Issue(*normal))) << "minute " << minute;
+  }
+  EXPECT_EQ(bad->links_destroyed(), 0u);
+  EXPECT_GE(bad->links_derived(), 64u);
+  // Links 4..11 (window, grace, current, next) are all still there.
+  for (uint64_t j = 4; j <= 11; ++j) {
+    EXPECT_EQ(CountLinkObjects(*normal, id, j), 1u) << "link " << j;
+  }
 }
 
 // The old end of the window gets the clock-skew grace: a ticket at the last
@@ -485,6 +535,7 @@ TEST_F(RatchetTest, TwoProcessesRatchetTheSameStore) {
       FakeClock clock(kVectorStart + 10);
       StoreOptions options;
       options.clock = &clock;
+      options.steady_clock = &clock;
       options.background_maintenance = false;
       options.token.backoff_initial = std::chrono::milliseconds(0);
       Result<std::shared_ptr<KeyStore>> store =
