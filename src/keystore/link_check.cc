@@ -32,6 +32,9 @@ Result<bool> LinkFollows(p11::Session &session, CK_OBJECT_HANDLE previous,
   CK_OBJECT_HANDLE derived = CK_INVALID_HANDLE;
   Status s = P11_CALL(session, C_DeriveKey, session.handle(), &mechanism,
                       previous, t.data(), t.size(), &derived);
+  if (!s.ok() && p11::IsHandleInvalid(s.ckr())) {
+    return NotFound("ratchet link destroyed meanwhile");
+  }
   if (!s.ok()) return s.WithContext("deriving a ratchet link to compare");
   p11::ScopedObject owner(session, derived);
   Result<std::array<uint8_t, kCheckValueSize>> want =
@@ -42,6 +45,10 @@ Result<bool> LinkFollows(p11::Session &session, CK_OBJECT_HANDLE previous,
   // A key the derivation refuses (other mechanisms, no CKA_DERIVE) is no
   // link of ours; token trouble is reported as such.
   if (!got.ok()) {
+    // Destroyed by another server since it was found: gone.
+    if (p11::IsHandleInvalid(got.status().ckr())) {
+      return NotFound("ratchet link destroyed meanwhile");
+    }
     if (got.status().code() == ErrorCode::kUnavailable) return got.status();
     return false;
   }
@@ -142,6 +149,9 @@ Status LinkTrust::Verify(p11::Session &session, Master &m,
         Result<bool> follows =
             up ? LinkFollows(session, neighbour, j, c, refused)
                : LinkFollows(session, c, j + 1, neighbour, refused);
+        if (!follows.ok() && follows.status().code() == ErrorCode::kNotFound) {
+          continue;  // destroyed meanwhile
+        }
         if (!follows.ok()) return follows.status();
         ok = *follows;
         Record(session, c, ok);

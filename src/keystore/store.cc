@@ -207,6 +207,7 @@ Result<std::vector<Master>> KeyStore::LoadVerifiedLocked(
   Result<std::vector<Master>> masters = LoadMasters(session, label_, skipped);
   if (!masters.ok()) return masters.status();
   // Only links shown to follow from the chain are used (link_check.h).
+  p11::ObjectsMayVanish vanish;
   for (Master &m : *masters) {
     Status s = link_trust_.Verify(session, m, skipped, &refused_lockdown_);
     if (!s.ok()) return s.WithContext("verifying the ratchet links");
@@ -299,6 +300,7 @@ Status KeyStore::ComputeNames(const View &view, const Master &m, uint64_t first,
   }
   Status first_error;
   std::vector<NameEntry> computed;
+  p11::ObjectsMayVanish vanish;  // links other servers destroy
   for (const auto &[j, epochs] : missing) {
     auto link = m.links.find(j);
     if (link == m.links.end()) {
@@ -432,6 +434,8 @@ Result<TicketKeys> KeyStore::KeysFor(const View &view, const Master &master,
     if (session.generation() != view.generation) {
       return Unavailable("token reconnected; reloading the store");
     }
+    // The link may have been destroyed by another server: a miss.
+    p11::ObjectsMayVanish vanish;
     Result<DerivedKeys> keys =
         DeriveEpochKeys(session, link, epoch, &refused_lockdown_);
     if (!keys.ok()) return keys.status();
@@ -681,6 +685,8 @@ bool KeyStore::RatchetLocked(const View &view, const Master &m,
     return false;
   }
   if (session->generation() != view.generation) return false;
+  // Links are destroyed by other servers at any time: gone, not a fault.
+  p11::ObjectsMayVanish vanish;
   bool changed = false;
   uint64_t top = m.links.rbegin()->first;
   CK_OBJECT_HANDLE top_handle = m.links.rbegin()->second;
@@ -734,6 +740,9 @@ bool KeyStore::RatchetLocked(const View &view, const Master &m,
       if (!ok && !link_trust_.Refused(c)) {
         Result<bool> follows =
             LinkFollows(*session, top_handle, top + 1, c, &refused_lockdown_);
+        if (!follows.ok() && follows.status().code() == ErrorCode::kNotFound) {
+          continue;  // destroyed meanwhile
+        }
         if (!follows.ok()) {
           *error = follows.status().WithContext("verifying a ratchet link");
           return changed;
@@ -1003,6 +1012,7 @@ Result<std::array<uint8_t, kCheckValueSize>> KeyStore::CheckValue(
   if (session->generation() != (*view)->generation) {
     return Unavailable("token reconnected; try again");
   }
+  p11::ObjectsMayVanish vanish;
   return ComputeCheckValue(*session, it->second, &refused_lockdown_);
 }
 

@@ -460,6 +460,37 @@ TEST_F(RatchetTest, RestartAfterALongPauseCatchesUp) {
   EXPECT_EQ(CountLinkObjects(*later, id, 1), 0u);
 }
 
+// One store destroys a link another store (another server) still holds a
+// handle of: the other meets CKR_KEY_HANDLE_INVALID when it derives from it,
+// which is "gone" for a link, not a lost token: no reconnect, it keeps
+// serving.
+TEST_F(RatchetTest, ALinkDestroyedElsewhereIsGoneNotALostToken) {
+  clock_.Set(kVectorStart + 10);
+  auto a = OpenStore("rt-b", "vanish");
+  (void)Provision(*a, MakePolicy(kVectorStart, 2 * kHour, kHour));
+  a->set_clock_skew(0);
+  a->Maintain();
+  const Ticket t0 = Issue(*a);  // epoch 0: link 0
+  for (int64_t hour : {1, 2}) {
+    clock_.Set(kVectorStart + hour * kHour + 10);
+    a->Maintain();
+  }
+  clock_.Set(kVectorStart + 3 * kHour + 10);
+  // b accepts epoch 0 one period longer (skew grace): it loads link 0.
+  auto b = OpenStore("rt-b", "vanish");
+  b->set_clock_skew(kHour);
+  b->Maintain();
+  const uint64_t generation = b->token()->generation();
+  a->Maintain();  // a's window has left link 0: destroyed
+  EXPECT_EQ(a->links_destroyed(), 1u);
+  EXPECT_FALSE(Opens(*b, t0));  // b derives from its handle of link 0
+  EXPECT_EQ(b->token()->generation(), generation);
+  EXPECT_TRUE(Opens(*b, Issue(*a)));
+  EXPECT_TRUE(Opens(*a, Issue(*b)));
+  b->Maintain();
+  EXPECT_EQ(b->token()->generation(), generation);
+}
+
 // A process whose clock is 30 days ahead (or `hsmstek status` run on such
 // a host) maintains the token a normal server uses: it derives forward but
 // destroys nothing the normal server needs, which keeps sealing and
