@@ -330,6 +330,30 @@ TEST_F(RatchetTest, PlantedLinksAreNeverAdopted) {
   }
 }
 
+// A key planted at link index 2^64 - 1 would be the highest link: the
+// chain would never derive again. It lies above a gap, so it is not used:
+// the store keeps deriving the next links.
+TEST_F(RatchetTest, APlantedTopIndexDoesNotFreezeTheChain) {
+  clock_.Set(kVectorStart + 10);
+  auto store = OpenStore("rt-a", "top-index");
+  const StoreId id = Provision(*store, MakePolicy(kVectorStart, kDay, kHour));
+  store->Maintain();
+  const LinkId top = MakeLinkId(id, UINT64_MAX);
+  ImportKey(*store, Bytes(32, 0x55), Bytes(top.begin(), top.end()), id,
+            nullptr);
+  for (int64_t hour = 1; hour <= 3; ++hour) {
+    clock_.Set(kVectorStart + hour * kHour + 10);
+    store->Maintain();
+    EXPECT_EQ(CountLinkObjects(*store, id, hour + 1), 1u) << "hour " << hour;
+    Result<TicketKeys> keys = store->KeysForEncrypt();
+    EXPECT_TRUE(keys.ok()) << keys.status().message();
+  }
+  Result<StoreSnapshot> snap = store->Describe();
+  ASSERT_TRUE(snap.ok());
+  ASSERT_EQ(snap->masters.size(), 1u);
+  EXPECT_EQ(snap->masters[0].links.back(), 4u);
+}
+
 // Two servers (two stores) on one master issue the same names; the names
 // change every epoch and never carry the store id.
 TEST_F(RatchetTest, ServersShareOpaqueNamesThatChangeEveryEpoch) {
