@@ -141,6 +141,9 @@ Status LinkTrust::Verify(p11::Session &session, Master &m,
     for (CK_OBJECT_HANDLE c : candidates[j]) {
       if (c == anchor_handle) continue;
       bool ok;
+      if (candidates[j].size() == 1 && verified_before_.count({m.id, j})) {
+        trusted_.insert(c);
+      }
       if (Trusted(c)) {
         ok = true;
       } else if (Refused(c)) {
@@ -152,9 +155,11 @@ Status LinkTrust::Verify(p11::Session &session, Master &m,
         if (!follows.ok() && follows.status().code() == ErrorCode::kNotFound) {
           continue;  // destroyed meanwhile
         }
-        if (!follows.ok()) return follows.status();
-        ok = *follows;
-        Record(session, c, ok);
+        // Token trouble (e.g. C_Sign failing after a reconnect): the link
+        // stays in use unverified and is checked again at the next reload
+        // (the ratchet never adopts a link it could not check).
+        ok = !follows.ok() || *follows;
+        if (follows.ok()) Record(session, c, ok);
       }
       if (!ok) {
         report(j,
@@ -164,6 +169,7 @@ Status LinkTrust::Verify(p11::Session &session, Master &m,
       }
       if (chosen == CK_INVALID_HANDLE) {
         chosen = c;
+        if (Trusted(c)) verified_before_.insert({m.id, j});
       } else {
         duplicates.emplace_back(j, c);
       }

@@ -56,6 +56,10 @@ class LinkTrust {
   void Sync(const p11::Session &session);
 
   uint64_t generation_ = 0;
+  // (store id, index) verified in an earlier generation: after a reconnect
+  // a single object at such an index is not checked again (a reconnect
+  // must not cost the token calls a fault may be failing).
+  std::set<std::pair<StoreId, uint64_t>> verified_before_;
   std::set<CK_OBJECT_HANDLE> trusted_;
   std::set<CK_OBJECT_HANDLE> refused_;
 };
