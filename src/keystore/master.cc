@@ -126,6 +126,8 @@ Result<std::vector<std::pair<Bytes, CK_OBJECT_HANDLE>>> FindById(
   std::vector<std::pair<Bytes, CK_OBJECT_HANDLE>> out;
   for (CK_OBJECT_HANDLE h : *found) {
     Result<Bytes> id = p11::ReadAttribute(session, h, id_type);
+    // Destroyed by another server since the search: gone, not a fault.
+    if (!id.ok() && p11::IsHandleInvalid(id.status().ckr())) continue;
     if (!id.ok()) return id.status();
     out.emplace_back(std::move(*id), h);
   }
@@ -137,6 +139,8 @@ Result<std::vector<std::pair<Bytes, CK_OBJECT_HANDLE>>> FindById(
 Result<std::vector<Master>> LoadMasters(p11::Session &session,
                                         std::string_view label,
                                         std::vector<SkippedObject> *skipped) {
+  // Other servers destroy ratchet links at any time.
+  p11::ObjectsMayVanish vanish;
   p11::Template keys;
   keys.Ulong(CKA_CLASS, CKO_SECRET_KEY)
       .Ulong(CKA_KEY_TYPE, CKK_AES)
@@ -237,6 +241,9 @@ Result<std::vector<Master>> LoadMasters(p11::Session &session,
                      : "ratchet link " + std::to_string(index) + " of " + what;
       Result<Protections> verified =
           VerifyKey(session, handle, spec, link_what);
+      if (!verified.ok() && p11::IsHandleInvalid(verified.status().ckr())) {
+        continue;  // destroyed by another server meanwhile
+      }
       if (!verified.ok()) {
         if (verified.status().code() != ErrorCode::kPermissionDenied) {
           return verified.status();

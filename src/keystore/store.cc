@@ -1,6 +1,7 @@
 #include "keystore/store.h"
 
 #include <algorithm>
+#include <chrono>
 #include <climits>
 #include <limits>
 #include <new>
@@ -203,11 +204,24 @@ void KeyStore::LogSkippedLocked(const std::vector<SkippedObject> &skipped) {
   }
 }
 
+Result<std::vector<Master>> KeyStore::LoadVerifiedLocked(
+    p11::Session &session, std::vector<SkippedObject> *skipped) {
+  Result<std::vector<Master>> masters = LoadMasters(session, label_, skipped);
+  if (!masters.ok()) return masters.status();
+  // Only links shown to follow from the chain are used (link_check.h).
+  p11::ObjectsMayVanish vanish;
+  for (Master &m : *masters) {
+    Status s = link_trust_.Verify(session, m, skipped, &refused_lockdown_);
+    if (!s.ok()) return s.WithContext("verifying the ratchet links");
+  }
+  return masters;
+}
+
 Status KeyStore::ReloadLocked() {
   Result<p11::Session> session = token_->Acquire();
   if (!session.ok()) return session.status();
   std::vector<SkippedObject> skipped;
-  Result<std::vector<Master>> masters = LoadMasters(*session, label_, &skipped);
+  Result<std::vector<Master>> masters = LoadVerifiedLocked(*session, &skipped);
   if (!masters.ok()) return masters.status();
   Result<std::vector<LegacyKeyObjects>> legacy =
       LoadLegacyKeys(*session, label_, &skipped);
@@ -230,7 +244,7 @@ Status KeyStore::ReloadLocked() {
     }
     if (derived) {
       skipped.clear();
-      masters = LoadMasters(*session, label_, &skipped);
+      masters = LoadVerifiedLocked(*session, &skipped);
       if (!masters.ok()) return masters.status();
       legacy = LoadLegacyKeys(*session, label_, &skipped);
       if (!legacy.ok()) return legacy.status();
@@ -288,6 +302,7 @@ Status KeyStore::ComputeNames(const View &view, const Master &m, uint64_t first,
   }
   Status first_error;
   std::vector<NameEntry> computed;
+  p11::ObjectsMayVanish vanish;  // links other servers destroy
   for (const auto &[j, epochs] : missing) {
     auto link = m.links.find(j);
     if (link == m.links.end()) {
@@ -421,6 +436,8 @@ Result<TicketKeys> KeyStore::KeysFor(const View &view, const Master &master,
     if (session.generation() != view.generation) {
       return Unavailable("token reconnected; reloading the store");
     }
+    // The link may have been destroyed by another server: a miss.
+    p11::ObjectsMayVanish vanish;
     Result<DerivedKeys> keys =
         DeriveEpochKeys(session, link, epoch, &refused_lockdown_);
     if (!keys.ok()) return keys.status();
@@ -642,6 +659,13 @@ void KeyStore::DestroyEvicted(uint64_t pass) {
   });
 }
 
+int64_t KeyStore::SteadyNow() const {
+  if (options_.steady_clock != nullptr) return options_.steady_clock->NowUnix();
+  return std::chrono::duration_cast<std::chrono::seconds>(
+             std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
 bool KeyStore::RatchetLocked(const View &view, const Master &m,
                              const MasterState &state, int64_t now,
                              bool destroy, Status *error) {
@@ -663,9 +687,35 @@ bool KeyStore::RatchetLocked(const View &view, const Master &m,
     return false;
   }
   if (session->generation() != view.generation) return false;
+  // Links are destroyed by other servers at any time: gone, not a fault.
+  p11::ObjectsMayVanish vanish;
   bool changed = false;
   uint64_t top = m.links.rbegin()->first;
   CK_OBJECT_HANDLE top_handle = m.links.rbegin()->second;
+  // Destruction never outruns the token (docs/DESIGN.md, "Behind"): a clock
+  // that wants more than the next link is ahead of every server that
+  // derived the chain so far (or the fleet was down): derive, but destroy
+  // nothing for one ratchet interval of this process's steady clock.
+  DestroyGuard &guard = destroy_guard_[m.id];
+  const int64_t steady = SteadyNow();
+  const int64_t interval_s =
+      static_cast<int64_t>(RatchetPeriods(m.policy)) * m.policy.period_s;
+  const bool jump = want_top && *want_top > top + 1;
+  if (jump) {
+    guard.armed = true;
+    guard.since = steady;
+    if (!guard.jump_logged) {
+      guard.jump_logged = true;
+      log::Warning("hsmstek: store " + QuoteForMessage(label_) + ": master " +
+                   HexEncode(m.id) + ": this clock wants ratchet link " +
+                   std::to_string(*want_top) + " but the token holds links " +
+                   "up to " + std::to_string(top) +
+                   " only (clock ahead, or every server was down): deriving "
+                   "forward, destroying nothing for one ratchet interval");
+    }
+  } else if (want_top) {
+    guard.jump_logged = false;
+  }
   // A server back from a long pause catches up a bounded number of links
   // per pass (one pass a second): maintenance stays short.
   for (int steps = 0; want_top && top < *want_top && steps < kMaxRatchetSteps;
@@ -679,15 +729,42 @@ bool KeyStore::RatchetLocked(const View &view, const Master &m,
         .String(CKA_LABEL, label_)
         .Data(CKA_ID, id);
     Result<std::vector<CK_OBJECT_HANDLE>> found =
-        p11::FindObjects(*session, find, 1);
+        p11::FindObjects(*session, find, 8);
     if (!found.ok()) {
       *error = found.status();
       return changed;
     }
-    CK_OBJECT_HANDLE next;
-    if (!found->empty()) {
-      next = found->front();
-    } else {
+    // Adopted only when its value is shown to be the successor of `top`: a
+    // PIN holder may have planted a key of known value under this id.
+    CK_OBJECT_HANDLE next = CK_INVALID_HANDLE;
+    for (CK_OBJECT_HANDLE c : *found) {
+      bool ok = link_trust_.Trusted(c);
+      if (!ok && !link_trust_.Refused(c)) {
+        Result<bool> follows =
+            LinkFollows(*session, top_handle, top + 1, c, &refused_lockdown_);
+        if (!follows.ok() && follows.status().code() == ErrorCode::kNotFound) {
+          continue;  // destroyed meanwhile
+        }
+        if (!follows.ok()) {
+          *error = follows.status().WithContext("verifying a ratchet link");
+          return changed;
+        }
+        ok = *follows;
+        link_trust_.Record(*session, c, ok);
+        if (!ok) {
+          log::Warning("hsmstek: store " + QuoteForMessage(label_) +
+                       ": ratchet link " + std::to_string(top + 1) +
+                       " of master " + HexEncode(m.id) +
+                       " found in the token does not follow from the chain "
+                       "(a planted key?): not used; deriving the real one");
+        }
+      }
+      if (ok) {
+        next = c;
+        break;
+      }
+    }
+    if (next == CK_INVALID_HANDLE) {
       Result<CK_OBJECT_HANDLE> derived =
           DeriveLink(*session, top_handle, top + 1, label_, m.id,
                      m.policy.replicable, &refused_lockdown_);
@@ -697,13 +774,18 @@ bool KeyStore::RatchetLocked(const View &view, const Master &m,
         return changed;
       }
       next = *derived;
+      link_trust_.Trust(*session, next);
       links_derived_.fetch_add(1);
     }
     changed = true;
     ++top;
     top_handle = next;
   }
-  if (!keep_from || !destroy) return changed;
+  if (!keep_from || !destroy || jump) return changed;
+  // At most one link per ratchet interval of the steady clock: what a
+  // normal server needs, and all a clock far ahead can take before the
+  // fleet would destroy the same link anyway.
+  if (guard.armed && steady - guard.since < interval_s) return changed;
   // The highest link is never destroyed: the chain continues from it.
   const uint64_t destroy_below = std::min(*keep_from, top);
   std::set<uint64_t> doomed;
@@ -712,6 +794,11 @@ bool KeyStore::RatchetLocked(const View &view, const Master &m,
   }
   for (const auto &[j, h] : m.duplicate_links) {
     if (j < destroy_below) doomed.insert(j);
+  }
+  if (doomed.size() > 1) doomed.erase(std::next(doomed.begin()), doomed.end());
+  if (!doomed.empty()) {
+    guard.armed = true;
+    guard.since = steady;
   }
   for (uint64_t j : doomed) {
     // Found again right before: another server may have destroyed it since
@@ -986,6 +1073,7 @@ Result<std::array<uint8_t, kCheckValueSize>> KeyStore::CheckValue(
   if (session->generation() != (*view)->generation) {
     return Unavailable("token reconnected; try again");
   }
+  p11::ObjectsMayVanish vanish;
   return ComputeCheckValue(*session, it->second, &refused_lockdown_);
 }
 

@@ -30,6 +30,7 @@
 #include "common/clock.h"
 #include "common/fork_registry.h"
 #include "keystore/derivation.h"
+#include "keystore/link_check.h"
 #include "keystore/master.h"
 #include "keystore/store_limits.h"
 #include "pkcs11/token.h"
@@ -45,6 +46,10 @@ struct StoreOptions {
   int64_t refresh_interval_s = 30;
   // Seconds a ticket's epoch may be ahead of this server's clock.
   int64_t clock_skew_s = 60;
+  // Monotonic seconds for the ratchet's destruction rate limit; nullptr:
+  // this process's steady clock. Tests pass a fake clock. Must outlive the
+  // store.
+  const Clock *steady_clock = nullptr;
   // Run maintenance on a background thread (started on first use, and
   // again in a forked child). Tests turn it off and call Maintain().
   bool background_maintenance = true;
@@ -226,6 +231,9 @@ class KeyStore final : public atfork::Participant {
   // reloading when stale, disconnected or due.
   Result<std::shared_ptr<const View>> CurrentView(bool force_reload);
   Status ReloadLocked();
+  // LoadMasters, keeping only the links LinkTrust verifies (load_mu_ held).
+  Result<std::vector<Master>> LoadVerifiedLocked(
+      p11::Session &session, std::vector<SkippedObject> *skipped);
   // Whether a reload may run now (load_mu_ held): not during the back-off
   // after a failed one, unless the token reconnected since.
   bool ReloadDueLocked() const;
@@ -305,6 +313,16 @@ class KeyStore final : public atfork::Participant {
   Status last_reload_error_;
   uint64_t failed_generation_ = 0;
   std::set<std::string> logged_skips_;  // logged once each
+  LinkTrust link_trust_;
+  // Per master: when this process last destroyed a link (or saw its clock
+  // jump ahead of the token), on the steady clock. See RatchetLocked.
+  struct DestroyGuard {
+    bool armed = false;
+    int64_t since = 0;
+    bool jump_logged = false;
+  };
+  std::map<StoreId, DestroyGuard> destroy_guard_;
+  int64_t SteadyNow() const;
   std::atomic<uint64_t> exceptions_{0};
 
   std::mutex thread_mu_;

@@ -168,6 +168,21 @@ Status CkError(std::string_view function, CK_RV rv, std::string_view context) {
   return Status(CodeFor(rv), std::move(message), rv);
 }
 
+namespace {
+thread_local int vanish_scopes = 0;
+}  // namespace
+
+ObjectsMayVanish::ObjectsMayVanish() { ++vanish_scopes; }
+ObjectsMayVanish::~ObjectsMayVanish() { --vanish_scopes; }
+
+bool IsHandleInvalid(CK_RV rv) {
+  return rv == CKR_OBJECT_HANDLE_INVALID || rv == CKR_KEY_HANDLE_INVALID;
+}
+
+bool ObjectVanished(CK_RV rv) {
+  return vanish_scopes > 0 && IsHandleInvalid(rv);
+}
+
 bool IsConnectionFault(CK_RV rv) {
   switch (rv) {
     case CKR_SESSION_HANDLE_INVALID:

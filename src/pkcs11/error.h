@@ -36,6 +36,22 @@ void CheckCleanup(const char *function, CK_RV rv) noexcept;
 #define P11_CLEANUP(functions, Func, ...) \
   ::hsmstek::p11::CheckCleanup(#Func, (functions)->Func(__VA_ARGS__))
 
+// While an ObjectsMayVanish lives on this thread, CKR_OBJECT_HANDLE_INVALID
+// and CKR_KEY_HANDLE_INVALID mean "that object is gone", not a lost token:
+// for calls on token objects other processes destroy at any time (ratchet
+// links). Session::Check then neither discards the session nor reconnects.
+class ObjectsMayVanish {
+ public:
+  ObjectsMayVanish();
+  ~ObjectsMayVanish();
+  ObjectsMayVanish(const ObjectsMayVanish &) = delete;
+  ObjectsMayVanish &operator=(const ObjectsMayVanish &) = delete;
+};
+// True for an object-handle fault inside an ObjectsMayVanish scope.
+bool ObjectVanished(CK_RV rv);
+// True for CKR_OBJECT_HANDLE_INVALID and CKR_KEY_HANDLE_INVALID.
+bool IsHandleInvalid(CK_RV rv);
+
 // True for the faults after which sessions and object handles of the token
 // can no longer be trusted (SPEC §7): the token must be reconnected.
 bool IsConnectionFault(CK_RV rv);

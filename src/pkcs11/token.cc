@@ -50,7 +50,7 @@ void Session::Release() {
 Status Session::Check(const char *function, CK_RV rv) {
   if (rv == CKR_OK) return Status::Ok();
   Status status = CheckRv(function, rv);
-  if (IsConnectionFault(rv)) {
+  if (IsConnectionFault(rv) && !ObjectVanished(rv)) {
     discard_ = true;
     if (token_ != nullptr) token_->ReportFault(rv, generation_);
   }

@@ -74,6 +74,7 @@ class RatchetTest : public ::testing::Test {
                                       const std::string &label) {
     StoreOptions options;
     options.clock = &clock_;
+    options.steady_clock = &clock_;
     options.background_maintenance = false;
     options.clock_skew_s = 60;
     options.token.backoff_initial = std::chrono::milliseconds(0);
@@ -285,6 +286,74 @@ TEST_F(RatchetTest, TokensAtDifferentLinksServeTheSameTickets) {
   EXPECT_EQ(HexEncode(a->NameOf(id, 493030)->bytes), v["key_name_hex"]);
 }
 
+// A PIN holder plants keys of known value under link ids: the next link
+// before the store derives it, and a second object with link 0's id. The
+// store never adopts them: it keeps deriving the real chain (the vectors),
+// a fresh process picks the real link 0, and status lists the planted ones.
+TEST_F(RatchetTest, PlantedLinksAreNeverAdopted) {
+  nlohmann::json v = Load("ratchet.json");
+  const int64_t ratchet_s =
+      v["ratchet_periods"].get<int64_t>() * v["period_s"].get<int64_t>();
+  clock_.Set(kVectorStart + 5 * kHour);
+  auto store = OpenStore("rt-a", "planted");
+  ImportVectorMaster(*store, MakePolicy(kVectorStart, kDay, ratchet_s));
+  store->Maintain();
+  const StoreId id = VectorStoreId();
+  ASSERT_EQ(CountLinkObjects(*store, id, 1), 0u);
+  const LinkId link1 = MakeLinkId(id, 1);
+  ImportKey(*store, Bytes(32, 0x66), Bytes(link1.begin(), link1.end()), id,
+            nullptr);
+  ImportKey(*store, Bytes(32, 0x77), Bytes(id.begin(), id.end()), id, nullptr);
+  clock_.Set(v["epoch"].get<int64_t>() * kHour + 5);
+  for (int pass = 0; pass < 2; ++pass) store->Maintain();
+  // The real link 1 was derived next to the planted one.
+  EXPECT_EQ(CountLinkObjects(*store, id, 1), 2u);
+  auto fresh = OpenStore("rt-a", "planted");
+  for (KeyStore *s : {store.get(), fresh.get()}) {
+    s->Maintain();
+    Result<TicketKeys> keys = s->KeysForEncrypt();
+    ASSERT_TRUE(keys.ok()) << keys.status().message();
+    EXPECT_EQ(HexEncode(keys->name.bytes), v["key_name_hex"]);
+    uint64_t link = 99;
+    Result<std::array<uint8_t, kCheckValueSize>> check =
+        s->CheckValue(id, &link);
+    ASSERT_TRUE(check.ok()) << check.status().message();
+    EXPECT_EQ(link, 1u);
+    EXPECT_EQ(HexEncode(*check), v["link_check_value_hex"]);
+    Result<StoreSnapshot> snap = s->Describe();
+    ASSERT_TRUE(snap.ok());
+    size_t planted = 0;
+    for (const SkippedObject &o : snap->skipped) {
+      if (o.reason.find("planted") != std::string::npos) ++planted;
+    }
+    EXPECT_GE(planted, 1u);
+  }
+}
+
+// A key planted at link index 2^64 - 1 would be the highest link: the
+// chain would never derive again. It lies above a gap, so it is not used:
+// the store keeps deriving the next links.
+TEST_F(RatchetTest, APlantedTopIndexDoesNotFreezeTheChain) {
+  clock_.Set(kVectorStart + 10);
+  auto store = OpenStore("rt-a", "top-index");
+  const StoreId id = Provision(*store, MakePolicy(kVectorStart, kDay, kHour));
+  store->Maintain();
+  const LinkId top = MakeLinkId(id, UINT64_MAX);
+  ImportKey(*store, Bytes(32, 0x55), Bytes(top.begin(), top.end()), id,
+            nullptr);
+  for (int64_t hour = 1; hour <= 3; ++hour) {
+    clock_.Set(kVectorStart + hour * kHour + 10);
+    store->Maintain();
+    EXPECT_EQ(CountLinkObjects(*store, id, hour + 1), 1u) << "hour " << hour;
+    Result<TicketKeys> keys = store->KeysForEncrypt();
+    EXPECT_TRUE(keys.ok()) << keys.status().message();
+  }
+  Result<StoreSnapshot> snap = store->Describe();
+  ASSERT_TRUE(snap.ok());
+  ASSERT_EQ(snap->masters.size(), 1u);
+  EXPECT_EQ(snap->masters[0].links.back(), 4u);
+}
+
 // Two servers (two stores) on one master issue the same names; the names
 // change every epoch and never carry the store id.
 TEST_F(RatchetTest, ServersShareOpaqueNamesThatChangeEveryEpoch) {
@@ -397,8 +466,88 @@ TEST_F(RatchetTest, RestartAfterALongPauseCatchesUp) {
   const Ticket now = Issue(*later);
   EXPECT_TRUE(Opens(*later, now));
   EXPECT_FALSE(Opens(*later, before));
-  EXPECT_EQ(CountLinkObjects(*later, id, 0), 0u);
   EXPECT_EQ(CountLinkObjects(*later, id, 10), 1u);
+  // The token held links up to 1 only: a jump. Nothing is destroyed until
+  // one ratchet interval of this process has passed, then one link per
+  // interval.
+  EXPECT_EQ(CountLinkObjects(*later, id, 0), 1u);
+  EXPECT_EQ(later->links_destroyed(), 0u);
+  clock_.Advance(kDay);
+  later->Maintain();
+  EXPECT_EQ(CountLinkObjects(*later, id, 0), 0u);
+  EXPECT_EQ(CountLinkObjects(*later, id, 1), 1u);
+  clock_.Advance(kHour);
+  later->Maintain();
+  EXPECT_EQ(CountLinkObjects(*later, id, 1), 1u);
+  clock_.Advance(kDay);
+  later->Maintain();
+  EXPECT_EQ(CountLinkObjects(*later, id, 1), 0u);
+}
+
+// One store destroys a link another store (another server) still holds a
+// handle of: the other meets CKR_KEY_HANDLE_INVALID when it derives from it,
+// which is "gone" for a link, not a lost token: no reconnect, it keeps
+// serving.
+TEST_F(RatchetTest, ALinkDestroyedElsewhereIsGoneNotALostToken) {
+  clock_.Set(kVectorStart + 10);
+  auto a = OpenStore("rt-b", "vanish");
+  (void)Provision(*a, MakePolicy(kVectorStart, 2 * kHour, kHour));
+  a->set_clock_skew(0);
+  a->Maintain();
+  const Ticket t0 = Issue(*a);  // epoch 0: link 0
+  for (int64_t hour : {1, 2}) {
+    clock_.Set(kVectorStart + hour * kHour + 10);
+    a->Maintain();
+  }
+  clock_.Set(kVectorStart + 3 * kHour + 10);
+  // b accepts epoch 0 one period longer (skew grace): it loads link 0.
+  auto b = OpenStore("rt-b", "vanish");
+  b->set_clock_skew(kHour);
+  b->Maintain();
+  const uint64_t generation = b->token()->generation();
+  a->Maintain();  // a's window has left link 0: destroyed
+  EXPECT_EQ(a->links_destroyed(), 1u);
+  EXPECT_FALSE(Opens(*b, t0));  // b derives from its handle of link 0
+  EXPECT_EQ(b->token()->generation(), generation);
+  EXPECT_TRUE(Opens(*b, Issue(*a)));
+  EXPECT_TRUE(Opens(*a, Issue(*b)));
+  b->Maintain();
+  EXPECT_EQ(b->token()->generation(), generation);
+}
+
+// A process whose clock is 30 days ahead (or `hsmstek status` run on such
+// a host) maintains the token a normal server uses: it derives forward but
+// destroys nothing the normal server needs, which keeps sealing and
+// resuming.
+TEST_F(RatchetTest, AClockFarAheadDestroysNothingTheFleetNeeds) {
+  constexpr int64_t kWindow = 6 * kHour;
+  clock_.Set(kVectorStart + 10 * kHour + 10);
+  auto normal = OpenStore("rt-c", "far-ahead");
+  const StoreId id =
+      Provision(*normal, MakePolicy(kVectorStart, kWindow, kHour));
+  normal->Maintain();
+  const Ticket before = Issue(*normal);
+  FakeClock ahead(clock_.NowUnix() + 30 * kDay);
+  StoreOptions options = normal->options();
+  options.clock = &ahead;
+  options.steady_clock = &ahead;
+  auto bad = *KeyStore::Open(SoftHsm::Get().Uri("rt-c", "far-ahead"),
+                             std::move(options));
+  ASSERT_TRUE(bad->Load().ok());
+  for (int minute = 0; minute < 50; minute += 5) {
+    ahead.Advance(5 * 60);
+    clock_.Advance(5 * 60);
+    bad->Maintain();
+    normal->Maintain();
+    EXPECT_TRUE(Opens(*normal, before)) << "minute " << minute;
+    EXPECT_TRUE(Opens(*normal, Issue(*normal))) << "minute " << minute;
+  }
+  EXPECT_EQ(bad->links_destroyed(), 0u);
+  EXPECT_GE(bad->links_derived(), 64u);
+  // Links 4..11 (window, grace, current, next) are all still there.
+  for (uint64_t j = 4; j <= 11; ++j) {
+    EXPECT_EQ(CountLinkObjects(*normal, id, j), 1u) << "link " << j;
+  }
 }
 
 // The old end of the window gets the clock-skew grace: a ticket at the last
@@ -441,6 +590,7 @@ TEST_F(RatchetTest, TwoProcessesRatchetTheSameStore) {
       FakeClock clock(kVectorStart + 10);
       StoreOptions options;
       options.clock = &clock;
+      options.steady_clock = &clock;
       options.background_maintenance = false;
       options.token.backoff_initial = std::chrono::milliseconds(0);
       Result<std::shared_ptr<KeyStore>> store =
