@@ -138,7 +138,7 @@ constexpr UsageFlag kUsageFlags[] = {
     {CKA_DERIVE, "derive"},
 };
 
-// The usage flags a derived key of `key_type` may have (SPEC §4).
+// The usage flags a derived key of `key_type` may have (docs/FORMAT.md).
 bool UsageAllowed(CK_KEY_TYPE key_type, CK_ATTRIBUTE_TYPE flag) {
   switch (key_type) {
     case CKK_AES:

@@ -1,5 +1,5 @@
 // Key-custody audit of the fault-injecting PKCS#11 test module: records
-// calls that break hsmstek's key rules (SPEC §2, §4) to a log file, one line
+// calls that break hsmstek's key rules (docs/SECURITY.md §4, docs/FORMAT.md) to a log file, one line
 // per violation. Records only; never changes a call's result.
 #pragma once
 

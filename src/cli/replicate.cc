@@ -1,4 +1,4 @@
-// Replication (SPEC §8): wrap-key generate / trust, export, import.
+// Replication (docs/SECURITY.md §5): wrap-key generate / trust, export, import.
 #include <sys/stat.h>
 
 #include <iostream>

@@ -150,7 +150,7 @@ std::string OriginJson(const keystore::Protections &p) {
 }
 
 // The key protections section of the table (docs/SECURITY.md, "Key
-// attributes"): what each key carries beyond the SPEC §4 flags, and what
+// attributes"): what each key carries beyond the docs/FORMAT.md flags, and what
 // the token refused.
 void PrintProtections(const keystore::StoreSnapshot &snap,
                       keystore::Protection derived) {

@@ -9,7 +9,7 @@
 //   hsmstek-bundle 2
 //   label <store label, percent-encoded>
 //   store-id <16 hex digits>            the master's CKA_ID
-//   check <16 hex digits>               the master's check value (SPEC §4)
+//   check <16 hex digits>               the master's check value (docs/FORMAT.md)
 //   mechanism rsa-oaep-sha1|rsa-oaep-sha256|aes-key-wrap-pad
 //   recipient <hex>                     the receiving token's unwrap key:
 //                                       RSA: SHA-256 of its public key's

@@ -1,4 +1,4 @@
-// Per-epoch key derivation and the check value, inside the token (SPEC §4).
+// Per-epoch key derivation and the check value, inside the token (docs/FORMAT.md).
 #pragma once
 
 #include <array>

@@ -1,5 +1,5 @@
 // The one owner of what each kind of key hsmstek keeps in a token must be
-// (SPEC §2, §4; docs/SECURITY.md "Key attributes"): the template used to
+// (docs/SECURITY.md §4, docs/FORMAT.md; docs/SECURITY.md "Key attributes"): the template used to
 // create or unwrap it, and the read-back that refuses a weaker key.
 //
 // Two attributes lock a key down further where the token knows them:
@@ -28,7 +28,7 @@
 namespace hsmstek::keystore {
 
 enum class KeyKind : uint8_t {
-  kMaster,     // derive-only token key (SPEC §4)
+  kMaster,     // derive-only token key (docs/FORMAT.md)
   kEpochAes,   // derived 'E' key: the ticket cipher
   kEpochMac,   // derived 'M' (and 'C' check) key: the ticket HMAC
   kLegacyAes,  // imported legacy AES key: decrypt only

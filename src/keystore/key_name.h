@@ -1,4 +1,4 @@
-// Key names and derivation data of SPEC §4 (fixed byte layouts; every
+// Key names and derivation data of docs/FORMAT.md (fixed byte layouts; every
 // server of a fleet must agree byte for byte). Pure functions, thread-safe.
 //
 //   key name v2 (16)       = HMAC-SHA256(N key of the epoch's link,

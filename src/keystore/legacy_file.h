@@ -1,4 +1,4 @@
-// Legacy session-ticket key files from nginx and HAProxy (SPEC §4 "Legacy
+// Legacy session-ticket key files from nginx and HAProxy (docs/FORMAT.md "Legacy
 // keys"), parsed so their keys can be imported into the token as
 // decrypt-only objects. The parsed bytes live in SecretBuffers (wiped when
 // they die); error messages never contain key bytes or file contents.

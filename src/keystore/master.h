@@ -1,4 +1,4 @@
-// Masters and legacy keys as they live in the token (SPEC §4), and the key
+// Masters and legacy keys as they live in the token (docs/FORMAT.md), and the key
 // states computed from their policies and the clock.
 //
 // States (closed set, Tink-style):
@@ -102,7 +102,7 @@ std::vector<MasterState> ComputeStates(const std::vector<Master> &masters,
 
 // LoadMasters finds every master of `label` with its policy. A master it
 // cannot vouch for — no policy object, a policy it cannot read (e.g. a
-// newer "hsmstek-policy 2"), read-back attributes weaker than SPEC §4 —
+// newer "hsmstek-policy 2"), read-back attributes weaker than docs/FORMAT.md —
 // is left out and, when `skipped` is given, listed there with the reason;
 // the other masters load. Several policy objects for one master resolve to
 // the most restrictive (MostRestrictive). Errors are token trouble only.

@@ -1,4 +1,4 @@
-// The non-secret policy of a master (SPEC §4): stored as the CKA_VALUE of a
+// The non-secret policy of a master (docs/FORMAT.md): stored as the CKA_VALUE of a
 // CKO_DATA object (CKA_APPLICATION "hsmstek", same label, CKA_ID = store id)
 // next to each master, read by every server that holds the master so a
 // fleet shares one schedule. Pure functions, thread-safe.
@@ -12,7 +12,7 @@
 //   decrypt-window <duration>     how long a ticket stays decryptable, 1d
 //   not-before <RFC 3339 time>    activation time of the master
 //   retire-at <RFC 3339 time|->   retirement time, "-" for none
-//   kdf hstk-aes-ecb-v1           derivation scheme (SPEC §4); only one
+//   kdf hstk-aes-ecb-v1           derivation scheme (docs/FORMAT.md); only one
 //   replicable yes|no             created with --replicable
 //   created <RFC 3339 time>       creation time
 //

@@ -14,7 +14,7 @@
 
 namespace hsmstek::keystore {
 
-// CreateMaster generates a new master (SPEC §4 template; extractable only
+// CreateMaster generates a new master (docs/FORMAT.md template; extractable only
 // under a trusted wrapping key when policy.replicable) and its policy
 // object, with a fresh random store id; reads back and verifies the
 // master's attributes. `session` must be read/write and logged in.
@@ -49,7 +49,7 @@ namespace hsmstek::keystore {
 [[nodiscard]] Status DestroyLegacyKey(p11::Session &session,
                                       const LegacyKeyObjects &legacy);
 
-// The SPEC §4 template of a master without the lock-down attributes
+// The docs/FORMAT.md template of a master without the lock-down attributes
 // (KeyTemplate with none; tests create known masters with it). Creating
 // a master goes through CreateKey (key_attributes.h).
 p11::Template MasterTemplate(std::string_view label, const StoreId &id,

@@ -219,7 +219,7 @@ Status RequireSensitiveUnwrapTemplate(p11::Session &session, CK_OBJECT_HANDLE h,
 // private, sensitive, never extractable, and neither modifiable nor
 // copyable (a user could otherwise add CKA_DECRYPT, in place or on a
 // copy). A key that could also decrypt would turn a bundle into a raw
-// master (SPEC §2). An unwrap key must force sensitivity on what it
+// master (docs/SECURITY.md §4). An unwrap key must force sensitivity on what it
 // unwraps; a secret wrap key must not unwrap (it would, with any template).
 Status CheckTransportKey(p11::Session &session, const KeyRef &key,
                          bool wrapping) {

@@ -1,4 +1,4 @@
-# Export/import of masters between tokens (SPEC §8). Included from
+# Export/import of masters between tokens (docs/SECURITY.md §5). Included from
 # src/keystore/CMakeLists.txt; owned by the CLI work.
 target_sources(hsmstek_keystore PRIVATE
   ${CMAKE_CURRENT_LIST_DIR}/key_lookup.cc

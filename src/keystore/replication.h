@@ -1,4 +1,4 @@
-// Replication of masters between tokens (SPEC §8): wrapping keys, export to
+// Replication of masters between tokens (docs/SECURITY.md §5): wrapping keys, export to
 // a bundle (bundle.h) and import from one. Nothing here ever sees a key
 // value: the master leaves the sending token only wrapped (C_WrapKey) and
 // enters the receiving token only through C_UnwrapKey.
@@ -80,7 +80,7 @@ struct UnwrapKeyPair {
 // usage FALSE, sensitive, never extractable, not modifiable and not
 // copyable (a modifiable or copyable unwrap key could be given CKA_DECRYPT
 // and reveal the masters it receives). Its CKA_UNWRAP_TEMPLATE makes the
-// token force SPEC §4 master attributes (sensitive, derive-only,
+// token force docs/FORMAT.md master attributes (sensitive, derive-only,
 // CKA_WRAP_WITH_TRUSTED) on whatever it unwraps, so the user PIN alone
 // cannot unwrap a bundle into a readable key; a token without that
 // attribute gets the key pair without it and `unwrap_template` false. The

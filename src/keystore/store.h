@@ -66,7 +66,7 @@ struct TicketKeys {
   int64_t decrypt_window_s = 0;
 };
 
-// What the store says about a ticket's key name (SPEC §5).
+// What the store says about a ticket's key name (docs/FORMAT.md, "Accepting a ticket").
 enum class DecryptVerdict : uint8_t {
   kCurrent,      // current epoch of the active master (or next, within skew)
   kOld,          // inside the decrypt window, a superseded master, or legacy
@@ -151,7 +151,7 @@ class KeyStore final : public atfork::Participant {
   // master), kUnavailable (token trouble), ...
   [[nodiscard]] Result<TicketKeys> KeysForEncrypt();
 
-  // KeysForDecrypt classifies `name` by SPEC §5 and, when the ticket may be
+  // KeysForDecrypt classifies `name` by docs/FORMAT.md, "Accepting a ticket" and, when the ticket may be
   // accepted, returns its keys.
   DecryptLookup KeysForDecrypt(const KeyName &name);
 
@@ -162,7 +162,7 @@ class KeyStore final : public atfork::Participant {
   // Describes masters (with states) and legacy keys, reloading if stale.
   [[nodiscard]] Result<StoreSnapshot> Describe();
 
-  // Computes the check value of master `id` (SPEC §4) on the link of the
+  // Computes the check value of master `id` (docs/FORMAT.md) on the link of the
   // current epoch (the oldest link present before activation). Two tokens
   // at the same link show the same value. `*link` gets its index.
   [[nodiscard]] Result<std::array<uint8_t, kCheckValueSize>> CheckValue(

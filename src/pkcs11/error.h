@@ -53,7 +53,7 @@ bool ObjectVanished(CK_RV rv);
 bool IsHandleInvalid(CK_RV rv);
 
 // True for the faults after which sessions and object handles of the token
-// can no longer be trusted (SPEC §7): the token must be reconnected.
+// can no longer be trusted (docs/DESIGN.md): the token must be reconnected.
 bool IsConnectionFault(CK_RV rv);
 
 }  // namespace hsmstek::p11

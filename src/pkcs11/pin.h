@@ -1,4 +1,4 @@
-// Where a token's user PIN comes from (SPEC §2): the URI's pin-value, the
+// Where a token's user PIN comes from (docs/SECURITY.md §4): the URI's pin-value, the
 // URI's pin-source file, or the HSMSTEK_PIN environment variable, in that
 // order. The PIN is read at each login (so a PIN file that appears later is
 // picked up) and never appears in messages.

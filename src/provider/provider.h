@@ -1,4 +1,4 @@
-// The built-in OpenSSL 3 provider "hsmstek" (SPEC §6).
+// The built-in OpenSSL 3 provider "hsmstek" (docs/DESIGN.md).
 //
 // libssl creates the ticket HMAC context itself, before the ticket callback
 // runs, with EVP_MAC_fetch(libctx, "HMAC", propq). The only way to make that

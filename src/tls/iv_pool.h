@@ -1,4 +1,4 @@
-// Ticket IVs (SPEC §3: 16 random bytes per ticket), drawn from OpenSSL's
+// Ticket IVs (docs/FORMAT.md, "Ticket": 16 random bytes per ticket), drawn from OpenSSL's
 // DRBG in per-thread batches.
 #pragma once
 

@@ -1,4 +1,4 @@
-// The session-ticket callback (SPEC §5) and its installation on SSL_CTXs.
+// The session-ticket callback (docs/FORMAT.md, "Accepting a ticket") and its installation on SSL_CTXs.
 //
 // Encrypt: the active master's current epoch keys, a random IV, the
 // provider's cipher and HMAC on token handles; 1 on success, 0 (no ticket)

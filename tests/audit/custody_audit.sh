@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Key-custody audit (issue 7, SPEC §2/§4): runs a test command with every
+# Key-custody audit (issue 7, docs/SECURITY.md, docs/FORMAT.md): runs a test command with every
 # PKCS#11 call of it and of its subprocesses going through
 # libhsmstek_faulty.so in audit mode (hsm/faulty/README.md, "Audit"), then
 # fails if the audit log holds any violation that is not explicitly allowed:
@@ -9,7 +9,7 @@
 #                 CKA_EXTRACTABLE=FALSE (except extractable only under
 #                 CKA_WRAP_WITH_TRUSTED), or read back weaker
 #   wrap          any C_WrapKey (allowed only where the command is an export)
-#   derive-usage  a derived key with usage flags beyond SPEC §4, or on the
+#   derive-usage  a derived key with usage flags beyond docs/FORMAT.md, or on the
 #                 token
 #
 # Usage:

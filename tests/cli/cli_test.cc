@@ -1,6 +1,6 @@
 // The `hsmstek` binary, run as a subprocess against real SoftHSM tokens
 // that this test process creates; what it did is checked in-process
-// through the key store library (SPEC §4 layout, states, legacy keys,
+// through the key store library (docs/FORMAT.md layout, states, legacy keys,
 // replication between two tokens).
 #include <fcntl.h>
 #include <gtest/gtest.h>
@@ -1321,7 +1321,7 @@ TEST_F(CliTest, ExportImportWithRsaOaepBetweenTwoTokens) {
   EXPECT_EQ(StoreEntry(jb, id)["check"], Check(*b, id));
   ExpectTicketsCrossTokens(*a, *b);
 
-  // The imported master has the SPEC §4 attributes (still replicable).
+  // The imported master has the docs/FORMAT.md attributes (still replicable).
   std::vector<Master> m = Masters(kRecv, "fleet");
   ASSERT_EQ(m.size(), 1u);
   p11::Session s = UserSession(kRecv);
@@ -1611,7 +1611,7 @@ Bytes OaepWrap(const std::string &pem, ByteSpan key) {
 }
 
 // The check value of a master whose value is `key`, in software: the
-// derivation is public (SPEC §4).
+// derivation is public (docs/FORMAT.md).
 std::array<uint8_t, kCheckValueSize> SoftwareCheckValue(ByteSpan key) {
   const auto data = DerivationData(kPurposeCheck, kCheckEpoch);
   EVP_CIPHER_CTX *ctx = EVP_CIPHER_CTX_new();

@@ -1,5 +1,5 @@
-// The key store against real SoftHSM tokens: SPEC §4 layout and vectors,
-// key states on a fake clock, SPEC §5 verdicts, cache bound, recovery,
+// The key store against real SoftHSM tokens: docs/FORMAT.md layout and vectors,
+// key states on a fake clock, docs/FORMAT.md, "Accepting a ticket" verdicts, cache bound, recovery,
 // legacy keys.
 #include <gtest/gtest.h>
 
@@ -65,7 +65,7 @@ class KeyStoreTest : public ::testing::Test {
     return *store;
   }
 
-  // Imports the vector master (a TEST value) with the SPEC §4 attributes.
+  // Imports the vector master (a TEST value) with the docs/FORMAT.md attributes.
   static void ImportVectorMaster(KeyStore &store, const Policy &policy) {
     nlohmann::json v = Vectors();
     Bytes value = Hex(v["master_key_hex"]);

@@ -67,7 +67,7 @@ std::shared_ptr<p11::Token> SharedToken() {
 
 namespace {
 
-// Derives a 32-byte per-epoch key from `master` with `data` (SPEC §4).
+// Derives a 32-byte per-epoch key from `master` with `data` (docs/FORMAT.md).
 Status Derive(p11::Session &session, CK_OBJECT_HANDLE master, const Bytes &data,
               bool aes, CK_OBJECT_HANDLE *out) {
   Bytes copy = data;

@@ -1,4 +1,4 @@
-// Shared helpers for the provider tests: a SoftHSM token holding the SPEC §4
+// Shared helpers for the provider tests: a SoftHSM token holding the docs/FORMAT.md
 // known-answer keys (imported master, per-epoch keys derived in the token),
 // OpenSSL error inspection, and in-memory TLS handshakes with a minimal
 // ticket callback that uses the provider.
@@ -21,7 +21,7 @@
 
 namespace hsmstek::provider::testing {
 
-// The SPEC §4 vectors (tests/vectors/derivation.json).
+// The docs/FORMAT.md vectors (tests/vectors/derivation.json).
 struct KnownAnswers {
   Bytes master;
   Bytes derive_data_e;

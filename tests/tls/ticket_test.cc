@@ -1,5 +1,5 @@
 // Session tickets sealed and opened in SoftHSM, through real OpenSSL
-// handshakes (SPEC §5 rules, tampering, legacy keys, fleets, failures).
+// handshakes (docs/FORMAT.md, "Accepting a ticket" rules, tampering, legacy keys, fleets, failures).
 #include <openssl/rand.h>
 
 #include <atomic>

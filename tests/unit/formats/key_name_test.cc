@@ -20,7 +20,7 @@ namespace {
 
 using testing::IsInvalid;
 
-// The known-answer vectors of SPEC §4, shared with the token tests.
+// The known-answer vectors of docs/FORMAT.md, shared with the token tests.
 class DerivationVectors : public ::testing::Test {
  protected:
   void SetUp() override {
