@@ -9,6 +9,7 @@
 
 #include "common/barrier.h"
 #include "common/bytes.h"
+#include "common/exit_guard.h"
 #include "common/log.h"
 #include "common/test_seam.h"
 #include "pkcs11/object.h"
@@ -1127,14 +1128,24 @@ void KeyStore::MaintenanceLoop() {
   std::unique_lock<std::mutex> lock(thread_mu_);
   while (!stop_) {
     lock.unlock();
-    // The thread's own barrier: an exception leaving a std::thread's body
-    // calls std::terminate, which would kill the host (an nginx worker).
-    // A failed pass is retried on the next one.
-    try {
-      Maintain();
-    } catch (...) {
-      barrier::ReportCaught("store maintenance thread");
-      exceptions_.fetch_add(1);  // last: an observer of it sees the report
+    {
+      exit_guard::Activity activity;
+      if (!activity.ok()) {
+        // Parked until the store stops, as the re-armers are
+        // (armed_pool.cc): the process is exiting.
+        lock.lock();
+        thread_cv_.wait(lock, [this] { return stop_; });
+        return;
+      }
+      // The thread's own barrier: an exception leaving a std::thread's
+      // body calls std::terminate, which would kill the host (an nginx
+      // worker). A failed pass is retried on the next one.
+      try {
+        Maintain();
+      } catch (...) {
+        barrier::ReportCaught("store maintenance thread");
+        exceptions_.fetch_add(1);  // last: an observer of it sees the report
+      }
     }
     lock.lock();
     thread_cv_.wait_for(lock, std::chrono::seconds(1),

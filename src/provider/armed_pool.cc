@@ -7,6 +7,7 @@
 #include <mutex>
 #include <string>
 
+#include "common/exit_guard.h"
 #include "common/log.h"
 #include "pkcs11/module.h"
 
@@ -300,6 +301,16 @@ void ArmedPool::RearmLoop() {
   const uint64_t forks = fork_count_;
   std::condition_variable *cv = cv_;
   while (!stop_ && fork_count_ == forks) {
+    // Checked before anything is collected: once the process exits, no
+    // session is closed or operation armed (the module is being torn down).
+    std::optional<exit_guard::Activity> activity(std::in_place);
+    if (!activity->ok()) {
+      // Parked, not ended: a thread ending after OpenSSL's teardown leaks
+      // its thread-local state (LeakSanitizer reports it). A pool destroyed
+      // later still stops it.
+      cv->wait(lock, [&] { return stop_ || fork_count_ != forks; });
+      break;
+    }
     std::vector<ArmedOp> stale;
     std::optional<Task> task = NextTaskLocked(&stale);
     if (!stale.empty()) {
@@ -310,6 +321,7 @@ void ArmedPool::RearmLoop() {
       continue;
     }
     if (!task) {
+      activity.reset();  // an exit need not wait for an idle re-armer
       // The timeout ends a back-off without a ticket to wake us.
       cv->wait_for(lock, std::chrono::seconds(1));
       continue;

@@ -36,6 +36,27 @@ constexpr int kChildBoundMs = 5000;
 constexpr int kChildBoundMs = 1000;
 #endif
 
+enum class ChildOutcome { kSucceeded, kFailed, kHung };
+
+// AwaitChild reads the one-byte answer (0: success) the forked child `pid`
+// writes to `fd`, closes `fd` and reaps the child. A child that exits
+// without answering (a crash, a sanitizer report) or with a non-zero
+// status failed; only a child still silent at kChildBoundMs hung (killed).
+ChildOutcome AwaitChild(pid_t pid, int fd) {
+  pollfd p{fd, POLLIN, 0};
+  char result = 9;
+  const bool answered = poll(&p, 1, kChildBoundMs) == 1;
+  const bool read_answer = answered && read(fd, &result, 1) == 1;
+  if (!answered) kill(pid, SIGKILL);
+  close(fd);
+  int status = 0;
+  EXPECT_EQ(waitpid(pid, &status, 0), pid);
+  if (!answered) return ChildOutcome::kHung;
+  const bool exited_cleanly = WIFEXITED(status) && WEXITSTATUS(status) == 0;
+  return read_answer && result == 0 && exited_cleanly ? ChildOutcome::kSucceeded
+                                                      : ChildOutcome::kFailed;
+}
+
 class ForkUnderLoadTest : public FaultTest {
  protected:
   static void SetUpTestSuite() { EnsureFaultStore("forkload"); }
@@ -98,24 +119,15 @@ TEST_F(ForkUnderLoadTest, HundredForksMidDerivationEveryChildHandshakes) {
       _exit(0);
     }
     close(fds[1]);
-    pollfd p{fds[0], POLLIN, 0};
-    char result = 9;
-    // A child that exits without answering (a crash, a sanitizer report)
-    // is a failure, not a hang: only a child still silent at the bound is.
-    const bool answered = poll(&p, 1, kChildBoundMs) == 1;
-    if (answered && read(fds[0], &result, 1) == 1) {
-      if (result != 0) ++failed;
-    } else if (answered) {
-      ++failed;
-    } else {
-      ++hung;
-      kill(pid, SIGKILL);
-    }
-    close(fds[0]);
-    int status = 0;
-    ASSERT_EQ(waitpid(pid, &status, 0), pid);
-    if (answered && !(WIFEXITED(status) && WEXITSTATUS(status) == 0)) {
-      ADD_FAILURE() << "child exited with status " << status;
+    switch (AwaitChild(pid, fds[0])) {
+      case ChildOutcome::kSucceeded:
+        break;
+      case ChildOutcome::kFailed:
+        ++failed;
+        break;
+      case ChildOutcome::kHung:
+        ++hung;
+        break;
     }
   }
   stop.store(true);
@@ -173,24 +185,15 @@ TEST_F(ForkUnderLoadTest, ForkWhileAnotherThreadLoadsAModule) {
     }
     ++forks;
     close(fds[1]);
-    pollfd p{fds[0], POLLIN, 0};
-    char result = 9;
-    // A child that exits without answering (a crash, a sanitizer report)
-    // is a failure, not a hang: only a child still silent at the bound is.
-    const bool answered = poll(&p, 1, kChildBoundMs) == 1;
-    if (answered && read(fds[0], &result, 1) == 1) {
-      if (result != 0) ++failed;
-    } else if (answered) {
-      ++failed;
-    } else {
-      ++hung;
-      kill(pid, SIGKILL);
-    }
-    close(fds[0]);
-    int status = 0;
-    ASSERT_EQ(waitpid(pid, &status, 0), pid);
-    if (answered && !(WIFEXITED(status) && WEXITSTATUS(status) == 0)) {
-      ADD_FAILURE() << "child exited with status " << status;
+    switch (AwaitChild(pid, fds[0])) {
+      case ChildOutcome::kSucceeded:
+        break;
+      case ChildOutcome::kFailed:
+        ++failed;
+        break;
+      case ChildOutcome::kHung:
+        ++hung;
+        break;
     }
   }
   loader.join();

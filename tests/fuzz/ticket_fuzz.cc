@@ -42,7 +42,13 @@ std::atomic<uint64_t> g_logged_errors{0};
 std::mutex g_log_mu;
 std::string g_last_error;
 
+std::string g_last_warning;  // names the token's error in a failure
+
 void LogSink(int level, const char *msg, void * /*arg*/) {
+  if (level == static_cast<int>(log::Level::kWarning)) {
+    std::lock_guard<std::mutex> lock(g_log_mu);
+    g_last_warning = msg;
+  }
   if (level != static_cast<int>(log::Level::kError)) return;
   g_logged_errors.fetch_add(1);
   std::lock_guard<std::mutex> lock(g_log_mu);
@@ -199,7 +205,11 @@ void CheckInput(Rig &rig, ByteSpan input) {
                                         std::min<size_t>(ticket.size(), 64))));
   }
   const tls::TicketCounters c = rig.context->stats->Snapshot();
-  if (c.token_errors != 0) Fail(rig.version, "the token reported an error");
+  if (c.token_errors != 0) {
+    std::lock_guard<std::mutex> lock(g_log_mu);
+    Fail(rig.version,
+         "the token reported an error (last warning: " + g_last_warning + ")");
+  }
   if (g_logged_errors.load() != errors_before) {
     std::lock_guard<std::mutex> lock(g_log_mu);
     Fail(rig.version, "library error logged: " + g_last_error);
