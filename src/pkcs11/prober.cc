@@ -4,6 +4,7 @@
 #include <new>
 
 #include "common/barrier.h"
+#include "common/exit_guard.h"
 
 namespace hsmstek::p11 {
 
@@ -58,6 +59,12 @@ void Prober::Loop() {
       // Woken early by a nearer Schedule or by stop.
       cv_.wait_until(lock, *due_);
       continue;
+    }
+    exit_guard::Activity activity;
+    if (!activity.ok()) {
+      // The process is exiting: parked until stopped (exit_guard.h).
+      cv_.wait(lock, [this] { return stop_; });
+      return;
     }
     due_.reset();
     lock.unlock();
