@@ -273,6 +273,10 @@ typedef struct hsmstek_resumption_stats {
    * connection's SSL_CTX enables it without HSMSTEK_OPT_EARLY_DATA (one per
    * handshake, whether or not a ticket was then issued). */
   uint64_t early_data_refused;
+  /* Tickets of old epochs declined because deriving their keys would pass
+   * the store's budget (8 a second, a bounded cache): a flood of old or
+   * forged names, not token trouble (not in token_errors). */
+  uint64_t rejected_budget;
 } hsmstek_resumption_stats;
 
 /* hsmstek_store_resumption_stats fills the first |out_size| bytes of |*out|

@@ -311,6 +311,7 @@ int hsmstek_store_resumption_stats(hsmstek_store *store,
     full.opened_not_resumed = c.not_resumed;
     full.rejected_policy = c.rejected_policy;
     full.early_data_refused = c.early_data_refused;
+    full.rejected_budget = c.rejected_budget;
     std::memcpy(out, &full, std::min(out_size, sizeof(full)));
     return Succeed();
   });

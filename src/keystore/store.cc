@@ -418,18 +418,18 @@ Result<TicketKeys> KeyStore::KeysFor(const View &view, const Master &master,
   // Remote clients choose old epochs freely (the name is read before any
   // MAC): past the budget, decline instead of deriving on every handshake.
   if (old && !old_derivations_.Take(options_.clock->NowUnix())) {
-    return Unavailable("store \"" + label_ + "\": more than " +
-                       std::to_string(kMaxOldDerivationsPerSecond) +
-                       " derivations of old epochs this second; ticket "
-                       "declined (full handshake)");
+    return FailedPrecondition("store \"" + label_ + "\": more than " +
+                              std::to_string(kMaxOldDerivationsPerSecond) +
+                              " derivations of old epochs this second; ticket "
+                              "declined (full handshake)");
   }
   {
     std::lock_guard<std::mutex> lock(mu_);
     if (!MakeRoomLocked(view, options_.clock->NowUnix(), old)) {
-      return Unavailable("store \"" + label_ + "\" holds " +
-                         std::to_string(kMaxDerivedPairs) +
-                         " derived key pairs; ticket of an old epoch declined "
-                         "until evicted ones are destroyed");
+      return FailedPrecondition(
+          "store \"" + label_ + "\" holds " + std::to_string(kMaxDerivedPairs) +
+          " derived key pairs; ticket of an old epoch declined "
+          "until evicted ones are destroyed");
     }
   }
   DerivedKeys derived;
@@ -555,10 +555,19 @@ DecryptLookup KeyStore::KeysForDecrypt(const KeyName &name) {
   Result<TicketKeys> keys =
       KeysFor(v, *master, e, /*old=*/verdict == DecryptVerdict::kOld);
   if (!keys.ok()) {
-    // Its link is gone: the ratchet has forgotten that epoch for good.
-    out.verdict = keys.status().code() == ErrorCode::kNotFound
-                      ? DecryptVerdict::kExpired
-                      : DecryptVerdict::kUnavailable;
+    // Its link is gone: the ratchet has forgotten that epoch for good. Or
+    // over a derivation budget (KeysFor's only FailedPrecondition).
+    switch (keys.status().code()) {
+      case ErrorCode::kNotFound:
+        out.verdict = DecryptVerdict::kExpired;
+        break;
+      case ErrorCode::kFailedPrecondition:
+        out.verdict = DecryptVerdict::kDeclined;
+        break;
+      default:
+        out.verdict = DecryptVerdict::kUnavailable;
+        break;
+    }
     out.error = keys.status();
     return out;
   }

@@ -73,13 +73,16 @@ enum class DecryptVerdict : uint8_t {
   kUnknownKey,   // not one of our names
   kExpired,      // older than the decrypt window, retired, or legacy expired
   kFuture,       // epoch beyond the clock-skew tolerance
+  // An old epoch's keys would have to be derived past the store's budget
+  // (a flood of old names): declined, the token is fine.
+  kDeclined,
   kUnavailable,  // the token could not be used
 };
 
 struct DecryptLookup {
   DecryptVerdict verdict = DecryptVerdict::kUnknownKey;
   TicketKeys keys;  // set for kCurrent and kOld
-  Status error;     // set for kUnavailable
+  Status error;     // set for kUnavailable and kDeclined
 };
 
 struct MasterInfo {

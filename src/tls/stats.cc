@@ -87,6 +87,9 @@ void TicketStats::Reject(RejectReason reason) {
     case RejectReason::kPolicy:
       policy_.fetch_add(1);
       break;
+    case RejectReason::kBudget:
+      budget_.fetch_add(1);
+      break;
     default:
       break;
   }
@@ -140,6 +143,7 @@ TicketCounters TicketStats::Snapshot() const {
   c.rejected_future = future_.load();
   c.rejected_not_routed = not_routed_.load();
   c.rejected_policy = policy_.load();
+  c.rejected_budget = budget_.load();
   c.not_resumed = not_resumed_.load();
   c.early_data_refused = early_data_refused_.load();
   c.token_errors = token_errors_.load();

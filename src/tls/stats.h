@@ -32,13 +32,15 @@ enum class RejectReason : uint8_t {
   kFuture,
   kNotRouted,
   // Opened, but issued under another security policy (tls/policy_digest.h).
-  kPolicy
+  kPolicy,
+  // An old epoch past the store's derivation budget (a flood of old names).
+  kBudget
 };
 
 struct TicketCounters {
   uint64_t issued = 0, resumed = 0, renewed = 0;
   uint64_t rejected_unknown_key = 0, rejected_expired = 0, rejected_future = 0,
-           rejected_not_routed = 0, rejected_policy = 0;
+           rejected_not_routed = 0, rejected_policy = 0, rejected_budget = 0;
   // Tickets we opened and handed to OpenSSL that still ended in a full
   // handshake (session id context, version, cipher, 0-RTT checks).
   uint64_t not_resumed = 0;
@@ -85,7 +87,7 @@ class TicketStats final : public provider::TokenOpObserver {
  private:
   std::atomic<uint64_t> issued_{0}, resumed_{0}, renewed_{0};
   std::atomic<uint64_t> unknown_{0}, expired_{0}, future_{0}, not_routed_{0},
-      policy_{0};
+      policy_{0}, budget_{0};
   std::atomic<uint64_t> not_resumed_{0}, early_data_refused_{0};
   std::atomic<uint64_t> token_errors_{0};
   std::atomic<uint64_t> exceptions_{0};

@@ -196,6 +196,13 @@ int Open(SSL *ssl, TicketContext &context, const unsigned char key_name[16],
     case keystore::DecryptVerdict::kFuture:
       context.stats->Reject(RejectReason::kFuture);
       return kNoTicket;
+    case keystore::DecryptVerdict::kDeclined:
+      // Not token trouble: no token error, no outage, no failover.
+      context.stats->Reject(RejectReason::kBudget);
+      log::EmitLimited(log::Level::kWarning, "open budget",
+                       "hsmstek: ticket declined: " + lookup.error.message(),
+                       store->clock().NowUnix());
+      return kNoTicket;
     case keystore::DecryptVerdict::kUnavailable:
     default:
       context.stats->TokenError();

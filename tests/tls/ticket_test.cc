@@ -1,5 +1,6 @@
 // Session tickets sealed and opened in SoftHSM, through real OpenSSL
-// handshakes (docs/FORMAT.md, "Accepting a ticket" rules, tampering, legacy keys, fleets, failures).
+// handshakes (docs/FORMAT.md, "Accepting a ticket" rules, tampering, legacy
+// keys, fleets, failures).
 #include <openssl/rand.h>
 
 #include <atomic>
@@ -109,6 +110,37 @@ TEST_P(TicketTest, BeyondTheDecryptWindowIsAFullHandshake) {
   EXPECT_FALSE(again.reused);
   // Out of the name table: refused as unknown, with no token call.
   EXPECT_EQ(context->stats->Snapshot().rejected_unknown_key, 1u);
+}
+
+// An attacker replays names of many old epochs (names are public: every
+// ticket shows one). Past the store's derivation budget they are declined:
+// counted as such, never as token errors (which page operators and, with
+// several tokens, would read as an outage).
+TEST_P(TicketTest, AFloodOfOldNamesIsDeclinedNotATokenError) {
+  auto store = ProvisionedStore("tls-a", "flood" + std::to_string(version()),
+                                TestPolicy(7 * kDay));
+  auto context = ContextFor(store);
+  auto server = ServerCtx(context, version());
+  auto client = NewClientCtx(version());
+  HandshakeResult full = Handshake(client.get(), server.get());
+  ASSERT_TRUE(full.ok && full.session) << full.error;
+  Bytes ticket = TicketOf(full.session.get());
+  ASSERT_GE(ticket.size(), 16u);
+  Result<keystore::StoreSnapshot> snap = store->Describe();
+  ASSERT_TRUE(snap.ok() && snap->masters.size() == 1);
+  const uint64_t now_epoch = kStart / kHour;
+  for (uint64_t e = now_epoch - 30; e < now_epoch - 1; ++e) {
+    Result<keystore::KeyName> name = store->NameOf(snap->masters[0].id, e);
+    ASSERT_TRUE(name.ok()) << name.status().message();
+    std::copy(name->bytes.begin(), name->bytes.end(), ticket.begin());
+    UniqueSslSession forged = WithTicket(full.session.get(), ticket);
+    HandshakeResult r = Handshake(client.get(), server.get(), forged.get());
+    ASSERT_TRUE(r.ok) << r.error;
+    EXPECT_FALSE(r.reused);  // another epoch's keys: the MAC fails
+  }
+  const tls::TicketCounters c = context->stats->Snapshot();
+  EXPECT_GT(c.rejected_budget, 0u);
+  EXPECT_EQ(c.token_errors, 0u);
 }
 
 TEST_P(TicketTest, NextEpochIsAcceptedOnlyWithinTheClockSkew) {

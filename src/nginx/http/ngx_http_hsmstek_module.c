@@ -427,6 +427,8 @@ static const ngx_http_hsmstek_metric_t ngx_http_hsmstek_metrics[] = {
      NGX_HSMSTEK_FIELD(rejected_not_routed), 0},
     {"hsmstek_tickets_rejected_total", NULL, NULL, ",reason=\"policy\"",
      NGX_HSMSTEK_RESUMPTION_FIELD(rejected_policy), 0},
+    {"hsmstek_tickets_rejected_total", NULL, NULL, ",reason=\"budget\"",
+     NGX_HSMSTEK_RESUMPTION_FIELD(rejected_budget), 0},
     {"hsmstek_tickets_not_resumed_total",
      "Tickets opened that still ended in a full handshake (OpenSSL refused "
      "the session: session id context, version, cipher).",
