@@ -3,98 +3,93 @@
 #include <pthread.h>
 #include <stdlib.h>
 
+#include <atomic>
 #include <condition_variable>
-#include <cstdint>
 #include <mutex>
+#include <new>
 
 namespace hsmstek::exit_guard {
 namespace {
 
-// Leaked, with its lock and condition variable: used by the exit handler
-// and replaced (not destroyed) in a forked child, where the old lock may be
-// held by a thread that does not exist.
-struct State {
-  std::mutex *mu = new std::mutex;
-  std::condition_variable *cv = new std::condition_variable;
-  size_t active = 0;
-  bool exiting = false;
-  uint64_t forks = 0;  // bumped in each forked child
-};
-
+// Static storage (nothing to allocate, so nothing to fail); never
+// destroyed, since the exit handler and late destructors use it. A forked
+// child gets fresh ones in place: the parent's may be held by a thread
+// that does not exist in the child.
+alignas(std::mutex) unsigned char g_mu_storage[sizeof(std::mutex)];
+alignas(std::condition_variable) unsigned char g_cv_storage[sizeof(
+    std::condition_variable)];
+std::mutex &Mu() { return *reinterpret_cast<std::mutex *>(g_mu_storage); }
+std::condition_variable &Cv() {
+  return *reinterpret_cast<std::condition_variable *>(g_cv_storage);
+}
+size_t g_active = 0;   // guarded by Mu()
+uint64_t g_forks = 0;  // guarded by Mu(); bumped in each child
+std::atomic<bool> g_exiting{false};
 // Activities of this thread (a module's callback or a log sink may call
 // exit() from inside one: the handler must not wait for itself).
 thread_local size_t t_active = 0;
 
-void ResetInChild();
-
-State &GetState() {
-  static State *state = [] {
-    auto *s = new State;
-    pthread_atfork(nullptr, nullptr, ResetInChild);
-    return s;
-  }();
-  return *state;
-}
-
 void ResetInChild() {
-  State &s = GetState();
-  s.mu = new std::mutex;
-  s.cv = new std::condition_variable;
-  s.active = 0;
-  ++s.forks;
+  new (g_mu_storage) std::mutex;
+  new (g_cv_storage) std::condition_variable;
+  g_active = 0;
+  ++g_forks;
   t_active = 0;
 }
 
 void OnExit() {
-  State &s = GetState();
-  std::unique_lock<std::mutex> lock(*s.mu);
-  s.exiting = true;
+  std::unique_lock<std::mutex> lock(Mu());
+  g_exiting.store(true);
   const size_t self = t_active;
-  s.cv->wait_for(lock, kExitWait, [&s, self] { return s.active <= self; });
-}
-
-void RegisterExitHandlerOnce() {
-  // Registered by the first activity, after the token module and OpenSSL
-  // registered their teardown: handlers run last-registered first.
-  static const bool registered = atexit(OnExit) == 0;
-  (void)registered;
+  Cv().wait_for(lock, kExitWait, [self] { return g_active <= self; });
 }
 
 }  // namespace
 
-Activity::Activity() : entered_(false) {
-  RegisterExitHandlerOnce();
-  State &s = GetState();
-  std::lock_guard<std::mutex> lock(*s.mu);
-  if (s.exiting) return;
-  ++s.active;
+void Init() noexcept {
+  static const bool initialised = [] {
+    new (g_mu_storage) std::mutex;
+    new (g_cv_storage) std::condition_variable;
+    pthread_atfork(nullptr, nullptr, ResetInChild);
+    atexit(OnExit);
+    return true;
+  }();
+  (void)initialised;
+}
+
+void RegisterAfterInit() noexcept {
+  Init();
+  // Runs again at exit (idempotent): last registered, first run.
+  atexit(OnExit);
+}
+
+Activity::Activity() noexcept : entered_(false) {
+  Init();
+  std::lock_guard<std::mutex> lock(Mu());
+  if (g_exiting.load()) return;
+  ++g_active;
   ++t_active;
   entered_ = true;
-  forks_ = s.forks;
+  forks_ = g_forks;
 }
 
 Activity::~Activity() {
   if (!entered_) return;
-  State &s = GetState();
-  std::lock_guard<std::mutex> lock(*s.mu);
+  std::lock_guard<std::mutex> lock(Mu());
   // Entered before a fork this thread made: the child's count never
   // included it.
-  if (forks_ != s.forks) return;
+  if (forks_ != g_forks) return;
   --t_active;
-  --s.active;
-  if (s.exiting) s.cv->notify_all();
+  --g_active;
+  if (g_exiting.load()) Cv().notify_all();
 }
 
-bool Exiting() {
-  State &s = GetState();
-  std::lock_guard<std::mutex> lock(*s.mu);
-  return s.exiting;
-}
+bool Exiting() noexcept { return g_exiting.load(std::memory_order_relaxed); }
 
 size_t ActiveCount() {
-  State &s = GetState();
-  std::lock_guard<std::mutex> lock(*s.mu);
-  return s.active;
+  Init();
+  std::lock_guard<std::mutex> lock(Mu());
+  return g_active;
 }
 
 }  // namespace hsmstek::exit_guard

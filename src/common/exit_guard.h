@@ -6,15 +6,17 @@
 // (SoftHSM's singletons) register theirs when first used; a re-armer or
 // maintenance thread still inside a token call then meets freed state (seen:
 // SEGV in pthread_rwlock_wrlock as a fuzzer exited). The guard's handler is
-// registered by the first background activity, which comes after the
-// module and OpenSSL are initialised, so it runs before their teardown: it
-// closes the gate to new activities and waits for running ones to end.
+// registered again after every module's C_Initialize (RegisterAfterInit),
+// so it runs before the teardown of every library we call: it closes the
+// gate to new activities, makes new token sessions fail (Exiting), and
+// waits for running activities to end.
 //
 // The wait is bounded (kExitWait): a token call that never returns must
 // not hang the process's exit. Handshake threads are the host's to stop.
 //
-// Thread-safety: all functions are thread-safe and fork-safe (a child
-// starts with no activity: the parent's threads are not there).
+// Thread-safety: all functions are thread-safe. Init must run outside any
+// lock a fork handler takes (the first call registers pthread_atfork); the
+// constructors of the objects that own background threads call it.
 #pragma once
 
 #include <chrono>
@@ -25,12 +27,20 @@ namespace hsmstek::exit_guard {
 
 inline constexpr std::chrono::seconds kExitWait{5};
 
+// Init prepares the guard (idempotent; never throws).
+void Init() noexcept;
+
+// RegisterAfterInit (re-)registers the exit handler; call it after a
+// library we call registered its own teardown (a module's C_Initialize).
+void RegisterAfterInit() noexcept;
+
 // Activity brackets one unit of background work that may call the token
 // or OpenSSL. ok() is false once the process is exiting: skip the work and
-// end the thread's loop.
+// park the thread until its owner stops it (ending it there would run its
+// thread-exit handlers after OpenSSL's cleanup).
 class Activity {
  public:
-  Activity();
+  Activity() noexcept;
   ~Activity();
   Activity(const Activity &) = delete;
   Activity &operator=(const Activity &) = delete;
@@ -42,8 +52,9 @@ class Activity {
   uint64_t forks_ = 0;  // the fork it was entered in
 };
 
-// Exiting is true once the exit handler ran (the gate is closed for good).
-bool Exiting();
+// Exiting is true once the exit handler ran (for good). Lock-free: the
+// token layer checks it before opening a session.
+bool Exiting() noexcept;
 
 // ActiveCount is the number of activities running now (for tests).
 size_t ActiveCount();

@@ -60,6 +60,7 @@ KeyStore::KeyStore(std::string label, std::shared_ptr<p11::Token> token,
       token_(std::move(token)),
       options_(std::move(options)),
       clock_skew_s_(options_.clock_skew_s) {
+  exit_guard::Init();  // outside every lock (it registers fork handlers)
   atfork::Register(this);
 }
 
@@ -374,7 +375,7 @@ uint64_t KeyStore::OldestAcceptable(const Master &m, int64_t now) const {
 }
 
 Result<TicketKeys> KeyStore::KeysFor(const View &view, const Master &master,
-                                     uint64_t epoch, bool old) {
+                                     uint64_t epoch, bool old, bool *declined) {
   std::optional<KeyName> cached_name;
   {
     std::lock_guard<std::mutex> lock(mu_);
@@ -418,18 +419,20 @@ Result<TicketKeys> KeyStore::KeysFor(const View &view, const Master &master,
   // Remote clients choose old epochs freely (the name is read before any
   // MAC): past the budget, decline instead of deriving on every handshake.
   if (old && !old_derivations_.Take(options_.clock->NowUnix())) {
-    return FailedPrecondition("store \"" + label_ + "\": more than " +
-                              std::to_string(kMaxOldDerivationsPerSecond) +
-                              " derivations of old epochs this second; ticket "
-                              "declined (full handshake)");
+    if (declined != nullptr) *declined = true;
+    return Unavailable("store \"" + label_ + "\": more than " +
+                       std::to_string(kMaxOldDerivationsPerSecond) +
+                       " derivations of old epochs this second; ticket "
+                       "declined (full handshake)");
   }
   {
     std::lock_guard<std::mutex> lock(mu_);
     if (!MakeRoomLocked(view, options_.clock->NowUnix(), old)) {
-      return FailedPrecondition(
-          "store \"" + label_ + "\" holds " + std::to_string(kMaxDerivedPairs) +
-          " derived key pairs; ticket of an old epoch declined "
-          "until evicted ones are destroyed");
+      if (declined != nullptr) *declined = true;
+      return Unavailable("store \"" + label_ + "\" holds " +
+                         std::to_string(kMaxDerivedPairs) +
+                         " derived key pairs; ticket of an old epoch declined "
+                         "until evicted ones are destroyed");
     }
   }
   DerivedKeys derived;
@@ -552,21 +555,17 @@ DecryptLookup KeyStore::KeysForDecrypt(const KeyName &name) {
     out.verdict = verdict;
     return out;
   }
-  Result<TicketKeys> keys =
-      KeysFor(v, *master, e, /*old=*/verdict == DecryptVerdict::kOld);
+  bool declined = false;
+  Result<TicketKeys> keys = KeysFor(
+      v, *master, e, /*old=*/verdict == DecryptVerdict::kOld, &declined);
   if (!keys.ok()) {
-    // Its link is gone: the ratchet has forgotten that epoch for good. Or
-    // over a derivation budget (KeysFor's only FailedPrecondition).
-    switch (keys.status().code()) {
-      case ErrorCode::kNotFound:
-        out.verdict = DecryptVerdict::kExpired;
-        break;
-      case ErrorCode::kFailedPrecondition:
-        out.verdict = DecryptVerdict::kDeclined;
-        break;
-      default:
-        out.verdict = DecryptVerdict::kUnavailable;
-        break;
+    // Its link is gone: the ratchet has forgotten that epoch for good.
+    if (declined) {
+      out.verdict = DecryptVerdict::kDeclined;
+    } else if (keys.status().code() == ErrorCode::kNotFound) {
+      out.verdict = DecryptVerdict::kExpired;
+    } else {
+      out.verdict = DecryptVerdict::kUnavailable;
     }
     out.error = keys.status();
     return out;

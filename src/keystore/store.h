@@ -246,8 +246,11 @@ class KeyStore final : public atfork::Participant {
   // False when an `old` epoch must wait for that.
   bool MakeRoomLocked(const View &view, int64_t now, bool old);
   // `old`: a derivation for an old epoch, under kMaxOldDerivationsPerSecond.
+  // `*declined` (if given) is set when it failed on a budget (that one or
+  // the bound on derived pairs), not on the token.
   Result<TicketKeys> KeysFor(const View &view, const Master &master,
-                             uint64_t epoch, bool old = false);
+                             uint64_t epoch, bool old = false,
+                             bool *declined = nullptr);
   void EvictLocked(const View &view, int64_t now);
   // The oldest epoch of `m` still acceptable at `now` (decrypt window plus
   // the skew grace, never before activation).

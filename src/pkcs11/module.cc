@@ -7,6 +7,7 @@
 #include <map>
 
 #include "common/bytes.h"
+#include "common/exit_guard.h"
 #include "common/fork_registry.h"
 #include "common/log.h"
 #include "pkcs11/error.h"
@@ -167,6 +168,10 @@ Status Module::EnsureInitialized() {
   }
   initialized_ = true;
   initialized_fork_count_ = forks;
+  // The module (and the OpenSSL it may use) registered its teardown just
+  // now: ours must run before it (common/exit_guard.h). Once per module and
+  // process, not on every re-initialisation of a token that is out.
+  exit_guard::RegisterAfterInit();
   return Status::Ok();
 }
 

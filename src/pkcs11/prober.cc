@@ -9,6 +9,7 @@
 namespace hsmstek::p11 {
 
 Prober::Prober(ProbeFn probe) : probe_(std::move(probe)) {
+  exit_guard::Init();  // outside every lock (it registers fork handlers)
   atfork::Register(this);
 }
 

@@ -6,6 +6,7 @@
 #include <string>
 #include <thread>
 
+#include "common/exit_guard.h"
 #include "common/log.h"
 #include "pkcs11/object.h"
 #include "pkcs11/pin.h"
@@ -496,6 +497,10 @@ Result<CK_SESSION_HANDLE> Token::OpenSessionLocked() {
 }
 
 Result<Session> Token::Acquire() {
+  // The process is exiting: the module may be torn down any moment now, so
+  // a background pass in progress stops at its next call and the exit
+  // handler's wait covers one call, not a pass (common/exit_guard.h).
+  if (exit_guard::Exiting()) return Unavailable("process exiting");
   // A probe holds mu_ while it connects to a token in back-off; a handshake
   // does not wait for it. Right after a fault (kDisconnected) the probe is
   // the reconnect the caller would have made: waiting for it is as fast.

@@ -114,6 +114,7 @@ ArmedPool::ArmedPool(std::shared_ptr<p11::Token> token,
       options_(options),
       cv_(new std::condition_variable) {
   RegisterForkHandlersOnce();
+  exit_guard::Init();  // outside every lock (it registers fork handlers)
 }
 
 ArmedPool::~ArmedPool() {
@@ -373,6 +374,7 @@ void ArmedPool::Arm(const Task &task) {
     }
   }
   std::optional<ArmedOp> discard;  // destroyed after the lock is released
+  bool first_failure = false;
   {
     std::lock_guard<std::mutex> lock(PoolMutex());
     if (pending_[k] > 0) --pending_[k];
@@ -382,23 +384,26 @@ void ArmedPool::Arm(const Task &task) {
                         ? kBackoffInitial
                         : std::min(backoff_[k] * 2, kBackoffMax);
       retry_at_[k] = Clock::now() + backoff_[k];
-      if (backoff_[k] == kBackoffInitial) {
-        log::Warning(std::string("hsmstek: pre-arming ") + KindName(task.kind) +
-                     " operations failed (" + status.message() +
-                     "); tickets use on-demand token calls meanwhile");
-      }
-      return;
-    }
-    backoff_[k] = std::chrono::milliseconds(0);
-    ++counters_.armed[k];
-    if (stop_ || fork_count_ != p11::Module::ForkCount() ||
-        !IsCurrentLocked(task.kind, task.key, task.generation)) {
-      discard = std::move(armed);
-      ++counters_.cancelled;
+      first_failure = backoff_[k] == kBackoffInitial;
     } else {
-      ready_[k].push_back(std::move(*armed));
-      cv_->notify_all();  // WaitUntilArmed; free without waiters
+      backoff_[k] = std::chrono::milliseconds(0);
+      ++counters_.armed[k];
+      if (stop_ || fork_count_ != p11::Module::ForkCount() ||
+          !IsCurrentLocked(task.kind, task.key, task.generation)) {
+        discard = std::move(armed);
+        ++counters_.cancelled;
+      } else {
+        ready_[k].push_back(std::move(*armed));
+        cv_->notify_all();  // WaitUntilArmed; free without waiters
+      }
     }
+  }
+  // Logged with no lock held: a host's sink that forks, exits or blocks
+  // must not do so under the pool's lock (fork and exit handlers take it).
+  if (first_failure) {
+    log::Warning(std::string("hsmstek: pre-arming ") + KindName(task.kind) +
+                 " operations failed (" + status.message() +
+                 "); tickets use on-demand token calls meanwhile");
   }
 }
 

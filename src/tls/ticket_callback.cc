@@ -199,7 +199,7 @@ int Open(SSL *ssl, TicketContext &context, const unsigned char key_name[16],
     case keystore::DecryptVerdict::kDeclined:
       // Not token trouble: no token error, no outage, no failover.
       context.stats->Reject(RejectReason::kBudget);
-      log::EmitLimited(log::Level::kWarning, "open budget",
+      log::EmitLimited(log::Level::kWarning, "open budget " + store->label(),
                        "hsmstek: ticket declined: " + lookup.error.message(),
                        store->clock().NowUnix());
       return kNoTicket;

@@ -499,9 +499,9 @@ TEST_F(KeyStoreTest, ForgedNamesForEveryInWindowEpochStayUnderTheBound) {
     // Declined while evicted pairs wait out their maintenance pass.
     ASSERT_TRUE(l.verdict == DecryptVerdict::kOld ||
                 l.verdict == DecryptVerdict::kCurrent ||
-                l.verdict == DecryptVerdict::kUnavailable)
+                l.verdict == DecryptVerdict::kDeclined)
         << e;
-    declined += l.verdict == DecryptVerdict::kUnavailable ? 1 : 0;
+    declined += l.verdict == DecryptVerdict::kDeclined ? 1 : 0;
     peak = std::max(peak, session_keys() - before);
   }
   EXPECT_GE(store->derivations(), 168u - declined);

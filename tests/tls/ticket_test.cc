@@ -141,6 +141,12 @@ TEST_P(TicketTest, AFloodOfOldNamesIsDeclinedNotATokenError) {
   const tls::TicketCounters c = context->stats->Snapshot();
   EXPECT_GT(c.rejected_budget, 0u);
   EXPECT_EQ(c.token_errors, 0u);
+  // The flood costs genuine current tickets nothing.
+  UniqueSslSession genuine =
+      WithTicket(full.session.get(), TicketOf(full.session.get()));
+  HandshakeResult after = Handshake(client.get(), server.get(), genuine.get());
+  ASSERT_TRUE(after.ok) << after.error;
+  EXPECT_TRUE(after.reused);
 }
 
 TEST_P(TicketTest, NextEpochIsAcceptedOnlyWithinTheClockSkew) {
