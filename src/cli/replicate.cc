@@ -59,6 +59,8 @@ Status RunExport(const ReplicateArgs &a) {
   std::cout << "exported master " << HexEncode(bundle->store_id) << " of store "
             << Quote(bundle->label) << " to " << a.out << "\n"
             << "  check value:      " << HexEncode(bundle->check) << "\n"
+            << "  ratchet link:     " << bundle->link
+            << " (the current epoch's; older links never leave)\n"
             << "  mechanism:        "
             << keystore::WrapMechanismName(bundle->mechanism) << "\n"
             << "  recipient:        " << HexEncode(bundle->wrapping_key_id)
@@ -105,9 +107,17 @@ Status RunImport(const ReplicateArgs &a) {
   if (!store.ok()) return store.status();
   Result<p11::Session> session = (*store)->token()->Acquire();
   if (!session.ok()) return session.status();
-  Status imported =
-      keystore::ImportMaster(*session, *label, *bundle, *unwrap_key, options);
+  bool unchanged = false;
+  Status imported = keystore::ImportMaster(*session, *label, *bundle,
+                                           *unwrap_key, options, &unchanged);
   if (!imported.ok()) return imported;
+  if (unchanged) {
+    std::cout << "master " << HexEncode(bundle->store_id) << " of store "
+              << Quote(*label) << " already holds ratchet link " << bundle->link
+              << " with check value " << HexEncode(bundle->check)
+              << ": nothing imported\n";
+    return Status::Ok();
+  }
   std::cout << "imported master " << HexEncode(bundle->store_id)
             << " into store " << Quote(*label) << " of token "
             << Quote((*store)->token()->label()) << "\n"

@@ -15,9 +15,11 @@ namespace {
 constexpr std::array<std::string_view, 7> kKeysV1 = {
     "label",           "store-id", "check",  "mechanism",
     "wrapping-key-id", "policy",   "wrapped"};
-constexpr std::array<std::string_view, 10> kKeysV2 = {
-    "label",  "store-id", "check",   "mechanism", "recipient",
+constexpr std::array<std::string_view, 11> kKeysV2 = {
+    "label",  "store-id", "check",   "link",      "mechanism", "recipient",
     "policy", "wrapped",  "created", "not-after", "signer"};
+// Lines that may be left out (their field then keeps its default).
+constexpr std::string_view kOptionalKey = "link";
 constexpr std::string_view kDigestKey = "sha256";
 constexpr std::string_view kSignatureKey = "signature";
 
@@ -145,6 +147,25 @@ Status ParseValue(std::string_view key, std::string_view value, Bundle *b) {
     b->check = *check;
     return Status::Ok();
   }
+  if (key == "link") {
+    // Canonical decimal only: the signature covers the text, the importer
+    // reads the number; one number, one spelling. 0 is written by leaving
+    // the line out.
+    if (value.size() > 15 || value[0] == '0' ||
+        !std::all_of(value.begin(), value.end(),
+                     [](char c) { return c >= '0' && c <= '9'; })) {
+      return InvalidArgument(
+          "expected a decimal link index from 1 to 2^48, without leading "
+          "zeros");
+    }
+    uint64_t j = 0;
+    for (char c : value) j = j * 10 + static_cast<uint64_t>(c - '0');
+    if (j > kMaxBundleLink) {
+      return InvalidArgument("link index above 2^48");
+    }
+    b->link = j;
+    return Status::Ok();
+  }
   if (key == "mechanism") {
     Result<WrapMechanism> m = ParseWrapMechanism(value);
     if (!m.ok()) return m.status();
@@ -246,9 +267,10 @@ Status ParseLines(std::string_view body, std::span<const std::string_view> keys,
       return InvalidArgument(LinePrefix(line_no) + "unexpected line after \"" +
                              std::string(keys.back()) + "\"");
     }
-    const std::string_view want = keys[next_key];
     const size_t space = line.find(' ');
     const std::string_view key = line.substr(0, space);
+    if (keys[next_key] == kOptionalKey && key != kOptionalKey) ++next_key;
+    const std::string_view want = keys[next_key];
     if (key != want || space == std::string_view::npos) {
       return InvalidArgument(LinePrefix(line_no) + "expected \"" +
                              std::string(want) + " <value>\"");
@@ -278,6 +300,7 @@ std::string FirstLines(const Bundle &b, std::string_view header) {
   out += "\nlabel " + PercentEncode(b.label);
   out += "\nstore-id " + HexEncode(b.store_id);
   out += "\ncheck " + HexEncode(b.check);
+  if (b.version != 1 && b.link != 0) out += "\nlink " + std::to_string(b.link);
   out += "\nmechanism ";
   out += WrapMechanismName(b.mechanism);
   return out;

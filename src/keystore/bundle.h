@@ -9,7 +9,12 @@
 //   hsmstek-bundle 2
 //   label <store label, percent-encoded>
 //   store-id <16 hex digits>            the master's CKA_ID
-//   check <16 hex digits>               the master's check value (docs/FORMAT.md)
+//   check <16 hex digits>               the check value of the link sent
+//                                       (docs/FORMAT.md)
+//   link <decimal>                      the ratchet link sent, 1 to
+//                                       kMaxBundleLink, canonical decimal
+//                                       (no sign, no leading zero); absent
+//                                       means link 0, the master object
 //   mechanism rsa-oaep-sha1|rsa-oaep-sha256|aes-key-wrap-pad
 //   recipient <hex>                     the receiving token's unwrap key:
 //                                       RSA: SHA-256 of its public key's
@@ -59,6 +64,9 @@ inline constexpr size_t kMaxBundleSize = 16384;
 inline constexpr size_t kMaxBundleLabelSize = 255;
 inline constexpr size_t kMaxWrappingKeyIdSize = 255;
 inline constexpr size_t kMaxWrappedKeySize = 4096;
+// The highest link index a bundle may name: far beyond any real chain
+// (2^48 ratchet intervals), low enough that e0 + j * r stays in range.
+inline constexpr uint64_t kMaxBundleLink = uint64_t{1} << 48;
 
 // How the master is wrapped. SoftHSM 2.6 wraps RSA-OAEP with SHA-1 only.
 enum class WrapMechanism {
@@ -78,7 +86,9 @@ struct Bundle {
   int version = kBundleVersion;  // 1 (unsigned, read only) or 2
   std::string label;             // raw bytes of CKA_LABEL
   StoreId store_id{};
-  std::array<uint8_t, kCheckValueSize> check{};
+  std::array<uint8_t, kCheckValueSize> check{};  // of link `link`
+  // The ratchet link wrapped (version 2; 0 = the master object, no line).
+  uint64_t link = 0;
   WrapMechanism mechanism = WrapMechanism::kRsaOaepSha1;
   // The recipient: the unwrap key the master was wrapped for (RSA: public
   // key fingerprint; AES: CKA_ID). Version 1 may leave it empty.

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <tuple>
 #include <vector>
 
 #include "common/log.h"
@@ -99,13 +100,23 @@ bool IsOn(const KindRule &rule, CK_ATTRIBUTE_TYPE type) {
 }
 
 // What a master forces on keys derived from it (CKA_DERIVE_TEMPLATE). The
-// array points into static storage, so copies of its bytes stay valid.
-ByteSpan DeriveTemplateBytes() {
+// arrays point into static storage, so copies of their bytes stay valid.
+// A replicable master's links must stay wrappable (by a trusted key only),
+// so its template forces that instead of CKA_EXTRACTABLE=FALSE; the epoch
+// keys ask for CKA_EXTRACTABLE=FALSE in their own templates.
+ByteSpan DeriveTemplateBytes(bool replicable) {
   static CK_BBOOL yes = CK_TRUE;
   static CK_BBOOL no = CK_FALSE;
   static CK_ATTRIBUTE derived[] = {{CKA_SENSITIVE, &yes, sizeof(yes)},
                                    {CKA_EXTRACTABLE, &no, sizeof(no)}};
-  return ByteSpan(reinterpret_cast<const uint8_t *>(derived), sizeof(derived));
+  static CK_ATTRIBUTE replicable_derived[] = {
+      {CKA_SENSITIVE, &yes, sizeof(yes)},
+      {CKA_WRAP_WITH_TRUSTED, &yes, sizeof(yes)}};
+  return replicable
+             ? ByteSpan(reinterpret_cast<const uint8_t *>(replicable_derived),
+                        sizeof(replicable_derived))
+             : ByteSpan(reinterpret_cast<const uint8_t *>(derived),
+                        sizeof(derived));
 }
 
 ByteSpan MechanismBytes(std::span<const CK_MECHANISM_TYPE> m) {
@@ -114,19 +125,32 @@ ByteSpan MechanismBytes(std::span<const CK_MECHANISM_TYPE> m) {
 
 bool RefusedTemplate(const Status &s) {
   return s.ckr() == CKR_ATTRIBUTE_TYPE_INVALID ||
+         s.ckr() == CKR_ATTRIBUTE_READ_ONLY ||
          s.ckr() == CKR_ATTRIBUTE_VALUE_INVALID ||
          s.ckr() == CKR_TEMPLATE_INCONSISTENT;
 }
 
+constexpr unsigned kAllLockdown = kLockAllowedMechanisms | kLockDeriveTemplate |
+                                  kLockNotModifiable | kLockNotCopyable;
+
 const char *LockdownName(unsigned bit) {
-  return bit == kLockDeriveTemplate ? "CKA_DERIVE_TEMPLATE"
-                                    : "CKA_ALLOWED_MECHANISMS";
+  switch (bit) {
+    case kLockDeriveTemplate:
+      return "CKA_DERIVE_TEMPLATE";
+    case kLockNotModifiable:
+      return "CKA_MODIFIABLE=FALSE on derived ratchet links";
+    case kLockNotCopyable:
+      return "CKA_COPYABLE=FALSE on derived ratchet links";
+    default:
+      return "CKA_ALLOWED_MECHANISMS";
+  }
 }
 
 // Logs, once per process and attribute, that the token refused it.
 void LogRefusedOnce(unsigned bits) {
   static std::atomic<unsigned> logged{0};
-  for (unsigned bit : {kLockAllowedMechanisms, kLockDeriveTemplate}) {
+  for (unsigned bit : {kLockAllowedMechanisms, kLockDeriveTemplate,
+                       kLockNotModifiable, kLockNotCopyable}) {
     if ((bits & bit) == 0 || (logged.fetch_or(bit) & bit) != 0) continue;
     log::Warning(std::string("hsmstek: the token refuses ") +
                  LockdownName(bit) +
@@ -180,6 +204,12 @@ unsigned WantedLockdown(KeyKind kind) {
                                   : kLockAllowedMechanisms;
 }
 
+unsigned WantedLockdown(const KeySpec &spec) {
+  const bool link = spec.kind == KeyKind::kMaster && spec.for_derive;
+  return WantedLockdown(spec.kind) |
+         (link ? kLockNotModifiable | kLockNotCopyable : 0u);
+}
+
 std::string_view ProtectionName(Protection p) {
   switch (p) {
     case Protection::kApplied:
@@ -218,8 +248,10 @@ p11::Template KeyTemplate(const KeySpec &spec, unsigned lockdown) {
            MechanismBytes(AllowedMechanisms(spec.kind)));
   }
   if (master && (lockdown & kLockDeriveTemplate)) {
-    t.Data(CKA_DERIVE_TEMPLATE, DeriveTemplateBytes());
+    t.Data(CKA_DERIVE_TEMPLATE, DeriveTemplateBytes(spec.replicable));
   }
+  if (lockdown & kLockNotModifiable) t.Bool(CKA_MODIFIABLE, false);
+  if (lockdown & kLockNotCopyable) t.Bool(CKA_COPYABLE, false);
   return t;
 }
 
@@ -239,17 +271,29 @@ Result<CreatedKey> CreateKey(
     const KeySpec &spec, const KeyFactory &factory,
     std::atomic<unsigned> *refused,
     const std::function<void(p11::Template &)> &extend) {
-  const unsigned wanted = WantedLockdown(spec.kind);
-  // Strongest first; an attribute the token refused before is not tried.
+  const unsigned wanted = WantedLockdown(spec);
+  // Strongest first: every subset of what was not refused before, the
+  // largest first; among equals the one keeping the lowest bits
+  // (CKA_ALLOWED_MECHANISMS first). Only the first key per token pays for
+  // the refused attempts: `*refused` remembers them.
+  const unsigned avail = wanted & ~refused->load();
   std::vector<unsigned> attempts;
-  for (unsigned set : {wanted, wanted & kLockAllowedMechanisms,
-                       wanted & kLockDeriveTemplate, 0u}) {
-    if ((set & refused->load()) != 0) continue;
-    if (std::find(attempts.begin(), attempts.end(), set) != attempts.end()) {
-      continue;
-    }
-    attempts.push_back(set);
+  for (unsigned set = 0; set <= kAllLockdown; ++set) {
+    if ((set & ~avail) == 0) attempts.push_back(set);
   }
+  // Bit i weighs 2^(3-i): the lowest bits are kept longest.
+  auto weight = [](unsigned set) {
+    unsigned w = 0;
+    for (unsigned i = 0; i < 4; ++i) {
+      if (set & (1u << i)) w |= 1u << (3 - i);
+    }
+    return w;
+  };
+  std::sort(attempts.begin(), attempts.end(), [&](unsigned a, unsigned b) {
+    const int pa = __builtin_popcount(a);
+    const int pb = __builtin_popcount(b);
+    return pa != pb ? pa > pb : weight(a) > weight(b);
+  });
   Status last;
   for (unsigned set : attempts) {
     p11::Template t = KeyTemplate(spec, set);
@@ -368,6 +412,27 @@ Result<Protections> VerifyKey(p11::Session &session, CK_OBJECT_HANDLE key,
     out.derive_template = !*derive             ? Protection::kUnsupported
                           : (*derive)->empty() ? Protection::kAbsent
                                                : Protection::kApplied;
+  }
+  if (master) {
+    // A modifiable link could be given CKA_ENCRYPT; a copyable one copied
+    // with other attributes where the token allows.
+    for (auto [type, field] : {std::pair{CKA_MODIFIABLE, &out.not_modifiable},
+                               std::pair{CKA_COPYABLE, &out.not_copyable}}) {
+      Result<std::optional<Bytes>> v = ReadOptional(session, key, type);
+      if (!v.ok()) return v.status();
+      *field = !*v || (*v)->size() != sizeof(CK_BBOOL)
+                   ? Protection::kUnsupported
+               : (**v)[0] == CK_FALSE ? Protection::kApplied
+                                      : Protection::kAbsent;
+    }
+  }
+  for (auto [bit, got, name] :
+       {std::tuple{kLockNotModifiable, out.not_modifiable, "CKA_MODIFIABLE"},
+        std::tuple{kLockNotCopyable, out.not_copyable, "CKA_COPYABLE"}}) {
+    if ((required & bit) && got != Protection::kApplied) {
+      return PermissionDenied(std::string(what) + " is weaker than required: " +
+                              name + " is not FALSE");
+    }
   }
   if ((required & kLockAllowedMechanisms) &&
       out.allowed_mechanisms != Protection::kApplied) {

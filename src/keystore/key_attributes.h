@@ -1,6 +1,7 @@
 // The one owner of what each kind of key hsmstek keeps in a token must be
-// (docs/SECURITY.md §4, docs/FORMAT.md; docs/SECURITY.md "Key attributes"): the template used to
-// create or unwrap it, and the read-back that refuses a weaker key.
+// (docs/SECURITY.md §4, docs/FORMAT.md; docs/SECURITY.md "Key attributes"): the
+// template used to create or unwrap it, and the read-back that refuses a weaker
+// key.
 //
 // Two attributes lock a key down further where the token knows them:
 // CKA_ALLOWED_MECHANISMS (every key: only what the ticket path runs) and
@@ -51,8 +52,14 @@ std::span<const CK_MECHANISM_TYPE> AllowedMechanisms(KeyKind kind);
 enum Lockdown : unsigned {
   kLockAllowedMechanisms = 1u << 0,
   kLockDeriveTemplate = 1u << 1,
+  // Ratchet links (derived masters): CKA_MODIFIABLE=FALSE and
+  // CKA_COPYABLE=FALSE in the C_DeriveKey template. SoftHSM 2.6 refuses
+  // CKA_MODIFIABLE there (CKR_ATTRIBUTE_READ_ONLY); generated and imported
+  // masters get CKA_MODIFIABLE=FALSE in their template or copy instead.
+  kLockNotModifiable = 1u << 2,
+  kLockNotCopyable = 1u << 3,
 };
-// The lock-down attributes `kind` gets where the token allows.
+// The lock-down attributes `spec` gets where the token allows.
 unsigned WantedLockdown(KeyKind kind);
 
 // What a key carries, as read back.
@@ -68,6 +75,10 @@ std::string_view ProtectionName(Protection p);
 struct Protections {
   Protection allowed_mechanisms = Protection::kNotApplicable;
   Protection derive_template = Protection::kNotApplicable;
+  // Masters and links: CKA_MODIFIABLE / CKA_COPYABLE read back FALSE
+  // (kApplied), TRUE (kAbsent) or unknown to the token (kUnsupported).
+  Protection not_modifiable = Protection::kNotApplicable;
+  Protection not_copyable = Protection::kNotApplicable;
   // Masters: CKA_LOCAL, i.e. generated in this token (TRUE) or brought in
   // from outside (FALSE: imported, or created of known bytes by anyone
   // with the user PIN; attributes cannot tell these two apart).
@@ -88,6 +99,10 @@ struct KeySpec {
   // (CKR_ATTRIBUTE_READ_ONLY): ratchet links leave it out.
   bool for_derive = false;
 };
+
+// WantedLockdown(spec.kind), plus kLockNotModifiable and kLockNotCopyable
+// for ratchet links (masters made by C_DeriveKey).
+unsigned WantedLockdown(const KeySpec &spec);
 
 // KeyTemplate returns the template of `spec` with the lock-down attributes
 // in `lockdown` (a subset of WantedLockdown). Legacy keys get no CKA_VALUE:
@@ -115,7 +130,8 @@ using KeyFactory =
 // CreateKey calls `factory` with the template of `spec` and every wanted
 // lock-down attribute not in `*refused`; where the token refuses the
 // template (CKR_ATTRIBUTE_TYPE_INVALID, CKR_ATTRIBUTE_VALUE_INVALID,
-// CKR_TEMPLATE_INCONSISTENT), it retries with fewer, strongest first,
+// CKR_TEMPLATE_INCONSISTENT, CKR_ATTRIBUTE_READ_ONLY), it retries with
+// fewer (every subset, largest first, CKA_ALLOWED_MECHANISMS kept longest),
 // records what the token refused in `*refused` (callers keep it per token,
 // so later keys skip the refused attempt) and logs once per process and
 // attribute. `extend` appends call-specific attributes (a legacy key's

@@ -16,6 +16,7 @@
 
 #include "keystore/derivation.h"
 #include "keystore/key_lookup.h"
+#include "keystore/link_check.h"
 #include "keystore/master.h"
 #include "keystore/ossl.h"
 #include "keystore/provisioning.h"
@@ -538,34 +539,54 @@ Result<Bundle> ExportMaster(p11::Session &session, std::string_view label,
         "no master " + HexEncode(id) + " in store \"" + std::string(label) +
         "\" (masters: " + (ids.empty() ? std::string("none") : ids) + ")");
   }
-  // A bundle carries link 0 (the master object). Once the current epoch
-  // uses a later ratchet link, link 0 would hand the receiver keys of
-  // tickets this token can no longer open (forward secrecy, docs/DESIGN.md):
-  // refused. Bundles of a later link are not implemented yet.
-  const std::optional<uint64_t> link =
-      master->LinkOf(EpochAt(options.now, master->policy.period_s));
-  if (master->key == CK_INVALID_HANDLE || (link && *link != 0)) {
+  // The bundle carries the link of the current epoch on this clock, never
+  // an older one: an older link would hand the receiver the keys of
+  // tickets this token has already forgotten (forward secrecy,
+  // docs/SECURITY.md). Only links proven to follow the chain are sent: a
+  // PIN holder may have planted a key of known value under a link's id.
+  Master verified = *master;
+  LinkTrust trust;
+  std::atomic<unsigned> refused_lockdown{0};
+  Status chain = trust.Verify(session, verified, nullptr, &refused_lockdown);
+  if (!chain.ok()) return chain.WithContext("verifying the links of " + what);
+  const uint64_t link_index =
+      verified.LinkOf(EpochAt(options.now, verified.policy.period_s))
+          .value_or(0);
+  auto link_it = verified.links.find(link_index);
+  if (link_it == verified.links.end()) {
+    const std::string present =
+        verified.links.empty()
+            ? std::string("none")
+            : std::to_string(verified.links.begin()->first) + ".." +
+                  std::to_string(verified.links.rbegin()->first);
     return FailedPrecondition(
-        what + " has ratcheted to link " +
-        std::to_string(link.value_or(
-            master->links.empty() ? 0 : master->links.rbegin()->first)) +
-        ": a bundle would carry link 0, older than the current link; "
-        "exporting a ratcheted master is not supported yet (provision a new "
-        "--replicable master and export it within its first ratchet "
-        "interval)");
+        what + ": the current epoch uses ratchet link " +
+        std::to_string(link_index) + ", which is not in the token (links " +
+        present +
+        "); a server using the store derives it ahead of time, older "
+        "links are never sent");
   }
+  if (link_index > kMaxBundleLink) {
+    return FailedPrecondition(what + " is at link " +
+                              std::to_string(link_index) +
+                              ", beyond what a bundle can name");
+  }
+  const CK_OBJECT_HANDLE link = link_it->second;
+  const std::string link_what =
+      link_index == 0
+          ? what
+          : "ratchet link " + std::to_string(link_index) + " of " + what;
   // Read back rather than trust the policy text: the token decides.
-  Result<bool> extractable = ReadFlag(session, master->key, CKA_EXTRACTABLE);
+  Result<bool> extractable = ReadFlag(session, link, CKA_EXTRACTABLE);
   if (!extractable.ok()) return extractable.status();
   if (!master->policy.replicable || !*extractable) {
     return FailedPrecondition(
-        what +
+        link_what +
         " is not replicable (it was provisioned without --replicable and is "
         "not extractable): it cannot leave this token; provision a "
         "--replicable master and export that one");
   }
-  Result<bool> needs_trusted =
-      ReadFlag(session, master->key, CKA_WRAP_WITH_TRUSTED);
+  Result<bool> needs_trusted = ReadFlag(session, link, CKA_WRAP_WITH_TRUSTED);
   if (!needs_trusted.ok()) return needs_trusted.status();
 
   Result<std::vector<KeyRef>> candidates = FindKeys(
@@ -614,16 +635,18 @@ Result<Bundle> ExportMaster(p11::Session &session, std::string_view label,
   if (!strong.ok()) return strong;
 
   Result<std::array<uint8_t, kCheckValueSize>> check =
-      ComputeCheckValue(session, master->key);
-  if (!check.ok()) return check.status().WithContext("check value of " + what);
-  Result<Bytes> wrapped = Wrap(session, mechanism, key.handle, master->key);
+      ComputeCheckValue(session, link);
+  if (!check.ok()) {
+    return check.status().WithContext("check value of " + link_what);
+  }
+  Result<Bytes> wrapped = Wrap(session, mechanism, key.handle, link);
   if (!wrapped.ok() && mechanism == WrapMechanism::kRsaOaepSha256 &&
       RefusedOaepParams(wrapped.status())) {
     mechanism = WrapMechanism::kRsaOaepSha1;
-    wrapped = Wrap(session, mechanism, key.handle, master->key);
+    wrapped = Wrap(session, mechanism, key.handle, link);
   }
   if (!wrapped.ok()) {
-    return wrapped.status().WithContext("wrapping " + what + " under " +
+    return wrapped.status().WithContext("wrapping " + link_what + " under " +
                                         DescribeKey(key));
   }
   Result<Bytes> key_id = BundleKeyId(session, key);
@@ -641,6 +664,7 @@ Result<Bundle> ExportMaster(p11::Session &session, std::string_view label,
   bundle.label = std::string(label);
   bundle.store_id = id;
   bundle.check = *check;
+  bundle.link = link_index;
   bundle.mechanism = mechanism;
   bundle.wrapping_key_id = std::move(*key_id);
   bundle.policy = master->policy;
@@ -654,7 +678,8 @@ Result<Bundle> ExportMaster(p11::Session &session, std::string_view label,
 
 Status ImportMaster(p11::Session &session, std::string_view label,
                     const Bundle &bundle, const p11::TokenUri &unwrap_key,
-                    const ImportOptions &options) {
+                    const ImportOptions &options, bool *unchanged) {
+  if (unchanged != nullptr) *unchanged = false;
   if (bundle.version != kBundleVersion) {
     return PermissionDenied(
         "unsigned bundle (version " + std::to_string(bundle.version) +
@@ -736,11 +761,46 @@ Status ImportMaster(p11::Session &session, std::string_view label,
                             FormatRfc3339(bundle.created) +
                             "): check the clocks of both hosts");
   }
+  // Link j serves epochs from e0 + j * r on: that epoch must exist.
+  const uint64_t e0 = EpochAt(bundle.policy.not_before, bundle.policy.period_s);
+  const uint64_t r = RatchetPeriods(bundle.policy);
+  if (bundle.link > kMaxBundleLink ||
+      (r != 0 && bundle.link > (UINT64_MAX - e0) / r)) {
+    return InvalidArgument("bundle link " + std::to_string(bundle.link) +
+                           " is beyond the epochs of its policy");
+  }
   Result<std::vector<Master>> masters = LoadMasters(session, label);
   if (!masters.ok()) return masters.status();
-  if (FindMasterById(*masters, bundle.store_id) != nullptr) {
+  if (const Master *held = FindMasterById(*masters, bundle.store_id)) {
+    // No rollback: a token that has ratcheted past the bundle's link
+    // forgot those keys on purpose. The same link again changes nothing.
+    const uint64_t top = held->links.empty() ? 0 : held->links.rbegin()->first;
+    auto same = held->links.find(bundle.link);
+    if (same != held->links.end()) {
+      Result<std::array<uint8_t, kCheckValueSize>> have =
+          ComputeCheckValue(session, same->second);
+      if (!have.ok()) return have.status().WithContext("check value");
+      if (ConstantTimeEqual(*have, bundle.check)) {
+        if (unchanged != nullptr) *unchanged = true;
+        return Status::Ok();
+      }
+      return PermissionDenied(
+          "master " + id_hex + " of store \"" + std::string(label) +
+          "\" holds a different key at link " + std::to_string(bundle.link) +
+          " (check value " + HexEncode(*have) + ", bundle " +
+          HexEncode(bundle.check) + "); nothing was imported");
+    }
+    if (!held->links.empty() && top > bundle.link) {
+      return PermissionDenied(
+          "rollback refused: master " + id_hex + " of store \"" +
+          std::string(label) + "\" is already at ratchet link " +
+          std::to_string(top) + ", later than the bundle's link " +
+          std::to_string(bundle.link) + "; nothing was imported");
+    }
     return AlreadyExists("replayed bundle: master " + id_hex +
-                         " is already in store \"" + std::string(label) + "\"");
+                         " is already in store \"" + std::string(label) +
+                         "\" (at link " + std::to_string(top) +
+                         "; it derives later links itself)");
   }
   p11::Template record = ImportRecordQuery(label, bundle.store_id);
   Result<std::vector<CK_OBJECT_HANDLE>> records =
@@ -764,8 +824,17 @@ Status ImportMaster(p11::Session &session, std::string_view label,
   // before the check value has proved the key. SoftHSM 2.6 refuses
   // CKA_MODIFIABLE in an unwrap template (CKR_ATTRIBUTE_READ_ONLY); the copy
   // below sets it.
-  KeySpec spec{KeyKind::kMaster, label, bundle.store_id,
-               bundle.policy.replicable, /*for_unwrap=*/true};
+  // Link 0 is the master object (CKA_ID = store id); link j > 0 gets the
+  // id the ratchet gives it (store id || j), so the store serves from it.
+  const LinkId link_id = MakeLinkId(bundle.store_id, bundle.link);
+  const ByteSpan object_id =
+      bundle.link == 0 ? ByteSpan(bundle.store_id) : ByteSpan(link_id);
+  const std::string what = bundle.link == 0
+                               ? "master " + id_hex
+                               : "ratchet link " + std::to_string(bundle.link) +
+                                     " of master " + id_hex;
+  KeySpec spec{KeyKind::kMaster, label, object_id, bundle.policy.replicable,
+               /*for_unwrap=*/true};
   OaepParams p;
   MechanismFor(bundle.mechanism, p);
   Bytes wrapped = bundle.wrapped;  // C_UnwrapKey takes a non-const pointer
@@ -793,11 +862,28 @@ Status ImportMaster(p11::Session &session, std::string_view label,
       &refused_lockdown);
   if (!created.ok()) {
     return created.status().WithContext(
-        "unwrapping master " + id_hex + " with " + DescribeKey(key) +
+        "unwrapping " + what + " with " + DescribeKey(key) +
         " (a damaged bundle, or one wrapped for another key)");
   }
   CK_OBJECT_HANDLE unwrapped = created->handle;
   p11::ScopedObject session_copy(session, unwrapped);
+  // SoftHSM 2.6 leaves behind the half-made session object of an unwrap
+  // whose template it refused (CKA_DERIVE_TEMPLATE): with the link's label
+  // and id it would make the store skip the master as weak. Session
+  // objects only, so no other process's key is touched.
+  {
+    p11::Template stray;
+    stray.Ulong(CKA_CLASS, CKO_SECRET_KEY)
+        .Bool(CKA_TOKEN, false)
+        .String(CKA_LABEL, label)
+        .Data(CKA_ID, object_id);
+    Result<std::vector<CK_OBJECT_HANDLE>> found =
+        p11::FindObjects(session, stray);
+    if (!found.ok()) return found.status();
+    for (CK_OBJECT_HANDLE h : *found) {
+      if (h != unwrapped) p11::ScopedObject discard(session, h);
+    }
+  }
 
   Result<std::array<uint8_t, kCheckValueSize>> check =
       ComputeCheckValue(session, unwrapped);
@@ -814,10 +900,10 @@ Status ImportMaster(p11::Session &session, std::string_view label,
   CK_OBJECT_HANDLE stored = CK_INVALID_HANDLE;
   Status s = P11_CALL(session, C_CopyObject, session.handle(), unwrapped,
                       persist.data(), persist.size(), &stored);
-  if (!s.ok()) return s.WithContext("storing master " + id_hex);
+  if (!s.ok()) return s.WithContext("storing " + what);
   p11::ScopedObject stored_owner(session, stored);
-  Result<Protections> attrs = VerifyKey(
-      session, stored, spec, "imported master " + id_hex, created->lockdown);
+  Result<Protections> attrs =
+      VerifyKey(session, stored, spec, "imported " + what, created->lockdown);
   if (!attrs.ok()) return attrs.status();
   Result<CK_OBJECT_HANDLE> policy =
       StorePolicyObject(session, label, bundle.store_id, bundle.policy);

@@ -1,6 +1,6 @@
-// Replication of masters between tokens (docs/SECURITY.md §5): wrapping keys, export to
-// a bundle (bundle.h) and import from one. Nothing here ever sees a key
-// value: the master leaves the sending token only wrapped (C_WrapKey) and
+// Replication of masters between tokens (docs/SECURITY.md §5): wrapping keys,
+// export to a bundle (bundle.h) and import from one. Nothing here ever sees a
+// key value: the master leaves the sending token only wrapped (C_WrapKey) and
 // enters the receiving token only through C_UnwrapKey.
 //
 // Two transports:
@@ -104,21 +104,24 @@ struct UnwrapKeyPair {
                                                   std::string_view label,
                                                   const RsaPublicKey &key);
 
-// ExportMaster wraps master `id` of store `label` under the key that
+// ExportMaster wraps the link of master `id` of store `label` that serves
+// the epoch of `options.now` (link j; the master object itself while j is
+// 0), after proving the links present follow the chain, under the key that
 // `wrap_key` names in the session's token (its object attributes: object=,
 // id=, type=; token attributes, if any, must match that token) and returns
-// the version-2 bundle: label, store id, check value, mechanism, recipient
+// the version-2 bundle: label, store id, check value of link j, link j,
+// mechanism, recipient
 // (the wrapping key's id), policy, wrapped bytes, created / not-after, all
 // signed in the token by `options.signer` (SignBundle). The wrapping key is
 // read back and refused (kPermissionDenied) unless wrap-only and, if
 // secret, sensitive, never extractable, unable to unwrap, and neither
 // modifiable nor copyable. Errors: kNotFound (no such master,
 // no such wrapping key), kFailedPrecondition (master not replicable or not
-// extractable; a wrapping key without CKA_WRAP, or untrusted while the
-// master requires a trusted one), kUnsupported (a wrapping key that is
-// neither RSA nor AES), token errors naming the CKR.
-// How long a bundle may wait before import (its not-after line), and the
-// clock difference tolerated between the two hosts.
+// extractable; link j not in the token; a wrapping key without CKA_WRAP, or
+// untrusted while the master requires a trusted one), kUnsupported (a wrapping
+// key that is neither RSA nor AES), token errors naming the CKR. How long a
+// bundle may wait before import (its not-after line), and the clock difference
+// tolerated between the two hosts.
 inline constexpr int64_t kDefaultBundleValidity = 24 * 3600;
 inline constexpr int64_t kMaxBundleValidity = 7 * 24 * 3600;
 inline constexpr int64_t kBundleClockSkew = 300;
@@ -147,7 +150,8 @@ struct ExportOptions {
 // signer"); a signature that does not verify ("altered"); a recipient that
 // is not this unwrap key ("wrong recipient"); an expired bundle ("stale");
 // one valid for longer than kMaxBundleValidity ("validity is longer");
-// a store id present now or imported before ("replayed", kAlreadyExists:
+// a store id present now (see "Across ratchet steps" below) or imported
+// before ("replayed", kAlreadyExists:
 // an import record, kept even after `destroy`, remembers every import);
 // a check value other than `options.expect_check`.
 // All-or-nothing: the key is unwrapped as a session object first, its check
@@ -166,9 +170,16 @@ struct ImportOptions {
   std::optional<std::array<uint8_t, kCheckValueSize>> expect_check;
 };
 
+// Across ratchet steps (bundle.link = j): the key is stored as link j
+// (CKA_ID = store id || j). For a master already in the store: link j
+// held with the same check value is success without change (`*unchanged`
+// set when given); a newer link held refuses the bundle (kPermissionDenied,
+// "rollback refused"); link j held with another check value is refused
+// (kPermissionDenied); only older links held is a replay (kAlreadyExists).
 [[nodiscard]] Status ImportMaster(p11::Session &session, std::string_view label,
                                   const Bundle &bundle,
                                   const p11::TokenUri &unwrap_key,
-                                  const ImportOptions &options);
+                                  const ImportOptions &options,
+                                  bool *unchanged = nullptr);
 
 }  // namespace hsmstek::keystore

@@ -496,7 +496,9 @@ TEST_F(KeyStoreTest, ForgedNamesForEveryInWindowEpochStayUnderTheBound) {
     clock_.Advance(1);  // one a second: under the old-epoch budget
     store->Maintain();  // the background pass, once a second
     DecryptLookup l = store->KeysForDecrypt(NameFor(*store, id, e));
-    // Declined while evicted pairs wait out their maintenance pass.
+    // Declined (the derivation budget, not token trouble: kDeclined since
+    // budget declines stopped counting as token errors) while evicted
+    // pairs wait out their maintenance pass.
     ASSERT_TRUE(l.verdict == DecryptVerdict::kOld ||
                 l.verdict == DecryptVerdict::kCurrent ||
                 l.verdict == DecryptVerdict::kDeclined)

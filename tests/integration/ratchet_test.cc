@@ -13,7 +13,6 @@
 #include "common/log.h"
 #include "keystore/derivation.h"
 #include "keystore/provisioning.h"
-#include "keystore/replication.h"
 #include "keystore/store.h"
 #include "pkcs11/object.h"
 #include "softhsm.h"
@@ -706,37 +705,6 @@ TEST_F(RatchetTest, RetiredAndSupersededMastersAreSpent) {
     EXPECT_TRUE(m.links.empty());
     EXPECT_EQ(m.state, KeyState::kRetired);
   }
-}
-
-// A bundle carries link 0: once the current epoch uses a later link,
-// export is refused rather than hand out keys this token has forgotten.
-TEST_F(RatchetTest, ExportOfARatchetedMasterIsRefused) {
-  clock_.Set(kVectorStart + 10);
-  auto store = OpenStore("rt-c", "export");
-  Policy policy = MakePolicy(kVectorStart, 2 * kHour, kHour);
-  policy.replicable = true;
-  const StoreId id = Provision(*store, policy);
-  Result<p11::TokenUri> nowhere = p11::ParseTokenUri("pkcs11:object=nowhere");
-  ASSERT_TRUE(nowhere.ok());
-  auto export_now = [&] {
-    Result<p11::Session> s = store->token()->Acquire();
-    EXPECT_TRUE(s.ok());
-    ExportOptions options;
-    options.now = clock_.NowUnix();
-    return ExportMaster(*s, "export", id, *nowhere, options).status();
-  };
-  ASSERT_TRUE(store->Load().ok());
-  // Link 0 is current: export goes on (and fails later, on the missing
-  // wrapping key), not on the ratchet.
-  Status first = export_now();
-  EXPECT_EQ(first.message().find("ratcheted"), std::string::npos)
-      << first.message();
-  clock_.Set(kVectorStart + 2 * kHour + 10);
-  ASSERT_TRUE(store->Load().ok());
-  Status later = export_now();
-  EXPECT_EQ(later.code(), ErrorCode::kFailedPrecondition);
-  EXPECT_NE(later.message().find("ratcheted to link 2"), std::string::npos)
-      << later.message();
 }
 
 }  // namespace

@@ -385,6 +385,72 @@ TEST(BundleV2, Errors) {
                 "bundle is not in canonical form"));
 }
 
+// A bundle of ratchet link j says so right after its check line; link 0
+// (the master object) has no line, so bundles written before it still parse.
+TEST(BundleV2, LinkLine) {
+  EXPECT_EQ(SerializeBundle(SampleV2()).find("\nlink "), std::string::npos);
+  Bundle b = SampleV2();
+  b.link = 2;
+  const std::string text = SerializeBundle(b);
+  EXPECT_NE(text.find("\ncheck " + HexEncode(b.check) + "\nlink 2\nmechanism "),
+            std::string::npos)
+      << text;
+  // Signed: the link line is part of the signed text.
+  EXPECT_NE(BundleSignedText(b).find("\nlink 2\n"), std::string::npos);
+  Result<Bundle> back = ParseBundle(text);
+  ASSERT_TRUE(back.ok()) << back.status().message();
+  EXPECT_EQ(back->link, 2u);
+  EXPECT_EQ(*back, b);
+  b.link = kMaxBundleLink;
+  back = ParseBundle(SerializeBundle(b));
+  ASSERT_TRUE(back.ok()) << back.status().message();
+  EXPECT_EQ(back->link, kMaxBundleLink);
+
+  // The link line inserted as line 4 of SampleV2's text.
+  auto with_link = [](const std::string &line) {
+    std::vector<std::string> lines = V2Lines();
+    lines.insert(lines.begin() + 4, line);
+    std::string out;
+    for (const std::string &l : lines) out += l + "\n";
+    return out;
+  };
+  ASSERT_TRUE(ParseBundle(with_link("link 7")).ok());
+  // One spelling per number: link 0 is the absent line.
+  EXPECT_TRUE(IsInvalid(ParseBundle(with_link("link 0")).status(),
+                        "bundle line 5 (link): expected a decimal link index"));
+  for (const char *bad : {"link 07", "link +7", "link -7", "link 7x",
+                          "link 0x7", "link 18446744073709551617"}) {
+    EXPECT_TRUE(IsInvalid(ParseBundle(with_link(bad)).status(),
+                          "bundle line 5 (link): expected a decimal link"))
+        << bad;
+  }
+  EXPECT_TRUE(IsInvalid(ParseBundle(with_link("link 281474976710657")).status(),
+                        "bundle line 5 (link): link index above 2^48"));
+  EXPECT_TRUE(IsInvalid(ParseBundle(with_link("link ")).status(),
+                        "bundle line 5 (link): empty value"));
+  // Only right after check, and at most once.
+  std::vector<std::string> lines = V2Lines();
+  lines.insert(lines.begin() + 5, "link 7");
+  std::string late;
+  for (const std::string &l : lines) late += l + "\n";
+  EXPECT_TRUE(IsInvalid(ParseBundle(late).status(),
+                        "bundle line 6: expected \"recipient <value>\""));
+  std::vector<std::string> twice = V2Lines();
+  twice.insert(twice.begin() + 4, "link 7");
+  twice.insert(twice.begin() + 4, "link 7");
+  std::string twice_text;
+  for (const std::string &l : twice) twice_text += l + "\n";
+  EXPECT_TRUE(IsInvalid(ParseBundle(twice_text).status(),
+                        "bundle line 6: expected \"mechanism <value>\""));
+  // Version 1 has no link line.
+  std::vector<std::string> v1 = SampleLines();
+  v1.insert(v1.begin() + 4, "link 7");
+  std::string v1_body;
+  for (const std::string &l : v1) v1_body += l + "\n";
+  EXPECT_TRUE(IsInvalid(ParseBundle(Sign(v1_body)).status(),
+                        "bundle line 5: expected \"mechanism <value>\""));
+}
+
 TEST(Base64, Rfc4648Vectors) {
   const std::pair<const char *, const char *> kVectors[] = {
       {"", ""},
