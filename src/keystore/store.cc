@@ -810,37 +810,45 @@ bool KeyStore::RatchetLocked(const View &view, const Master &m,
     guard.since = steady;
   }
   for (uint64_t j : doomed) {
-    // Found again right before: another server may have destroyed it since
-    // this view was loaded, and a stale handle reads as a lost token.
-    const LinkId link_id = MakeLinkId(m.id, j);
-    p11::Template find;
-    find.Ulong(CKA_CLASS, CKO_SECRET_KEY)
-        .Ulong(CKA_KEY_TYPE, CKK_AES)
-        .String(CKA_LABEL, label_);
-    if (j == 0) {
-      find.Data(CKA_ID, m.id);
-    } else {
-      find.Data(CKA_ID, link_id);
-    }
-    Result<std::vector<CK_OBJECT_HANDLE>> found =
-        p11::FindObjects(*session, find);
-    if (!found.ok()) {
-      if (error->ok()) *error = found.status();
+    if (!DestroyLinkCopies(*session, m.id, j, "an old ratchet link of master",
+                           error)) {
       return changed;
-    }
-    for (CK_OBJECT_HANDLE h : *found) {
-      Status s = P11_CALL(*session, C_DestroyObject, session->handle(), h);
-      // Several servers destroy the same links: already gone is done.
-      if (s.ok()) {
-        links_destroyed_.fetch_add(1);
-      } else if (s.ckr() != CKR_OBJECT_HANDLE_INVALID && error->ok()) {
-        *error = s.WithContext("destroying an old ratchet link of master " +
-                               HexEncode(m.id));
-      }
     }
     changed = true;
   }
   return changed;
+}
+
+bool KeyStore::DestroyLinkCopies(p11::Session &session, const StoreId &id,
+                                 uint64_t j, std::string_view what,
+                                 Status *error) {
+  // Found again right before: another server may have destroyed it since
+  // this view was loaded, and a stale handle reads as a lost token.
+  p11::Template find;
+  find.Ulong(CKA_CLASS, CKO_SECRET_KEY)
+      .Ulong(CKA_KEY_TYPE, CKK_AES)
+      .String(CKA_LABEL, label_);
+  if (j == 0) {
+    find.Data(CKA_ID, id);
+  } else {
+    find.Data(CKA_ID, MakeLinkId(id, j));
+  }
+  Result<std::vector<CK_OBJECT_HANDLE>> found = p11::FindObjects(session, find);
+  if (!found.ok()) {
+    if (error->ok()) *error = found.status();
+    return false;
+  }
+  for (CK_OBJECT_HANDLE h : *found) {
+    Status s = P11_CALL(session, C_DestroyObject, session.handle(), h);
+    // Several servers destroy the same links: already gone is done.
+    if (s.ok()) {
+      links_destroyed_.fetch_add(1);
+    } else if (s.ckr() != CKR_OBJECT_HANDLE_INVALID && error->ok()) {
+      *error = s.WithContext("destroying " + std::string(what) + " " +
+                             HexEncode(id));
+    }
+  }
+  return true;
 }
 
 int64_t KeyStore::SpentAt(const Master &m, const MasterState &state) const {
@@ -873,29 +881,9 @@ bool KeyStore::SpendLocked(const View &view, const Master &m, Status *error) {
   for (const auto &[j, h] : m.duplicate_links) doomed.insert(j);
   bool changed = false;
   for (uint64_t j : doomed) {
-    p11::Template find;
-    find.Ulong(CKA_CLASS, CKO_SECRET_KEY)
-        .Ulong(CKA_KEY_TYPE, CKK_AES)
-        .String(CKA_LABEL, label_);
-    if (j == 0) {
-      find.Data(CKA_ID, m.id);
-    } else {
-      find.Data(CKA_ID, MakeLinkId(m.id, j));
-    }
-    Result<std::vector<CK_OBJECT_HANDLE>> found =
-        p11::FindObjects(*session, find);
-    if (!found.ok()) {
-      if (error->ok()) *error = found.status();
+    if (!DestroyLinkCopies(*session, m.id, j, "a ratchet link of spent master",
+                           error)) {
       return changed;
-    }
-    for (CK_OBJECT_HANDLE h : *found) {
-      Status s = P11_CALL(*session, C_DestroyObject, session->handle(), h);
-      if (s.ok()) {
-        links_destroyed_.fetch_add(1);
-      } else if (s.ckr() != CKR_OBJECT_HANDLE_INVALID && error->ok()) {
-        *error = s.WithContext("destroying a ratchet link of spent master " +
-                               HexEncode(m.id));
-      }
     }
     changed = true;
   }

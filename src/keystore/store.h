@@ -66,13 +66,14 @@ struct TicketKeys {
   int64_t decrypt_window_s = 0;
 };
 
-// What the store says about a ticket's key name (docs/FORMAT.md, "Accepting a ticket").
+// What the store says about a ticket's key name (docs/FORMAT.md, "Accepting a
+// ticket").
 enum class DecryptVerdict : uint8_t {
-  kCurrent,      // current epoch of the active master (or next, within skew)
-  kOld,          // inside the decrypt window, a superseded master, or legacy
-  kUnknownKey,   // not one of our names
-  kExpired,      // older than the decrypt window, retired, or legacy expired
-  kFuture,       // epoch beyond the clock-skew tolerance
+  kCurrent,     // current epoch of the active master (or next, within skew)
+  kOld,         // inside the decrypt window, a superseded master, or legacy
+  kUnknownKey,  // not one of our names
+  kExpired,     // older than the decrypt window, retired, or legacy expired
+  kFuture,      // epoch beyond the clock-skew tolerance
   // An old epoch's keys would have to be derived past the store's budget
   // (a flood of old names): declined, the token is fine.
   kDeclined,
@@ -154,8 +155,8 @@ class KeyStore final : public atfork::Participant {
   // master), kUnavailable (token trouble), ...
   [[nodiscard]] Result<TicketKeys> KeysForEncrypt();
 
-  // KeysForDecrypt classifies `name` by docs/FORMAT.md, "Accepting a ticket" and, when the ticket may be
-  // accepted, returns its keys.
+  // KeysForDecrypt classifies `name` by docs/FORMAT.md, "Accepting a ticket"
+  // and, when the ticket may be accepted, returns its keys.
   DecryptLookup KeysForDecrypt(const KeyName &name);
 
   // One maintenance pass: refresh if due, derive the next epoch ahead of
@@ -265,6 +266,11 @@ class KeyStore final : public atfork::Participant {
   int64_t SpentAt(const Master &m, const MasterState &state) const;
   // Destroys every link of `m` (link 0 too), keeping its policy object.
   bool SpendLocked(const View &view, const Master &m, Status *error);
+  // Destroys every copy of link `j` of master `id` found by id now (link 0
+  // is the master); already gone counts as done. False if the search
+  // failed (`*error` set); a failed destroy sets `*error` and goes on.
+  bool DestroyLinkCopies(p11::Session &session, const StoreId &id, uint64_t j,
+                         std::string_view what, Status *error);
   bool RatchetLocked(const View &view, const Master &m,
                      const MasterState &state, int64_t now, bool destroy,
                      Status *error);
