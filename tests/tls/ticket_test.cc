@@ -23,6 +23,38 @@ class TicketTest : public TlsTest, public ::testing::WithParamInterface<int> {
   }
   int version() const { return GetParam(); }
   bool tls13() const { return GetParam() == TLS1_3_VERSION; }
+
+  // A session whose ticket a stock OpenSSL server sealed under a random
+  // nginx-format 80-byte key (name || hmac || aes, OpenSSL's own layout),
+  // and a store `label` holding that key as a legacy key.
+  struct Legacy {
+    Bytes key;
+    UniqueSslCtx client;
+    UniqueSslSession session;
+    std::shared_ptr<keystore::KeyStore> store;
+  };
+  void MakeLegacy(const std::string &label, Legacy *out) {
+    Bytes &key = out->key;
+    key.resize(80);
+    ASSERT_EQ(RAND_bytes(key.data(), 80), 1);
+    UniqueSslCtx stock(SSL_CTX_new(TLS_server_method()));
+    PrepareServerCtx(stock.get(), version());
+    ASSERT_EQ(SSL_CTX_set_tlsext_ticket_keys(stock.get(), key.data(), 80), 1);
+    out->client = NewClientCtx(version());
+    HandshakeResult legacy = Handshake(out->client.get(), stock.get());
+    ASSERT_TRUE(legacy.ok && legacy.session) << legacy.error;
+    out->session = std::move(legacy.session);
+    out->store = ProvisionedStore("tls-b", label);
+    Result<std::vector<keystore::LegacyKey>> parsed =
+        keystore::ParseLegacyKeyFile(keystore::LegacyFormat::kNginx, key);
+    ASSERT_TRUE(parsed.ok()) << parsed.status().message();
+    Result<p11::Session> s = out->store->token()->Acquire();
+    ASSERT_TRUE(s.ok());
+    ASSERT_TRUE(keystore::ImportLegacyKeys(*s, out->store->label(), *parsed,
+                                           kStart + kDay,
+                                           keystore::LegacyFormat::kNginx)
+                    .ok());
+  }
 };
 
 TEST_P(TicketTest, FullHandshakeIssuesATicketThatResumes) {
@@ -242,28 +274,11 @@ TEST_P(TicketTest, EveryTamperedRegionFallsBackToAFullHandshake) {
 // client certificates gives it a full handshake (Admissible(), legacy
 // branch).
 TEST_P(TicketTest, LegacyNginxKeyTicketDoesNotResumeOnAVerifyingServer) {
-  Bytes key(80);
-  ASSERT_EQ(RAND_bytes(key.data(), 80), 1);
-  UniqueSslCtx stock(SSL_CTX_new(TLS_server_method()));
-  PrepareServerCtx(stock.get(), version());
-  ASSERT_EQ(SSL_CTX_set_tlsext_ticket_keys(stock.get(), key.data(), 80), 1);
-  auto client = NewClientCtx(version());
-  HandshakeResult legacy = Handshake(client.get(), stock.get());
-  ASSERT_TRUE(legacy.ok && legacy.session) << legacy.error;
-
-  auto store = ProvisionedStore("tls-b", tls13() ? "legacyv13" : "legacyv12");
-  Result<std::vector<keystore::LegacyKey>> parsed =
-      keystore::ParseLegacyKeyFile(keystore::LegacyFormat::kNginx, key);
-  ASSERT_TRUE(parsed.ok()) << parsed.status().message();
-  {
-    Result<p11::Session> s = store->token()->Acquire();
-    ASSERT_TRUE(s.ok());
-    ASSERT_TRUE(keystore::ImportLegacyKeys(*s, store->label(), *parsed,
-                                           kStart + kDay,
-                                           keystore::LegacyFormat::kNginx)
-                    .ok());
-  }
-  auto context = ContextFor(store);
+  Legacy legacy;
+  ASSERT_NO_FATAL_FAILURE(
+      MakeLegacy(tls13() ? "legacyv13" : "legacyv12", &legacy));
+  auto &client = legacy.client;
+  auto context = ContextFor(legacy.store);
   auto server = ServerCtx(context, version());
   // Optional verification: the client (no certificate) is still admitted
   // on a full handshake.
@@ -277,30 +292,12 @@ TEST_P(TicketTest, LegacyNginxKeyTicketDoesNotResumeOnAVerifyingServer) {
 }
 
 TEST_P(TicketTest, LegacyNginxKeyTicketResumesAfterImportAndIsRenewed) {
-  // A stock OpenSSL server with an nginx-format 80-byte key (name || hmac ||
-  // aes, which is also OpenSSL's own layout) issues the ticket.
-  Bytes key(80);
-  ASSERT_EQ(RAND_bytes(key.data(), 80), 1);
-  UniqueSslCtx stock(SSL_CTX_new(TLS_server_method()));
-  PrepareServerCtx(stock.get(), version());
-  ASSERT_EQ(SSL_CTX_set_tlsext_ticket_keys(stock.get(), key.data(), 80), 1);
-  auto client = NewClientCtx(version());
-  HandshakeResult legacy = Handshake(client.get(), stock.get());
-  ASSERT_TRUE(legacy.ok && legacy.session) << legacy.error;
-
-  auto store = ProvisionedStore("tls-b", tls13() ? "legacy13" : "legacy12");
-  Result<std::vector<keystore::LegacyKey>> parsed =
-      keystore::ParseLegacyKeyFile(keystore::LegacyFormat::kNginx, key);
-  ASSERT_TRUE(parsed.ok()) << parsed.status().message();
-  {
-    Result<p11::Session> s = store->token()->Acquire();
-    ASSERT_TRUE(s.ok());
-    ASSERT_TRUE(keystore::ImportLegacyKeys(*s, store->label(), *parsed,
-                                           kStart + kDay,
-                                           keystore::LegacyFormat::kNginx)
-                    .ok());
-  }
-  auto context = ContextFor(store);
+  Legacy legacy;
+  ASSERT_NO_FATAL_FAILURE(
+      MakeLegacy(tls13() ? "legacy13" : "legacy12", &legacy));
+  const Bytes &key = legacy.key;
+  auto &client = legacy.client;
+  auto context = ContextFor(legacy.store);
   auto server = ServerCtx(context, version());
   HandshakeResult resumed =
       Handshake(client.get(), server.get(), legacy.session.get());
