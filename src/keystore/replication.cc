@@ -572,6 +572,16 @@ Result<Bundle> ExportMaster(p11::Session &session, std::string_view label,
                               ", beyond what a bundle can name");
   }
   const CK_OBJECT_HANDLE link = link_it->second;
+  // Proven, not merely unrefuted: Verify keeps a link it could not check
+  // (token trouble) in use for servers, but an export signs what it sends.
+  // The lowest link present has nothing below it to prove it by: the
+  // anchor is trusted as a server trusts it (docs/SECURITY.md).
+  if (link_index > verified.links.begin()->first && !trust.Trusted(link)) {
+    return Unavailable(what + ": ratchet link " + std::to_string(link_index) +
+                       " could not be shown to follow from link " +
+                       std::to_string(link_index - 1) +
+                       " (token trouble?); nothing exported, try again");
+  }
   const std::string link_what =
       link_index == 0
           ? what
@@ -769,6 +779,15 @@ Status ImportMaster(p11::Session &session, std::string_view label,
     return InvalidArgument("bundle link " + std::to_string(bundle.link) +
                            " is beyond the epochs of its policy");
   }
+  // Before anything else about the token: an operator's expectation is
+  // checked even when the link is already held ("nothing imported").
+  if (options.expect_check &&
+      !ConstantTimeEqual(*options.expect_check, bundle.check)) {
+    return PermissionDenied("the bundle's check value " +
+                            HexEncode(bundle.check) + " is not the expected " +
+                            HexEncode(*options.expect_check) +
+                            " (--expect-check); nothing was imported");
+  }
   Result<std::vector<Master>> masters = LoadMasters(session, label);
   if (!masters.ok()) return masters.status();
   if (const Master *held = FindMasterById(*masters, bundle.store_id)) {
@@ -811,13 +830,6 @@ Status ImportMaster(p11::Session &session, std::string_view label,
                          " was imported into store \"" + std::string(label) +
                          "\" before (and since destroyed); a destroyed "
                          "master cannot come back");
-  }
-  if (options.expect_check &&
-      !ConstantTimeEqual(*options.expect_check, bundle.check)) {
-    return PermissionDenied("the bundle's check value " +
-                            HexEncode(bundle.check) + " is not the expected " +
-                            HexEncode(*options.expect_check) +
-                            " (--expect-check); nothing was imported");
   }
 
   // Unwrap as a session object first: nothing reaches the token's storage

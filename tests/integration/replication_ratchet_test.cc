@@ -7,7 +7,9 @@
 // export` / `import` call).
 #include <gtest/gtest.h>
 
+#include <array>
 #include <cstring>
+#include <optional>
 
 #include "common/log.h"
 #include "keystore/bundle.h"
@@ -186,10 +188,13 @@ class ReplicationRatchetTest : public ::testing::Test {
   }
 
   Status Import(const std::string &token, const std::string &label,
-                const Bundle &bundle) {
+                const Bundle &bundle,
+                std::optional<std::array<uint8_t, kCheckValueSize>>
+                    expect_check = std::nullopt) {
     p11::Session s = Acquire(*User(token));
     ImportOptions options;
     options.now = clock_.NowUnix();
+    options.expect_check = expect_check;
     return ImportMaster(s, label, bundle,
                         *p11::ParseTokenUri("pkcs11:object=transport"),
                         options);
@@ -250,8 +255,9 @@ TEST_F(ReplicationRatchetTest, ExportAtLinkTwoCarriesLinkTwoOnly) {
   SetHour(2, {a});
   const auto [sender_link, sender_check] = CurrentCheck(*a, id);
   ASSERT_EQ(sender_link, 2u);
-  // One object per link on the sender (refused derive templates leave
-  // nothing behind).
+  // At most one object per link id on the sender. (SoftHSM 2.6 leaves each
+  // refused derive attempt behind as an unlabelled object without an id:
+  // not counted here; docs/DESIGN.md, "Key attributes".)
   for (uint64_t j : {1, 2, 3}) {
     EXPECT_LE(LinkObjects(kA, "only-j", id, j), 1u) << "link " << j;
   }
@@ -298,10 +304,15 @@ TEST_F(ReplicationRatchetTest, ExportAtLinkTwoCarriesLinkTwoOnly) {
   EXPECT_EQ(receiver_link, 2u);
   EXPECT_EQ(receiver_check, sender_check);
 
-  // The same link again is a no-op, not a second object.
+  // The same link again is a no-op, not a second object; but an operator's
+  // --expect-check that does not match is still refused.
   const size_t before = LabelObjects(kB, "only-j");
   EXPECT_TRUE(Import(kB, "only-j", *bundle).ok());
   EXPECT_EQ(LabelObjects(kB, "only-j"), before);
+  Status wrong =
+      Import(kB, "only-j", *bundle, std::array<uint8_t, kCheckValueSize>{});
+  EXPECT_EQ(wrong.code(), ErrorCode::kPermissionDenied) << wrong.message();
+  EXPECT_NE(wrong.message().find("--expect-check"), std::string::npos);
 }
 
 // B joined at link 0, C at link 2 (two ratchet intervals later): for the
@@ -380,7 +391,12 @@ TEST_F(ReplicationRatchetTest, TamperedLinkAndRollbackAreRefused) {
     std::string edited = text;
     edited.replace(edited.find("\nlink 1\n"), 8, replacement);
     Result<Bundle> parsed = ParseBundle(edited);
-    if (!parsed.ok()) continue;  // "link 0" is not canonical: refused there
+    if (std::string(replacement) == "\nlink 0\n") {
+      // Not canonical (link 0 is written as no line): refused there.
+      EXPECT_FALSE(parsed.ok());
+      continue;
+    }
+    ASSERT_TRUE(parsed.ok()) << parsed.status().message();
     Status s = Import(kB, "no-back", *parsed);
     EXPECT_EQ(s.code(), ErrorCode::kPermissionDenied) << s.message();
     EXPECT_NE(s.message().find("signature"), std::string::npos) << s.message();
