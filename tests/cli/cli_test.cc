@@ -754,6 +754,28 @@ TEST_F(CliTest, StatusJsonDescribesMastersAndLegacyKeys) {
         HexEncode(ByteSpan(file.data(), 16)), std::string("expires")}) {
     EXPECT_NE(table.out.find(needle), std::string::npos) << needle;
   }
+  // The columns are aligned: LINK, CHECK and HORIZON of the master's row
+  // are the JSON's current link, its check value and the horizon.
+  std::istringstream lines(table.out);
+  std::string line, header, row;
+  while (std::getline(lines, line)) {
+    if (line.rfind("LABEL", 0) == 0) header = line;
+    if (!header.empty() && line.rfind("stat ", 0) == 0) {
+      row = line;
+      break;
+    }
+  }
+  ASSERT_FALSE(row.empty()) << table.out;
+  auto column = [&](const std::string &name) {
+    const size_t at = header.find("  " + name + " ");
+    EXPECT_NE(at, std::string::npos) << name;
+    if (at == std::string::npos || at + 2 >= row.size()) return std::string();
+    const size_t start = at + 2;
+    return row.substr(start, row.find(' ', start) - start);
+  };
+  EXPECT_EQ(column("LINK"), std::to_string(s["current_link"].get<uint64_t>()));
+  EXPECT_EQ(column("CHECK"), s["check"].get<std::string>());
+  EXPECT_EQ(column("HORIZON"), s["forward_secrecy_horizon"].get<std::string>());
 }
 
 // The operator sees which protections the token gave each key, and the
