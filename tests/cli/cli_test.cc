@@ -778,6 +778,23 @@ TEST_F(CliTest, StatusJsonDescribesMastersAndLegacyKeys) {
   EXPECT_EQ(column("HORIZON"), s["forward_secrecy_horizon"].get<std::string>());
 }
 
+// --ratchet sets how long one link serves (docs/CLI.md); the policy rules
+// apply (a multiple of the period), checked before the token is touched.
+TEST_F(CliTest, ProvisionSetsTheRatchetInterval) {
+  RunResult bad = Cli({"provision", Uri(kMain, "ratchet-bad"), "--period", "1m",
+                       "--decrypt-window", "5m", "--ratchet", "90s"});
+  EXPECT_NE(bad.code, 0);
+  EXPECT_NE(bad.err.find("ratchet"), std::string::npos) << bad.err;
+  EXPECT_TRUE(Masters(kMain, "ratchet-bad").empty());
+  RunResult ok = Cli({"provision", Uri(kMain, "ratchet"), "--period", "1m",
+                      "--decrypt-window", "5m", "--ratchet", "2m"});
+  ASSERT_EQ(ok.code, 0) << Describe(ok);
+  Json j = StatusJson(kMain, "ratchet");
+  ASSERT_EQ(j["stores"].size(), 1u);
+  EXPECT_EQ(j["stores"][0]["ratchet_s"], 120);
+  EXPECT_EQ(j["stores"][0]["ratchet_periods"], 2);
+}
+
 // The operator sees which protections the token gave each key, and the
 // objects left out with their reasons, in both forms.
 TEST_F(CliTest, StatusShowsProtectionsAndLeftOutObjects) {
