@@ -338,14 +338,14 @@ TEST_F(CApiTest, ForwardSecrecyOfTheActiveMaster) {
   EXPECT_EQ(fs.current_link, *m.current_link);
   // Activated a month back with a 1 day ratchet: well past link 0.
   EXPECT_GE(fs.current_link, 29u);
-  // Loading the C++ store may have destroyed one more old link than the C
-  // store's pass saw (one per pass and store): the horizon only moves on.
+  // Loading the C++ store (and the stores of earlier tests) may have
+  // destroyed old links since the C store's pass: the horizon only moves
+  // on, links only go.
   // Exact equality with Describe on one store: ratchet_test.
   ASSERT_TRUE(m.horizon.has_value());
   EXPECT_LE(fs.horizon, *m.horizon);
   EXPECT_LT(fs.horizon, time(nullptr) - 86400);  // the decrypt window
   EXPECT_GE(fs.links_held, m.links.size());
-  EXPECT_LE(fs.links_held, m.links.size() + 1);
   EXPECT_LE(fs.as_of, time(nullptr));
   EXPECT_GE(fs.as_of, time(nullptr) - 60);
   uint64_t link = 0;
