@@ -33,12 +33,13 @@ extern "C" {
 
 /* Result codes. */
 #define HSMSTEK_OK 0
-#define HSMSTEK_ERR_INVALID_ARGUMENT (-1)  /* bad URI, option or value */
-#define HSMSTEK_ERR_NOT_FOUND (-2)         /* no such module, token or store */
-#define HSMSTEK_ERR_PERMISSION_DENIED (-3) /* wrong PIN, weak key attributes \
-                                            */
-#define HSMSTEK_ERR_UNAVAILABLE (-4)       /* token fault; may succeed later */
-#define HSMSTEK_ERR_UNSUPPORTED (-5)       /* token lacks a mechanism */
+#define HSMSTEK_ERR_INVALID_ARGUMENT (-1) /* bad URI, option or value */
+#define HSMSTEK_ERR_NOT_FOUND (-2)        /* no such module, token or store */
+#define HSMSTEK_ERR_PERMISSION_DENIED                                  \
+  (-3)                               /* wrong PIN, weak key attributes \
+                                      */
+#define HSMSTEK_ERR_UNAVAILABLE (-4) /* token fault; may succeed later */
+#define HSMSTEK_ERR_UNSUPPORTED (-5) /* token lacks a mechanism */
 #define HSMSTEK_ERR_FAILED_PRECONDITION (-6)
 #define HSMSTEK_ERR_INTERNAL (-7)
 
@@ -313,6 +314,35 @@ HSMSTEK_EXPORT int hsmstek_store_token_health(hsmstek_store *store,
                                               size_t index,
                                               hsmstek_token_health *out,
                                               size_t out_size);
+
+/* The forward secrecy of a store's active master: which ratchet link
+ * serves the current epoch and how far back the token can still open
+ * tickets (docs/SECURITY.md, "Forward secrecy"). Later versions may append
+ * fields; callers pass sizeof(hsmstek_forward_secrecy). */
+typedef struct hsmstek_forward_secrecy {
+  uint8_t master[8];     /* the active master's store id */
+  uint64_t current_link; /* index of the link serving the current epoch */
+  uint8_t current_link_check[8]; /* its check value, as `hsmstek status`
+                                    shows it (all zero if the token failed
+                                    to compute it; retried each pass) */
+  int64_t horizon;               /* Unix time: start of the oldest epoch whose
+                                    tickets the token can still open (0: none) */
+  uint64_t links_held;           /* links of the master present in the token */
+  int64_t as_of;                 /* Unix time of the maintenance pass that saw
+                                    this */
+} hsmstek_forward_secrecy;
+
+/* hsmstek_store_forward_secrecy fills the first |out_size| bytes of |*out|
+ * (at most sizeof(hsmstek_forward_secrecy)) with the forward secrecy of
+ * the active master of the token |store|'s handshakes use now, as of its
+ * last maintenance pass (every refresh interval, 30 s by default). No token
+ * round trip: safe on an event loop. HSMSTEK_ERR_FAILED_PRECONDITION when
+ * that pass saw no active master (or has not run yet: the token was never
+ * reached); HSMSTEK_ERR_INVALID_ARGUMENT for a bad handle or size.
+ * Thread-safe. */
+HSMSTEK_EXPORT int hsmstek_store_forward_secrecy(hsmstek_store *store,
+                                                 hsmstek_forward_secrecy *out,
+                                                 size_t out_size);
 
 /* Log levels passed to the log callback. */
 #define HSMSTEK_LOG_ERROR 0

@@ -79,6 +79,15 @@ class Store {
     return out;
   }
 
+  // ForwardSecrecy fills `*out` with the active master's current link and
+  // horizon (hsmstek_store_forward_secrecy); false, with `*error` set, when
+  // the last maintenance pass saw no active master.
+  bool ForwardSecrecy(hsmstek_forward_secrecy *out,
+                      std::string *error = nullptr) const {
+    return Report(
+        hsmstek_store_forward_secrecy(store_.get(), out, sizeof(*out)), error);
+  }
+
   // SetPolicy declares what else decides admission on `ctx`, which this or
   // another store was installed on (hsmstek_ssl_ctx_set_policy).
   static bool SetPolicy(SSL_CTX *ctx, const void *declared, size_t len,

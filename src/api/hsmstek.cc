@@ -13,6 +13,7 @@
 #include <string>
 #include <vector>
 
+#include "common/bytes.h"
 #include "common/log.h"
 #include "keystore/store.h"
 #include "keystore/store_set.h"
@@ -364,6 +365,43 @@ int hsmstek_store_token_health(hsmstek_store *store, size_t index,
     terminate(offsetof(hsmstek_token_health, token), sizeof(full.token));
     terminate(offsetof(hsmstek_token_health, last_error),
               sizeof(full.last_error));
+    return Succeed();
+  });
+}
+
+int hsmstek_store_forward_secrecy(hsmstek_store *store,
+                                  hsmstek_forward_secrecy *out,
+                                  size_t out_size) {
+  return Guard([&] {
+    if (!Valid(store) || out == nullptr || out_size == 0 ||
+        out_size > sizeof(hsmstek_forward_secrecy)) {
+      return Fail(
+          InvalidArgument("hsmstek_store_forward_secrecy: invalid argument"));
+    }
+    // The member handshakes use now, found without a token call (Active()
+    // may fail over).
+    std::shared_ptr<hsmstek::keystore::KeyStore> member = store->store;
+    for (size_t i = 0; i < store->set->size(); ++i) {
+      if (store->set->Health(i).active) member = store->set->member(i);
+    }
+    std::optional<hsmstek::keystore::ForwardSecrecy> fs =
+        member->forward_secrecy();
+    if (!fs) {
+      return Fail(hsmstek::FailedPrecondition(
+          "store " + hsmstek::QuoteForMessage(member->label()) +
+          ": no active master seen by the last maintenance pass"));
+    }
+    hsmstek_forward_secrecy full{};
+    static_assert(sizeof(full.master) == sizeof(fs->master));
+    static_assert(sizeof(full.current_link_check) == sizeof(fs->check));
+    std::memcpy(full.master, fs->master.data(), sizeof(full.master));
+    full.current_link = fs->current_link;
+    std::memcpy(full.current_link_check, fs->check.data(),
+                sizeof(full.current_link_check));
+    full.horizon = fs->horizon;
+    full.links_held = fs->links_held;
+    full.as_of = fs->as_of;
+    std::memcpy(out, &full, out_size);
     return Succeed();
   });
 }

@@ -30,6 +30,7 @@ struct MasterArgs {
   std::string uri;
   std::string period;
   std::string window;
+  std::string ratchet;  // provision only; "" = the default (one day)
   std::string activate_in;
   std::string activate_at;
   std::string id;
@@ -93,12 +94,15 @@ Status RunProvision(const MasterArgs &a) {
   Result<int64_t> window =
       ParseOptionalDuration(a.window, "--decrypt-window", 24 * 3600);
   if (!window.ok()) return window.status();
+  Result<int64_t> ratchet = ParseOptionalDuration(a.ratchet, "--ratchet", 0);
+  if (!ratchet.ok()) return ratchet.status();
   Result<int64_t> activation =
       ParseActivation(a.activate_in, a.activate_at, now, 0);
   if (!activation.ok()) return activation.status();
   Policy policy;
   policy.period_s = *period;
   policy.decrypt_window_s = *window;
+  policy.ratchet_s = *ratchet;
   policy.not_before = *activation;
   policy.replicable = a.replicable;
   policy.created_at = now;
@@ -380,6 +384,10 @@ void RegisterProvision(CLI::App &app, std::vector<Command> &out) {
     sub->add_option("--decrypt-window", a->window,
                     "How long tickets stay decryptable; a multiple of the "
                     "period, at most 7d (default 24h)");
+    sub->add_option("--ratchet", a->ratchet,
+                    "How long one forward-secure ratchet link serves; a "
+                    "multiple of the period, at most 7d (default 1d, or one "
+                    "period when longer)");
     AddActivation(sub, *a, "Activate after this delay (default: now)");
     sub->add_flag("--replicable", a->replicable,
                   "Allow export to other tokens, wrapped under a trusted key "

@@ -26,6 +26,15 @@ const Master *FindMaster(const std::vector<Master> &masters,
   return nullptr;
 }
 
+// The start of the oldest epoch whose link `m` still holds (nullopt: no
+// link left).
+std::optional<int64_t> HorizonOf(const Master &m) {
+  if (m.links.empty()) return std::nullopt;
+  return EpochStart(LinkFirstEpoch(m.links.begin()->first, m.first_epoch(),
+                                   RatchetPeriods(m.policy)),
+                    m.policy.period_s);
+}
+
 }  // namespace
 
 Result<std::shared_ptr<KeyStore>> KeyStore::Open(std::string_view uri_text,
@@ -975,6 +984,8 @@ void KeyStore::Maintain() {
       if (!keys.ok() && first_error.ok()) first_error = keys.status();
     }
   }
+  Status fs = RefreshForwardSecrecy(v, now);
+  if (!fs.ok() && first_error.ok()) first_error = fs;
   ReportBackground(first_error);
   // Evicted handles are destroyed one pass later, not at once: a ticket
   // operation on another thread may have just taken one (it has a whole
@@ -988,6 +999,71 @@ void KeyStore::Maintain() {
     pass = ++maintenance_passes_;
   }
   DestroyEvicted(pass);
+}
+
+Status KeyStore::RefreshForwardSecrecy(const View &v, int64_t now) {
+  std::vector<MasterState> states = ComputeStates(v.masters, now);
+  const Master *active = nullptr;
+  for (size_t i = 0; i < v.masters.size(); ++i) {
+    if (states[i].state == KeyState::kActive) active = &v.masters[i];
+  }
+  std::optional<uint64_t> link;
+  CK_OBJECT_HANDLE handle = CK_INVALID_HANDLE;
+  if (active != nullptr) {
+    link = active->LinkOf(EpochAt(now, active->policy.period_s));
+    if (link) {
+      auto it = active->links.find(*link);
+      if (it != active->links.end()) handle = it->second;
+    }
+  }
+  if (handle == CK_INVALID_HANDLE) {  // no active master, or its link is gone
+    std::lock_guard<std::mutex> lock(mu_);
+    fs_.reset();
+    return Status::Ok();
+  }
+  ForwardSecrecy next;
+  next.master = active->id;
+  next.current_link = *link;
+  next.horizon = HorizonOf(*active).value_or(0);
+  next.links_held = active->links.size();
+  next.as_of = now;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    // The check value changes only with the link: computed once per step.
+    if (fs_ && fs_generation_ == v.generation &&
+        ConstantTimeEqual(fs_->master, next.master) &&
+        fs_->current_link == next.current_link) {
+      next.check = fs_->check;
+      fs_ = next;
+      return Status::Ok();
+    }
+  }
+  Status error;
+  Result<p11::Session> session = token_->Acquire();
+  if (!session.ok()) {
+    error = session.status();
+  } else if (session->generation() != v.generation) {
+    error = Unavailable("token reconnected; try again");
+  } else {
+    p11::ObjectsMayVanish vanish;
+    Result<std::array<uint8_t, kCheckValueSize>> check =
+        ComputeCheckValue(*session, handle, &refused_lockdown_);
+    if (check.ok()) {
+      next.check = *check;
+    } else {
+      error = check.status();
+    }
+  }
+  std::lock_guard<std::mutex> lock(mu_);
+  fs_ = next;
+  // A failed check value is computed again next pass.
+  fs_generation_ = error.ok() ? v.generation : 0;
+  return error.WithContext("check value of the current link");
+}
+
+std::optional<ForwardSecrecy> KeyStore::forward_secrecy() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return fs_;
 }
 
 size_t KeyStore::cached_keys() const {
@@ -1020,12 +1096,7 @@ Result<StoreSnapshot> KeyStore::Describe() {
     info.ratchet_periods = RatchetPeriods(m.policy);
     info.current_link = m.LinkOf(info.current_epoch);
     for (const auto &[j, h] : m.links) info.links.push_back(j);
-    if (!m.links.empty()) {
-      info.horizon =
-          EpochStart(LinkFirstEpoch(m.links.begin()->first, m.first_epoch(),
-                                    info.ratchet_periods),
-                     m.policy.period_s);
-    }
+    info.horizon = HorizonOf(m);
     info.next_rotation = EpochStart(info.current_epoch + 1, m.policy.period_s);
     info.protections = m.protections;
     out.masters.push_back(info);

@@ -108,6 +108,20 @@ struct MasterInfo {
   std::optional<int64_t> horizon;
 };
 
+// The forward secrecy of a store's active master as of the last
+// maintenance pass: read without a token call (status pages, the C API).
+struct ForwardSecrecy {
+  StoreId master{};
+  // The link serving the current epoch and its check value (docs/FORMAT.md;
+  // all zero when the token failed to compute it).
+  uint64_t current_link = 0;
+  std::array<uint8_t, kCheckValueSize> check{};
+  // Start of the oldest epoch whose tickets the token can still open.
+  int64_t horizon = 0;
+  uint64_t links_held = 0;  // links of this master present in the token
+  int64_t as_of = 0;        // the pass's clock
+};
+
 struct LegacyInfo {
   KeyName name;
   int64_t expires = 0;
@@ -176,6 +190,12 @@ class KeyStore final : public atfork::Participant {
   // table, else computed in the token (one derivation and one C_Sign; never
   // called on the decrypt path). kNotFound when the epoch's link is gone.
   [[nodiscard]] Result<KeyName> NameOf(const StoreId &id, uint64_t epoch);
+
+  // The active master's forward secrecy as the last maintenance pass saw
+  // it (nullopt before one ran with an active master, or after one found
+  // none). No token call: a maintenance pass computes the check value
+  // once per new link (4 token calls), off the handshake path.
+  std::optional<ForwardSecrecy> forward_secrecy() const;
 
   // Number of names in the name table (for tests of the bound).
   size_t known_names() const;
@@ -301,6 +321,12 @@ class KeyStore final : public atfork::Participant {
   std::shared_ptr<const View> view_;
   std::map<NameBytes, CacheEntry> cache_;
   std::vector<NameEntry> names_;  // guarded by mu_
+  // Guarded by mu_; `fs_generation_` is the token generation its check
+  // value was computed in.
+  std::optional<ForwardSecrecy> fs_;
+  uint64_t fs_generation_ = 0;
+  // Refreshes fs_ from `view` at `now` (maintenance only).
+  Status RefreshForwardSecrecy(const View &view, int64_t now);
   // Pairs evicted from cache_ (guarded by mu_), destroyed in the token a
   // maintenance pass later: session objects would otherwise pile up, two
   // per epoch, until the session closes.

@@ -4,6 +4,7 @@
 #include <hsmstek/hsmstek.h>
 
 #include <cstddef>
+#include <cstring>
 #include <hsmstek/hsmstek.hpp>
 #include <string>
 #include <vector>
@@ -296,6 +297,87 @@ TEST_F(CApiTest, CppWrapperOwnsTheStoreAndReportsErrors) {
   ASSERT_TRUE(other.ok) << other.error;
   EXPECT_FALSE(other.reused);
   EXPECT_EQ(store.ResumptionStats().rejected_policy, 1u);
+}
+
+// The forward secrecy of the active master, as the maintenance pass saw
+// it: nothing before the token was reached, then the link, check value and
+// horizon the C++ store computes in the token; a short size fills a prefix.
+// (The values moving across ratchet steps: ratchet_test,
+// ForwardSecrecySnapshotFollowsTheRatchet, on a fake clock.)
+TEST_F(CApiTest, ForwardSecrecyOfTheActiveMaster) {
+  hsmstek_store *store = nullptr;
+  const std::string uri = SoftHsm::Get().Uri("capi", "web");
+  ASSERT_EQ(hsmstek_store_open(uri.c_str(), &store), HSMSTEK_OK);
+  hsmstek_forward_secrecy fs{};
+  EXPECT_EQ(hsmstek_store_forward_secrecy(store, &fs, sizeof(fs)),
+            HSMSTEK_ERR_FAILED_PRECONDITION);
+  EXPECT_NE(std::string(hsmstek_last_error()).find("no active master"),
+            std::string::npos)
+      << hsmstek_last_error();
+  EXPECT_EQ(hsmstek_store_forward_secrecy(nullptr, &fs, sizeof(fs)),
+            HSMSTEK_ERR_INVALID_ARGUMENT);
+  EXPECT_EQ(hsmstek_store_forward_secrecy(store, &fs, sizeof(fs) + 1),
+            HSMSTEK_ERR_INVALID_ARGUMENT);
+  ASSERT_EQ(hsmstek_store_check(store), HSMSTEK_OK) << hsmstek_last_error();
+  ASSERT_EQ(hsmstek_store_forward_secrecy(store, &fs, sizeof(fs)), HSMSTEK_OK)
+      << hsmstek_last_error();
+
+  // The same store through the C++ key store, computed in the token now.
+  keystore::StoreOptions options;
+  options.background_maintenance = false;
+  auto cpp = keystore::KeyStore::Open(uri, options);
+  ASSERT_TRUE(cpp.ok());
+  ASSERT_TRUE((*cpp)->Load().ok());
+  Result<keystore::StoreSnapshot> snap = (*cpp)->Describe();
+  ASSERT_TRUE(snap.ok());
+  ASSERT_EQ(snap->masters.size(), 1u);
+  const keystore::MasterInfo &m = snap->masters[0];
+  EXPECT_EQ(std::vector<uint8_t>(fs.master, fs.master + 8),
+            std::vector<uint8_t>(m.id.begin(), m.id.end()));
+  ASSERT_TRUE(m.current_link.has_value());
+  EXPECT_EQ(fs.current_link, *m.current_link);
+  // Activated a month back with a 1 day ratchet: well past link 0.
+  EXPECT_GE(fs.current_link, 29u);
+  // Loading the C++ store (and the stores of earlier tests) may have
+  // destroyed old links since the C store's pass: the horizon only moves
+  // on, links only go.
+  // Exact equality with Describe on one store: ratchet_test.
+  ASSERT_TRUE(m.horizon.has_value());
+  EXPECT_LE(fs.horizon, *m.horizon);
+  EXPECT_LT(fs.horizon, time(nullptr) - 86400);  // the decrypt window
+  EXPECT_GE(fs.links_held, m.links.size());
+  EXPECT_LE(fs.as_of, time(nullptr));
+  EXPECT_GE(fs.as_of, time(nullptr) - 60);
+  uint64_t link = 0;
+  auto check = (*cpp)->CheckValue(m.id, &link);
+  ASSERT_TRUE(check.ok()) << check.status().message();
+  EXPECT_EQ(link, fs.current_link);
+  EXPECT_EQ(
+      std::vector<uint8_t>(fs.current_link_check, fs.current_link_check + 8),
+      std::vector<uint8_t>(check->begin(), check->end()));
+
+  // An older caller's smaller struct: only its prefix is written.
+  std::vector<uint8_t> bytes(sizeof(fs), 0xee);
+  const size_t cut = offsetof(hsmstek_forward_secrecy, horizon);
+  ASSERT_EQ(hsmstek_store_forward_secrecy(
+                store,
+                reinterpret_cast<hsmstek_forward_secrecy *>(bytes.data()), cut),
+            HSMSTEK_OK);
+  EXPECT_EQ(std::memcmp(bytes.data(), &fs, cut), 0);
+  EXPECT_EQ(bytes[cut], 0xee);
+
+  // The C++ wrapper.
+  std::string error;
+  Store wrapped = Store::Open(uri, &error);
+  ASSERT_TRUE(wrapped) << error;
+  hsmstek_forward_secrecy via_cpp{};
+  EXPECT_FALSE(wrapped.ForwardSecrecy(&via_cpp, &error));
+  EXPECT_NE(error.find("no active master"), std::string::npos) << error;
+  ASSERT_TRUE(wrapped.Check(&error)) << error;
+  ASSERT_TRUE(wrapped.ForwardSecrecy(&via_cpp, &error)) << error;
+  EXPECT_EQ(via_cpp.current_link, fs.current_link);
+  EXPECT_GE(via_cpp.horizon, fs.horizon);
+  hsmstek_store_close(store);
 }
 
 }  // namespace

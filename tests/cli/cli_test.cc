@@ -754,6 +754,45 @@ TEST_F(CliTest, StatusJsonDescribesMastersAndLegacyKeys) {
         HexEncode(ByteSpan(file.data(), 16)), std::string("expires")}) {
     EXPECT_NE(table.out.find(needle), std::string::npos) << needle;
   }
+  // The columns are aligned: LINK, CHECK and HORIZON of the master's row
+  // are the JSON's current link, its check value and the horizon.
+  std::istringstream lines(table.out);
+  std::string line, header, row;
+  while (std::getline(lines, line)) {
+    if (line.rfind("LABEL", 0) == 0) header = line;
+    if (!header.empty() && line.rfind("stat ", 0) == 0) {
+      row = line;
+      break;
+    }
+  }
+  ASSERT_FALSE(row.empty()) << table.out;
+  auto column = [&](const std::string &name) {
+    const size_t at = header.find("  " + name + " ");
+    EXPECT_NE(at, std::string::npos) << name;
+    if (at == std::string::npos || at + 2 >= row.size()) return std::string();
+    const size_t start = at + 2;
+    return row.substr(start, row.find(' ', start) - start);
+  };
+  EXPECT_EQ(column("LINK"), std::to_string(s["current_link"].get<uint64_t>()));
+  EXPECT_EQ(column("CHECK"), s["check"].get<std::string>());
+  EXPECT_EQ(column("HORIZON"), s["forward_secrecy_horizon"].get<std::string>());
+}
+
+// --ratchet sets how long one link serves (docs/CLI.md); the policy rules
+// apply (a multiple of the period), checked before the token is touched.
+TEST_F(CliTest, ProvisionSetsTheRatchetInterval) {
+  RunResult bad = Cli({"provision", Uri(kMain, "ratchet-bad"), "--period", "1m",
+                       "--decrypt-window", "5m", "--ratchet", "90s"});
+  EXPECT_NE(bad.code, 0);
+  EXPECT_NE(bad.err.find("ratchet"), std::string::npos) << bad.err;
+  EXPECT_TRUE(Masters(kMain, "ratchet-bad").empty());
+  RunResult ok = Cli({"provision", Uri(kMain, "ratchet"), "--period", "1m",
+                      "--decrypt-window", "5m", "--ratchet", "2m"});
+  ASSERT_EQ(ok.code, 0) << Describe(ok);
+  Json j = StatusJson(kMain, "ratchet");
+  ASSERT_EQ(j["stores"].size(), 1u);
+  EXPECT_EQ(j["stores"][0]["ratchet_s"], 120);
+  EXPECT_EQ(j["stores"][0]["ratchet_periods"], 2);
 }
 
 // The operator sees which protections the token gave each key, and the

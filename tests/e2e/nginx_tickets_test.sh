@@ -343,13 +343,25 @@ done
 
 positive_cases="tls12_ticket_from_token tls12_resume ticket_key_file_ignored
   tls13_ticket_from_token tls13_resume session_tickets_off sni_default_decides
-  stream_ticket_from_token stream_resume status_counts status_shows_stream_stores resume_after_reload
-  no_stale_openssl_errors"
+  stream_ticket_from_token stream_resume status_counts status_shows_stream_stores
+  status_shows_forward_secrecy resume_after_reload no_stale_openssl_errors"
 
 provision() {
   "$cli" provision "$(uri "$1" "$tmp/pin")" --period 1h --decrypt-window 24h \
     >"$tmp/provision.out" 2>&1 &&
     awk '/store id:/ { print $3 }' "$tmp/provision.out"
+}
+
+# link_and_horizon STORE: "<current link> <horizon as Unix time>" of
+# STORE's active master, from `hsmstek status --json`.
+link_and_horizon() {
+  "$cli" status --json "$(uri "$1" "$tmp/pin")" 2>/dev/null | python3 -c '
+import datetime, json, sys
+for s in json.load(sys.stdin)["stores"]:
+    if s["state"] == "active":
+        h = datetime.datetime.fromisoformat(
+            s["forward_secrecy_horizon"].replace("Z", "+00:00"))
+        print(s["current_link"], int(h.timestamp()))'
 }
 
 # name_now STORE: the current (opaque) key name of STORE's active master,
@@ -490,6 +502,25 @@ else
     else
       fail "status_shows_stream_stores (issued=$s_issued resumed=$s_resumed)"
       sed 's/^/    /' <<<"$page" | grep -v '^    #'
+    fi
+    # The ratchet gauges equal what `hsmstek status` computes in the token:
+    # a fresh master serves link 0, its horizon is its activation epoch
+    # (in the past, within the hour).
+    link=$(metric 'hsmstek_ratchet_link{store="web"}')
+    horizon=$(metric 'hsmstek_forward_secrecy_horizon_seconds{store="web"}')
+    s_link=$(metric 'hsmstek_ratchet_link{store="stream:tcp"}')
+    read -r cli_link cli_horizon <<<"$(link_and_horizon web)"
+    now=$(date +%s)
+    if grep -q '^# TYPE hsmstek_ratchet_link gauge$' <<<"$page" &&
+       grep -q '^# TYPE hsmstek_forward_secrecy_horizon_seconds gauge$' <<<"$page" &&
+       [ -n "$link" ] && [ "$link" = "${cli_link:-x}" ] && [ "$link" = 0 ] &&
+       [ "$s_link" = 0 ] &&
+       [ -n "$horizon" ] && [ "$horizon" = "${cli_horizon:-x}" ] &&
+       [ "$horizon" -le "$now" ] && [ "$horizon" -gt $((now - 3600 - 60)) ]; then
+      pass status_shows_forward_secrecy
+    else
+      fail "status_shows_forward_secrecy (link=$link horizon=$horizon, status: $cli_link $cli_horizon, now $now)"
+      grep -E 'ratchet|horizon' <<<"$page" | sed 's/^/    /'
     fi
 
     # A reload starts new workers, which open the stores again and derive

@@ -7,8 +7,11 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <array>
 #include <fstream>
 #include <nlohmann/json.hpp>
+#include <optional>
+#include <set>
 
 #include "common/log.h"
 #include "keystore/derivation.h"
@@ -449,6 +452,57 @@ TEST_F(RatchetTest, LinksAdvanceAndOldOnesAreDestroyed) {
   auto reopened = OpenStore("rt-c", "advance");
   reopened->Maintain();
   EXPECT_TRUE(Opens(*reopened, issued.back().second));
+}
+
+// What status pages read without the token (KeyStore::forward_secrecy):
+// set by the maintenance pass, equal to what Describe and CheckValue
+// compute, and moving with the ratchet: the link and its check value step,
+// the horizon moves forward once old links are destroyed.
+TEST_F(RatchetTest, ForwardSecrecySnapshotFollowsTheRatchet) {
+  constexpr int64_t kWindow = 6 * kHour;
+  constexpr int64_t kRatchet = 6 * kHour;
+  clock_.Set(kVectorStart + 10);
+  auto store = OpenStore("rt-c", "fs-view");
+  const StoreId id =
+      Provision(*store, MakePolicy(kVectorStart, kWindow, kRatchet));
+  // Nothing before a maintenance pass: it is never computed on read.
+  EXPECT_FALSE(store->forward_secrecy().has_value());
+  std::optional<ForwardSecrecy> first;
+  std::set<std::array<uint8_t, kCheckValueSize>> checks;
+  for (int64_t hour = 0; hour < 20; ++hour) {
+    clock_.Set(kVectorStart + hour * kHour + 10);
+    store->Maintain();
+    std::optional<ForwardSecrecy> fs = store->forward_secrecy();
+    ASSERT_TRUE(fs.has_value()) << "hour " << hour;
+    if (!first) first = fs;
+    Result<StoreSnapshot> snap = store->Describe();
+    ASSERT_TRUE(snap.ok());
+    ASSERT_EQ(snap->masters.size(), 1u);
+    const MasterInfo &m = snap->masters[0];
+    EXPECT_EQ(fs->master, id);
+    EXPECT_EQ(std::optional<uint64_t>(fs->current_link), m.current_link)
+        << "hour " << hour;
+    EXPECT_EQ(fs->current_link, static_cast<uint64_t>(hour * kHour / kRatchet));
+    EXPECT_EQ(std::optional<int64_t>(fs->horizon), m.horizon)
+        << "hour " << hour;
+    EXPECT_EQ(fs->links_held, m.links.size());
+    EXPECT_EQ(fs->as_of, clock_.NowUnix());
+    uint64_t link = 0;
+    Result<std::array<uint8_t, kCheckValueSize>> check =
+        store->CheckValue(id, &link);
+    ASSERT_TRUE(check.ok()) << check.status().message();
+    EXPECT_EQ(link, fs->current_link);
+    EXPECT_EQ(fs->check, *check) << "hour " << hour;
+    checks.insert(fs->check);
+  }
+  // Hour 19: links 0..3 served; each had its own check value.
+  std::optional<ForwardSecrecy> last = store->forward_secrecy();
+  EXPECT_EQ(last->current_link, 3u);
+  EXPECT_EQ(checks.size(), 4u);
+  // Acceptable epochs start at hour 13 (link 2): the horizon moved from
+  // activation to link 2's first epoch.
+  EXPECT_EQ(first->horizon, kVectorStart);
+  EXPECT_EQ(last->horizon, kVectorStart + 12 * kHour);
 }
 
 // A server back after a long pause derives forward and forgets the past.

@@ -625,6 +625,44 @@ static u_char *ngx_http_hsmstek_health(u_char *p, u_char *end,
   return p;
 }
 
+/* ngx_http_hsmstek_forward_secrecy writes the ratchet families (one sample
+ * per store whose active master the last maintenance pass saw; read from
+ * the store, no token round trip) into [p, end) and returns the new end. */
+static u_char *ngx_http_hsmstek_forward_secrecy(
+    u_char *p, u_char *end, const ngx_http_hsmstek_row_t *stores,
+    ngx_uint_t n) {
+  static const struct {
+    const char *name, *help;
+  } families[] = {
+      {"hsmstek_ratchet_link",
+       "Index of the ratchet link serving the current epoch of the active "
+       "master."},
+      {"hsmstek_forward_secrecy_horizon_seconds",
+       "Unix time of the oldest epoch whose tickets the token can still "
+       "open (0: none)."},
+  };
+  for (size_t f = 0; f < sizeof(families) / sizeof(families[0]); f++) {
+    p = ngx_slprintf(p, end, "# HELP %s %s\n# TYPE %s gauge\n",
+                     families[f].name, families[f].help, families[f].name);
+    for (ngx_uint_t i = 0; i < n; i++) {
+      hsmstek_forward_secrecy fs;
+      if (stores[i].store == NULL ||
+          hsmstek_store_forward_secrecy(stores[i].store, &fs, sizeof(fs)) !=
+              HSMSTEK_OK) {
+        continue;
+      }
+      p = ngx_slprintf(p, end, "%s{store=\"%V\"} ", families[f].name,
+                       &stores[i].label);
+      if (f == 0) {
+        p = ngx_slprintf(p, end, "%uL\n", fs.current_link);
+      } else {
+        p = ngx_slprintf(p, end, "%L\n", fs.horizon);
+      }
+    }
+  }
+  return p;
+}
+
 static ngx_int_t ngx_http_hsmstek_status_handler(ngx_http_request_t *r) {
   if (!(r->method & (NGX_HTTP_GET | NGX_HTTP_HEAD))) {
     return NGX_HTTP_NOT_ALLOWED;
@@ -685,7 +723,9 @@ static ngx_int_t ngx_http_hsmstek_status_handler(ngx_http_request_t *r) {
 
   /* Token health: 6 families of at most NGX_HSMSTEK_MAX_TOKENS samples
    * per store, the last error escaped (at most doubled). */
+  /* Ratchet: 2 families of one sample per store. */
   size_t size = 256 + n * NGX_HSMSTEK_SAMPLE_EXTRA * 2 + 6 * 160 +
+                2 * (256 + n * (48 + NGX_HSMSTEK_SAMPLE_EXTRA)) +
                 n * NGX_HSMSTEK_MAX_TOKENS *
                     (6 * NGX_HSMSTEK_SAMPLE_EXTRA +
                      2 * sizeof(((hsmstek_token_health *)0)->last_error));
@@ -746,6 +786,7 @@ static ngx_int_t ngx_http_hsmstek_status_handler(ngx_http_request_t *r) {
     }
   }
   p = ngx_http_hsmstek_health(p, end, stores, n);
+  p = ngx_http_hsmstek_forward_secrecy(p, end, stores, n);
   b->last = p;
   b->last_buf = (r == r->main) ? 1 : 0;
   b->last_in_chain = 1;
