@@ -325,8 +325,12 @@ typedef struct hsmstek_forward_secrecy {
   uint8_t current_link_check[8]; /* its check value, as `hsmstek status`
                                     shows it (all zero if the token failed
                                     to compute it; retried each pass) */
-  int64_t horizon;               /* Unix time: start of the oldest epoch whose
-                                    tickets the token can still open (0: none) */
+  int64_t horizon; /* Unix time: start of the oldest epoch of the
+                      active master's oldest link in the token. Not yet
+                      counted: a superseded master still in its decrypt
+                      window, legacy keys, other tokens of the store; the
+                      token's true horizon can be older (docs/SECURITY.md,
+                      "Watching the horizon") */
   uint64_t links_held;           /* links of the master present in the token */
   int64_t as_of;                 /* Unix time of the maintenance pass that saw
                                     this */
@@ -335,7 +339,8 @@ typedef struct hsmstek_forward_secrecy {
 /* hsmstek_store_forward_secrecy fills the first |out_size| bytes of |*out|
  * (at most sizeof(hsmstek_forward_secrecy)) with the forward secrecy of
  * the active master of the token |store|'s handshakes use now, as of its
- * last maintenance pass (every refresh interval, 30 s by default). No token
+ * last maintenance pass (once a second, from a view up to the refresh
+ * interval old, 30 s by default). No token
  * round trip: safe on an event loop. HSMSTEK_ERR_FAILED_PRECONDITION when
  * that pass saw no active master (or has not run yet: the token was never
  * reached); HSMSTEK_ERR_INVALID_ARGUMENT for a bad handle or size.
