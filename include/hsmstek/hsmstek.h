@@ -325,15 +325,14 @@ typedef struct hsmstek_forward_secrecy {
   uint8_t current_link_check[8]; /* its check value, as `hsmstek status`
                                     shows it (all zero if the token failed
                                     to compute it; retried each pass) */
-  int64_t horizon;               /* Unix time: start of the oldest epoch of the
-                                    active master's oldest link in the token. Not yet
-                                    counted: a superseded master still in its decrypt
-                                    window, legacy keys, other tokens of the store; the
-                                    token's true horizon can be older (docs/SECURITY.md,
-                                    "Watching the horizon") */
-  uint64_t links_held;           /* links of the master present in the token */
-  int64_t as_of;                 /* Unix time of the maintenance pass that saw
-                                    this */
+  /* Unix time: start of the oldest epoch of the active master's oldest
+   * link in the token. Not yet counted: a superseded master still in its
+   * decrypt window, legacy keys, other tokens of the store; the token's true
+   * horizon can be older (docs/SECURITY.md, "Watching the horizon"). */
+  int64_t horizon;
+  uint64_t links_held; /* links of the master present in the token */
+  int64_t as_of;       /* Unix time of the maintenance pass that saw
+                          this */
 } hsmstek_forward_secrecy;
 
 /* hsmstek_store_forward_secrecy fills the first |out_size| bytes of |*out|
