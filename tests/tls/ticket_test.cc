@@ -401,12 +401,14 @@ TEST_P(TicketTest, TokenFailureMeansFullHandshakesThenRecovery) {
   ASSERT_TRUE(during.ok) << during.error;
   EXPECT_FALSE(during.reused);
   EXPECT_GE(context->stats->Snapshot().token_errors, 1u);
-  // Recovery: within a second tickets are issued and resume again (the
-  // prober reconnects; handshakes meanwhile fail soft, never wait for it).
+  // Recovery: tickets are issued and resume again (the prober reconnects;
+  // handshakes meanwhile fail soft, never wait for it). The bound catches a
+  // store that never recovers, not a speed: about 10 ms plain, over 1 s in
+  // a loaded ASan CI run (OutageTest measures recovery time).
   bool resumed = false;
   UniqueSslSession latest = std::move(during.session);
   const auto deadline =
-      std::chrono::steady_clock::now() + std::chrono::seconds(1);
+      std::chrono::steady_clock::now() + std::chrono::seconds(10);
   while (!resumed && std::chrono::steady_clock::now() < deadline) {
     HandshakeResult r = Handshake(client.get(), server.get(), latest.get());
     ASSERT_TRUE(r.ok) << r.error;
