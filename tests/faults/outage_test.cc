@@ -55,6 +55,12 @@ class OutageTest : public FaultTest {
 };
 
 TEST_F(OutageTest, ResumesWithinASecondOfReinsertionWithABoundedLog) {
+#if defined(__SANITIZE_ADDRESS__)
+  // Measures recovery time and log lines per store minute against the wall
+  // clock: a sanitizer build is 5-10x slower (an ASan CI run: 2459 ms).
+  // The plain suite runs it.
+  GTEST_SKIP() << "timing measurement: plain builds only";
+#endif
   keystore::StoreOptions options;
   options.clock = &clock_;
   options.background_maintenance = false;
