@@ -325,20 +325,24 @@ typedef struct hsmstek_forward_secrecy {
   uint8_t current_link_check[8]; /* its check value, as `hsmstek status`
                                     shows it (all zero if the token failed
                                     to compute it; retried each pass) */
-  /* Unix time: start of the oldest epoch of the active master's oldest
-   * link in the token. Not yet counted: a superseded master still in its
-   * decrypt window, legacy keys, other tokens of the store; the token's true
-   * horizon can be older (docs/SECURITY.md, "Watching the horizon"). */
+  /* Unix time: the oldest moment whose tickets the store's tokens can
+   * still open: the first epoch of the oldest link of any master in any of
+   * its tokens (a superseded or retired master's links count until they
+   * are destroyed); 0 while a legacy key is in a token (it opens tickets of
+   * any age). A copy under another label is not seen (docs/SECURITY.md,
+   * "Watching the horizon"). */
   int64_t horizon;
-  uint64_t links_held; /* links of the master present in the token */
-  int64_t as_of;       /* Unix time of the maintenance pass that saw
-                          this */
+  uint64_t links_held;  /* links of the active master in the token */
+  int64_t as_of;        /* Unix time the token was read (the oldest read
+                           of the tokens counted) */
+  uint64_t legacy_keys; /* legacy keys in the tokens (most in one token) */
 } hsmstek_forward_secrecy;
 
 /* hsmstek_store_forward_secrecy fills the first |out_size| bytes of |*out|
  * (at most sizeof(hsmstek_forward_secrecy)) with the forward secrecy of
- * the active master of the token |store|'s handshakes use now, as of its
- * last maintenance pass (once a second, from a view up to the refresh
+ * |store|: the active master of the token its handshakes use now, and the
+ * horizon over every token whose last maintenance pass saw an active
+ * master, as of those passes (once a second, from a view up to the refresh
  * interval old, 30 s by default). No token
  * round trip: safe on an event loop. HSMSTEK_ERR_FAILED_PRECONDITION when
  * that pass saw no active master (or has not run yet: the token was never

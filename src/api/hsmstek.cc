@@ -386,6 +386,15 @@ int hsmstek_store_forward_secrecy(hsmstek_store *store,
     }
     std::optional<hsmstek::keystore::ForwardSecrecy> fs =
         member->forward_secrecy();
+    // A standby token opens tickets too: the horizon is the oldest of all.
+    for (size_t i = 0; fs && i < store->set->size(); ++i) {
+      std::optional<hsmstek::keystore::ForwardSecrecy> other =
+          store->set->member(i)->forward_secrecy();
+      if (!other) continue;
+      fs->horizon = std::min(fs->horizon, other->horizon);
+      fs->as_of = std::min(fs->as_of, other->as_of);
+      fs->legacy_keys = std::max(fs->legacy_keys, other->legacy_keys);
+    }
     if (!fs) {
       return Fail(hsmstek::FailedPrecondition(
           "store " + hsmstek::QuoteForMessage(member->label()) +
@@ -401,6 +410,7 @@ int hsmstek_store_forward_secrecy(hsmstek_store *store,
     full.horizon = fs->horizon;
     full.links_held = fs->links_held;
     full.as_of = fs->as_of;
+    full.legacy_keys = fs->legacy_keys;
     std::memcpy(out, &full, out_size);
     return Succeed();
   });

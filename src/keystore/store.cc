@@ -100,6 +100,11 @@ void KeyStore::ForkChild(atfork::Rank rank) {
     // signalling it could block forever. A fresh one replaces it (not
     // destroyed: that is what would block; it owns no resources).
     new (&thread_cv_) std::condition_variable();
+    // The parent's snapshot names its token generation; the child computes
+    // its own (and a refresh the parent was running is not running here).
+    fs_.reset();
+    fs_generation_ = 0;
+    fs_refreshing_.store(false);
     thread_mu_.unlock();
     mu_.unlock();
   }
@@ -1002,39 +1007,54 @@ void KeyStore::Maintain() {
 }
 
 Status KeyStore::RefreshForwardSecrecy(const View &v, int64_t now) {
+  // One refresh at a time (the maintenance thread and Maintain() callers):
+  // a refresh already running publishes the same view's answer.
+  if (fs_refreshing_.exchange(true)) return Status::Ok();
+  struct Done {
+    std::atomic<bool> &flag;
+    ~Done() { flag.store(false); }
+  } done{fs_refreshing_};
+
   std::vector<MasterState> states = ComputeStates(v.masters, now);
   const Master *active = nullptr;
   for (size_t i = 0; i < v.masters.size(); ++i) {
     if (states[i].state == KeyState::kActive) active = &v.masters[i];
   }
-  std::optional<uint64_t> link;
-  CK_OBJECT_HANDLE handle = CK_INVALID_HANDLE;
-  if (active != nullptr) {
-    link = active->LinkOf(EpochAt(now, active->policy.period_s));
-    if (link) {
-      auto it = active->links.find(*link);
-      if (it != active->links.end()) handle = it->second;
-    }
-  }
-  if (handle == CK_INVALID_HANDLE) {  // no active master, or its link is gone
+  if (active == nullptr) {
     std::lock_guard<std::mutex> lock(mu_);
     fs_.reset();
     return Status::Ok();
   }
   ForwardSecrecy next;
   next.master = active->id;
-  next.current_link = *link;
-  next.horizon = HorizonOf(*active).value_or(0);
   next.links_held = active->links.size();
-  next.as_of = now;
+  next.as_of = v.loaded_at;  // the links are those this view found
+  next.legacy_keys = v.legacy.size();
+  // What the token can open is every link it holds, whatever its master's
+  // state (a superseded or retired master opens its tickets until its links
+  // are destroyed), and a legacy key (no ratchet) opens tickets of any age.
+  std::optional<int64_t> horizon;
+  for (const Master &m : v.masters) {
+    std::optional<int64_t> h = HorizonOf(m);
+    if (h && (!horizon || *h < *horizon)) horizon = h;
+  }
+  next.horizon = v.legacy.empty() ? horizon.value_or(now) : 0;
+  std::optional<uint64_t> link =
+      active->LinkOf(EpochAt(now, active->policy.period_s));
+  next.current_link = link.value_or(0);
+  CK_OBJECT_HANDLE handle =
+      active->LinkFor(EpochAt(now, active->policy.period_s));
   {
     std::lock_guard<std::mutex> lock(mu_);
     // The check value changes only with the link: computed once per step.
-    if (fs_ && fs_generation_ == v.generation &&
-        ConstantTimeEqual(fs_->master, next.master) &&
-        fs_->current_link == next.current_link) {
-      next.check = fs_->check;
+    // Without the link (destroyed under us), all zero.
+    if (handle == CK_INVALID_HANDLE ||
+        (fs_ && fs_generation_ == v.generation &&
+         ConstantTimeEqual(fs_->master, next.master) &&
+         fs_->current_link == next.current_link)) {
+      if (handle != CK_INVALID_HANDLE) next.check = fs_->check;
       fs_ = next;
+      if (handle == CK_INVALID_HANDLE) fs_generation_ = 0;
       return Status::Ok();
     }
   }

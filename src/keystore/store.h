@@ -108,18 +108,23 @@ struct MasterInfo {
   std::optional<int64_t> horizon;
 };
 
-// The forward secrecy of a store's active master as of the last
-// maintenance pass: read without a token call (status pages, the C API).
+// The forward secrecy of a store as of the last maintenance pass: read
+// without a token call (status pages, the C API). Published while the store
+// has an active master.
 struct ForwardSecrecy {
-  StoreId master{};
+  StoreId master{};  // the active master
   // The link serving the current epoch and its check value (docs/FORMAT.md;
-  // all zero when the token failed to compute it).
+  // all zero when the token failed to compute it or the link is gone).
   uint64_t current_link = 0;
   std::array<uint8_t, kCheckValueSize> check{};
-  // Start of the oldest epoch whose tickets the token can still open.
+  // The oldest moment whose tickets the token can still open: the first
+  // epoch of the oldest link of any master in the token (superseded and
+  // retired ones included), 0 while a legacy key is present (it opens
+  // tickets of any age).
   int64_t horizon = 0;
-  uint64_t links_held = 0;  // links of this master present in the token
-  int64_t as_of = 0;        // the pass's clock
+  uint64_t links_held = 0;   // links of the active master in the token
+  uint64_t legacy_keys = 0;  // legacy keys in the token
+  int64_t as_of = 0;         // when the token was read
 };
 
 struct LegacyInfo {
@@ -325,6 +330,7 @@ class KeyStore final : public atfork::Participant {
   // value was computed in.
   std::optional<ForwardSecrecy> fs_;
   uint64_t fs_generation_ = 0;
+  std::atomic<bool> fs_refreshing_{false};
   // Refreshes fs_ from `view` at `now` (maintenance only).
   Status RefreshForwardSecrecy(const View &view, int64_t now);
   // Pairs evicted from cache_ (guarded by mu_), destroyed in the token a

@@ -505,6 +505,61 @@ TEST_F(RatchetTest, ForwardSecrecySnapshotFollowsTheRatchet) {
   EXPECT_EQ(last->horizon, kVectorStart + 12 * kHour);
 }
 
+// The horizon is what the token can open, not what the active master
+// serves: a superseded master's links open its tickets until they are
+// destroyed, and a legacy key (no ratchet) opens tickets of any age.
+TEST_F(RatchetTest, HorizonCountsEveryMasterAndLegacyKeys) {
+  constexpr int64_t kWindow = 3 * kHour;
+  clock_.Set(kVectorStart + 10);
+  auto store = OpenStore("rt-c", "fs-all");
+  const StoreId old_id =
+      Provision(*store, MakePolicy(kVectorStart, kWindow, kHour));
+  // The successor takes over at hour 4; the old master's links stay for
+  // its decrypt window (and the grace) after that.
+  const StoreId new_id =
+      Provision(*store, MakePolicy(kVectorStart + 4 * kHour, kWindow, kHour));
+  for (int64_t hour = 0; hour <= 5; ++hour) {
+    clock_.Set(kVectorStart + hour * kHour + 10);
+    store->Maintain();
+  }
+  std::optional<ForwardSecrecy> fs = store->forward_secrecy();
+  ASSERT_TRUE(fs.has_value());
+  EXPECT_EQ(fs->master, new_id);
+  EXPECT_EQ(fs->legacy_keys, 0u);
+  Result<StoreSnapshot> snap = store->Describe();
+  ASSERT_TRUE(snap.ok());
+  std::optional<int64_t> old_horizon, new_horizon;
+  size_t new_links = 0;
+  for (const MasterInfo &m : snap->masters) {
+    (m.id == old_id ? old_horizon : new_horizon) = m.horizon;
+    if (m.id == new_id) new_links = m.links.size();
+  }
+  ASSERT_TRUE(old_horizon.has_value()) << "the old master's links are gone";
+  ASSERT_TRUE(new_horizon.has_value());
+  ASSERT_LT(*old_horizon, *new_horizon);
+  EXPECT_EQ(fs->horizon, *old_horizon);
+  EXPECT_EQ(fs->links_held, new_links);
+
+  // A legacy key: no horizon at all while it is in the token.
+  std::vector<LegacyKey> keys(1);
+  keys[0].name.fill(0x5a);
+  keys[0].aes_key = SecretBuffer(32);
+  keys[0].hmac_key = SecretBuffer(32);
+  {
+    Result<p11::Session> s = store->token()->Acquire();
+    ASSERT_TRUE(s.ok());
+    ASSERT_TRUE(ImportLegacyKeys(*s, store->label(), keys,
+                                 clock_.NowUnix() + kDay, LegacyFormat::kNginx)
+                    .ok());
+  }
+  ASSERT_TRUE(store->Load().ok());
+  store->Maintain();
+  fs = store->forward_secrecy();
+  ASSERT_TRUE(fs.has_value());
+  EXPECT_EQ(fs->horizon, 0);
+  EXPECT_EQ(fs->legacy_keys, 1u);
+}
+
 // A server back after a long pause derives forward and forgets the past.
 TEST_F(RatchetTest, RestartAfterALongPauseCatchesUp) {
   clock_.Set(kVectorStart + 10);
