@@ -788,9 +788,11 @@ bool KeyStore::RatchetLocked(const View &view, const Master &m,
       }
     }
     if (next == CK_INVALID_HANDLE) {
+      // Extractable only if the chain is: the policy text alone (a data
+      // object the user PIN can rewrite) must not make a link wrappable.
       Result<CK_OBJECT_HANDLE> derived =
           DeriveLink(*session, top_handle, top + 1, label_, m.id,
-                     m.policy.replicable, &refused_lockdown_);
+                     m.policy.replicable && m.extractable, &refused_lockdown_);
       if (!derived.ok()) {
         *error = derived.status().WithContext("ratchet of master " +
                                               HexEncode(m.id));

@@ -332,6 +332,60 @@ TEST_F(RatchetTest, PlantedLinksAreNeverAdopted) {
   }
 }
 
+// The policy text is a data object the user PIN may replace. A PIN holder
+// who rewrites a non-replicable store's policy as replicable must not get
+// wrappable links from the next ratchet step: a link is extractable only
+// if the key it follows from is.
+TEST_F(RatchetTest, AnEditedPolicyDoesNotMakeTheNextLinkExtractable) {
+  clock_.Set(kVectorStart + 10);
+  auto store = OpenStore("rt-c", "no-wrap");
+  const Policy honest = MakePolicy(kVectorStart, kDay, kHour);
+  const StoreId id = Provision(*store, honest);
+  store->Maintain();
+  {
+    Result<p11::Session> s = store->token()->Acquire();
+    ASSERT_TRUE(s.ok());
+    p11::Template find;
+    find.Ulong(CKA_CLASS, CKO_DATA)
+        .String(CKA_LABEL, store->label())
+        .Data(CKA_OBJECT_ID, id);
+    Result<std::vector<CK_OBJECT_HANDLE>> policies = p11::FindObjects(*s, find);
+    ASSERT_TRUE(policies.ok());
+    ASSERT_EQ(policies->size(), 1u);
+    ASSERT_TRUE(
+        P11_CALL(*s, C_DestroyObject, s->handle(), policies->front()).ok());
+    Policy forged = honest;
+    forged.replicable = true;
+    ASSERT_TRUE(StorePolicyObject(*s, store->label(), id, forged).ok());
+  }
+  ASSERT_TRUE(store->Load().ok());
+  // Two ratchet steps: links 1 and 2 are derived under the forged policy.
+  for (int64_t hour = 1; hour <= 2; ++hour) {
+    clock_.Set(kVectorStart + hour * kHour + 10);
+    store->Maintain();
+  }
+  Result<p11::Session> s = store->token()->Acquire();
+  ASSERT_TRUE(s.ok());
+  size_t links = 0;
+  for (uint64_t j = 1; j <= 3; ++j) {
+    const LinkId link = MakeLinkId(id, j);
+    p11::Template find;
+    find.Ulong(CKA_CLASS, CKO_SECRET_KEY)
+        .String(CKA_LABEL, store->label())
+        .Data(CKA_ID, link);
+    Result<std::vector<CK_OBJECT_HANDLE>> found = p11::FindObjects(*s, find);
+    ASSERT_TRUE(found.ok());
+    for (CK_OBJECT_HANDLE h : *found) {
+      ++links;
+      Result<std::vector<std::optional<bool>>> extractable =
+          p11::ReadBools(*s, h, std::array{CKA_EXTRACTABLE});
+      ASSERT_TRUE(extractable.ok());
+      EXPECT_EQ((*extractable)[0], std::optional<bool>(false)) << "link " << j;
+    }
+  }
+  EXPECT_GE(links, 2u) << "the ratchet stopped instead";
+}
+
 // A key planted at link index 2^64 - 1 would be the highest link: the
 // chain would never derive again. It lies above a gap, so it is not used:
 // the store keeps deriving the next links.
