@@ -386,6 +386,36 @@ TEST_F(RatchetTest, AnEditedPolicyDoesNotMakeTheNextLinkExtractable) {
   EXPECT_GE(links, 2u) << "the ratchet stopped instead";
 }
 
+// The first key of each kind a process creates tries the strongest
+// templates first, and the token refuses some (SoftHSM 2.6: CKA_COPYABLE,
+// CKA_DERIVE_TEMPLATE). A refused C_DeriveKey or C_GenerateKey must leave
+// no object behind, or every server start would add junk to the token.
+TEST_F(RatchetTest, RefusedTemplatesLeaveNoObjectsInTheToken) {
+  clock_.Set(kVectorStart + 10);
+  auto store = OpenStore("rt-c", "junk");
+  auto token_keys = [&]() -> size_t {
+    Result<p11::Session> s = store->token()->Acquire();
+    EXPECT_TRUE(s.ok());
+    if (!s.ok()) return 0;
+    p11::Template find;
+    find.Ulong(CKA_CLASS, CKO_SECRET_KEY).Bool(CKA_TOKEN, true);
+    Result<std::vector<CK_OBJECT_HANDLE>> found = p11::FindObjects(*s, find);
+    EXPECT_TRUE(found.ok());
+    return found.ok() ? found->size() : 0;
+  };
+  const size_t before = token_keys();
+  Provision(*store, MakePolicy(kVectorStart, kDay, kHour));
+  for (int64_t hour = 0; hour <= 1; ++hour) {
+    clock_.Set(kVectorStart + hour * kHour + 10);
+    store->Maintain();
+  }
+  Result<StoreSnapshot> snap = store->Describe();
+  ASSERT_TRUE(snap.ok());
+  ASSERT_EQ(snap->masters.size(), 1u);
+  EXPECT_GE(snap->masters[0].links.size(), 2u);
+  EXPECT_EQ(token_keys() - before, snap->masters[0].links.size());
+}
+
 // A key planted at link index 2^64 - 1 would be the highest link: the
 // chain would never derive again. It lies above a gap, so it is not used:
 // the store keeps deriving the next links.
