@@ -30,7 +30,8 @@ struct MasterArgs {
   std::string uri;
   std::string period;
   std::string window;
-  std::string ratchet;  // provision only; "" = the default (one day)
+  std::string ratchet;  // "" = the default (provision: one day; rotate: the
+                        // newest master's)
   std::string activate_in;
   std::string activate_at;
   std::string id;
@@ -136,6 +137,8 @@ Status RunRotate(const MasterArgs &a) {
   Result<int64_t> window =
       ParseOptionalDuration(a.window, "--decrypt-window", 0);
   if (!window.ok()) return window.status();
+  Result<int64_t> ratchet = ParseOptionalDuration(a.ratchet, "--ratchet", 0);
+  if (!ratchet.ok()) return ratchet.status();
 
   Result<std::shared_ptr<keystore::KeyStore>> store = OpenStore(a.uri, true);
   if (!store.ok()) return store.status();
@@ -159,6 +162,7 @@ Status RunRotate(const MasterArgs &a) {
   Policy policy = newest->policy;
   if (*period != 0) policy.period_s = *period;
   if (*window != 0) policy.decrypt_window_s = *window;
+  if (*ratchet != 0) policy.ratchet_s = *ratchet;
   policy.not_before = *activation;
   policy.retire_at.reset();
   policy.created_at = now;
@@ -404,6 +408,9 @@ void RegisterProvision(CLI::App &app, std::vector<Command> &out) {
                     "Rotation period (default: the newest master's)");
     sub->add_option("--decrypt-window", a->window,
                     "Decrypt window (default: the newest master's)");
+    sub->add_option("--ratchet", a->ratchet,
+                    "How long one ratchet link serves (default: the newest "
+                    "master's)");
     out.push_back({sub, [a] { return RunRotate(*a); }});
   }
   {

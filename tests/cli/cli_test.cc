@@ -19,6 +19,7 @@
 #include <filesystem>
 #include <fstream>
 #include <map>
+#include <set>
 #include <nlohmann/json.hpp>
 #include <sstream>
 
@@ -784,7 +785,10 @@ TEST_F(CliTest, ProvisionSetsTheRatchetInterval) {
   RunResult bad = Cli({"provision", Uri(kMain, "ratchet-bad"), "--period", "1m",
                        "--decrypt-window", "5m", "--ratchet", "90s"});
   EXPECT_NE(bad.code, 0);
-  EXPECT_NE(bad.err.find("ratchet"), std::string::npos) << bad.err;
+  // The policy's own refusal (an unknown option would fail too).
+  EXPECT_NE(bad.err.find("ratchet 1m30s is not a positive multiple of period"),
+            std::string::npos)
+      << bad.err;
   EXPECT_TRUE(Masters(kMain, "ratchet-bad").empty());
   RunResult ok = Cli({"provision", Uri(kMain, "ratchet"), "--period", "1m",
                       "--decrypt-window", "5m", "--ratchet", "2m"});
@@ -793,6 +797,17 @@ TEST_F(CliTest, ProvisionSetsTheRatchetInterval) {
   ASSERT_EQ(j["stores"].size(), 1u);
   EXPECT_EQ(j["stores"][0]["ratchet_s"], 120);
   EXPECT_EQ(j["stores"][0]["ratchet_periods"], 2);
+
+  // rotate keeps the newest master's interval unless told otherwise.
+  ASSERT_EQ(Cli({"rotate", Uri(kMain, "ratchet")}).code, 0);
+  RunResult changed = Cli({"rotate", Uri(kMain, "ratchet"), "--ratchet", "3m"});
+  ASSERT_EQ(changed.code, 0) << Describe(changed);
+  j = StatusJson(kMain, "ratchet");
+  std::multiset<int64_t> intervals;
+  for (const Json &m : j["stores"]) {
+    intervals.insert(m["ratchet_s"].get<int64_t>());
+  }
+  EXPECT_EQ(intervals, (std::multiset<int64_t>{120, 120, 180}));
 }
 
 // The operator sees which protections the token gave each key, and the
