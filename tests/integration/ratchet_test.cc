@@ -848,6 +848,17 @@ TEST_F(RatchetTest, TwoProcessesRatchetTheSameStore) {
     EXPECT_GE(CountLinkObjects(*store, id, j), 1u) << "link " << j;
   }
   EXPECT_EQ(CountLinkObjects(*store, id, 13), 0u);
+  // Duplicates of a live link stay (same value; destroying "the other copy"
+  // from two processes at once could destroy both and break the chain),
+  // and go with their link: once the window has passed links 9..12, no
+  // copy of them is left.
+  for (int64_t hour = 12; hour <= 19; ++hour) {
+    clock_.Set(kVectorStart + hour * kHour + 10);
+    store->Maintain();
+  }
+  for (uint64_t j = 9; j <= 12; ++j) {
+    EXPECT_EQ(CountLinkObjects(*store, id, j), 0u) << "link " << j;
+  }
 }
 
 // A retired master keeps no standing key: once no acceptable epoch (window
