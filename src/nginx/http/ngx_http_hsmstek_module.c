@@ -638,8 +638,8 @@ static u_char *ngx_http_hsmstek_forward_secrecy(
        "Index of the ratchet link serving the current epoch of the active "
        "master."},
       {"hsmstek_forward_secrecy_horizon_seconds",
-       "Unix time of the oldest epoch whose tickets the token can still "
-       "open (0: none)."},
+       "Unix time of the oldest epoch whose tickets the store's tokens can "
+       "still open (0: a legacy key opens tickets of any age)."},
   };
   for (size_t f = 0; f < sizeof(families) / sizeof(families[0]); f++) {
     p = ngx_slprintf(p, end, "# HELP %s %s\n# TYPE %s gauge\n",
