@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The network-HSM latency model (issue 13; method in docs/BENCHMARKS.md,
+# The network-HSM latency model (method in docs/BENCHMARKS.md,
 # "Network HSM"). nginx with one worker and the hsmstek module reaches
 # SoftHSM through the fault module (hsm/faulty), which delays every PKCS#11
 # call by a given time, as a token across a network or a PCIe driver would.

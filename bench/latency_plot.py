@@ -1,5 +1,5 @@
 #!/usr/bin/python3
-"""Plots resumptions/s against per-call token latency (issue 13).
+"""Plots resumptions/s against per-call token latency (docs/BENCHMARKS.md, "Network HSM").
 
     bench/latency_plot.py OUT.png LABEL=LATENCY.jsonl [LABEL=LATENCY.jsonl ...]
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Times small requests on one keep-alive TLS connection (issue 13).
+"""Times small requests on one keep-alive TLS connection (docs/BENCHMARKS.md, "Network HSM").
 
     latency_probe.py PORT SECONDS OUT
 

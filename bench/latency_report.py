@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Summarises bench/latency.sh results (issue 13).
+"""Summarises bench/latency.sh results (docs/BENCHMARKS.md, "Network HSM").
 
     latency_report.py LATENCY.jsonl
 

@@ -1,6 +1,6 @@
 // hsmstek_bench: what token custody costs, next to the token's own floor and
-// next to in-memory ticket keys (issue 6). Google Benchmark; run through
-// scripts/bench.sh, which repeats, interleaves and computes the ratios.
+// next to in-memory ticket keys (docs/BENCHMARKS.md). Google Benchmark; run
+// through scripts/bench.sh, which repeats, interleaves and computes the ratios.
 //
 // The ratios come from paired benchmarks, where the variants being compared
 // alternate inside one loop so that they see the same machine conditions:

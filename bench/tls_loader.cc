@@ -1,7 +1,7 @@
 // hsmstek_tls_loader: a small, bounded TLS resumption load generator for the
-// nginx benchmark (issue 6). One connection at a time over TCP: connect,
-// handshake resuming the newest session, "GET <path> HTTP/1.0", read the
-// response to the end (so TLS 1.3 NewSessionTicket messages arrive), close.
+// nginx benchmark (docs/BENCHMARKS.md). One connection at a time over TCP:
+// connect, handshake resuming the newest session, "GET <path> HTTP/1.0", read
+// the response to the end (so TLS 1.3 NewSessionTicket messages arrive), close.
 //
 //   hsmstek_tls_loader HOST:PORT 1.2|1.3 SECONDS [PATH]
 //

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Benchmarks of issue 6: what keeping the ticket keys in a PKCS#11 token
+# Benchmarks (docs/BENCHMARKS.md): what keeping the ticket keys in a PKCS#11 token
 # costs, next to the token's own floor and next to in-memory ticket keys.
 # Builds Release into its own build directory, runs everything once and
 # prints a table of medians followed by one line per ratio:

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Sanitizer runs (issue 7; results, timings and the CI decision are in
+# Sanitizer runs (results, timings and the CI decision are in
 # docs/TESTING.md):
 #
 #   asan  ASan + UBSan (-DHSMSTEK_SANITIZE=address,undefined; every report

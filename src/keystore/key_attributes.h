@@ -39,7 +39,8 @@ enum class KeyKind : uint8_t {
 
 // The mechanisms each kind may run (CKA_ALLOWED_MECHANISMS). The AES list
 // holds ECB as well: opening a ticket by ECB block decryption with the CBC
-// chaining in memory is on its way (issue 13); CBC-PAD seals.
+// chaining in memory is on its way (docs/DESIGN.md, "Pre-armed operations");
+// CBC-PAD seals.
 inline constexpr CK_MECHANISM_TYPE kTicketAesMechanisms[] = {CKM_AES_CBC_PAD,
                                                              CKM_AES_ECB};
 inline constexpr CK_MECHANISM_TYPE kTicketMacMechanisms[] = {CKM_SHA256_HMAC};

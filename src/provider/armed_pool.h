@@ -1,7 +1,7 @@
 // ArmedPool: token sessions whose next operation is already initialised
 // ("armed"), kept ready by background threads so that the handshake thread
-// pays one round trip per token step instead of two (issue 13,
-// docs/DESIGN.md "Pre-armed operations").
+// pays one round trip per token step instead of two (docs/DESIGN.md,
+// "Pre-armed operations").
 //
 // Three kinds, all on the current epoch's keys only (SetCurrent):
 // - encrypt: C_EncryptInit(CKM_AES_CBC_PAD) with an IV drawn in advance; the

@@ -9,8 +9,8 @@
 //   few param lookups and an indirect call per call.
 // The delegate is created lazily, on the first call that needs it: libssl
 // creates a fresh HMAC context for every ticket and only ever uses it in
-// token mode, so a ticket costs no delegate allocation (issue 6). The
-// delegate still sees every parameter it could act on: set_params calls
+// token mode, so a ticket costs no delegate allocation (docs/BENCHMARKS.md).
+// The delegate still sees every parameter it could act on: set_params calls
 // made only of our own parameters (key-ref, fail-soft), which it would
 // ignore anyway, are the only ones it may miss.
 #include "provider/ticket_mac.h"

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Key-custody audit (issue 7, docs/SECURITY.md, docs/FORMAT.md): runs a test command with every
+# Key-custody audit (docs/TESTING.md, docs/SECURITY.md, docs/FORMAT.md): runs a test command with every
 # PKCS#11 call of it and of its subprocesses going through
 # libhsmstek_faulty.so in audit mode (hsm/faulty/README.md, "Audit"), then
 # fails if the audit log holds any violation that is not explicitly allowed:

@@ -19,8 +19,8 @@
 #include <filesystem>
 #include <fstream>
 #include <map>
-#include <set>
 #include <nlohmann/json.hpp>
+#include <set>
 #include <sstream>
 
 #include "keystore/bundle.h"
@@ -1786,8 +1786,9 @@ TEST_F(CliTest, ForgedAlteredMisdirectedStaleAndReplayedBundlesChangeNothing) {
     EXPECT_EQ(CountTokenObjects(kRecv), objects);
   };
 
-  // Point 1 of issue 11: a master K the attacker knows, wrapped under the
-  // public PEM, with its check value and (version 1) digest recomputed.
+  // The forged-bundle attack (docs/SECURITY.md §5): a master K the attacker
+  // knows, wrapped under the public PEM, with its check value and (version 1)
+  // digest recomputed.
   Bytes k(32);
   for (size_t i = 0; i < k.size(); ++i) k[i] = static_cast<uint8_t>(7 * i + 1);
   Bundle forged = *genuine;

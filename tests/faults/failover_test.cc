@@ -1,9 +1,9 @@
-// One store on two tokens (issue 15): fo-a and fo-b hold the same master,
-// replicated with the CLI ceremony of docs/CLI.md (wrap-key generate on B,
-// wrap-key trust on A as the SO, signer generate on A, signer trust on B,
-// provision --replicable + export on A, import on B); fo-c holds its own
-// master under the same label. Every call goes through the faulty module,
-// which removes fo-a under load.
+// One store on two tokens (docs/TESTING.md, "Token outages and failover"): fo-a
+// and fo-b hold the same master, replicated with the CLI ceremony of
+// docs/CLI.md (wrap-key generate on B, wrap-key trust on A as the SO, signer
+// generate on A, signer trust on B, provision --replicable + export on A,
+// import on B); fo-c holds its own master under the same label. Every call goes
+// through the faulty module, which removes fo-a under load.
 #include <openssl/ssl.h>
 #include <sys/wait.h>
 #include <unistd.h>

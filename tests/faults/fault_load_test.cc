@@ -1,4 +1,4 @@
-// Faults under load (issue 7): the token removed and re-inserted while
+// Faults under load (docs/TESTING.md): the token removed and re-inserted while
 // threads handshake, and a slow token with eight threads. These tests assert
 // outcomes, never durations; waits are on progress counters (no sleeps). A
 // hang would be a deadlock: ctest's TIMEOUT ends it.

@@ -1,5 +1,5 @@
-// The fault matrix (issue 7): every PKCS#11 function on the ticket path x
-// every token fault x TLS 1.2 and 1.3, injected by libhsmstek_faulty.so into
+// The fault matrix (docs/TESTING.md): every PKCS#11 function on the ticket path
+// x every token fault x TLS 1.2 and 1.3, injected by libhsmstek_faulty.so into
 // real in-memory handshakes against SoftHSM.
 //
 // Each case:

@@ -1,11 +1,11 @@
 // Fork while another thread holds the store's and the token's locks
-// (issue 12): a thread keeps the store mid-derivation (C_DeriveKey is
-// delayed by the faulty module, and every pass crosses into a new epoch)
-// next to the store's own maintenance thread, while the main thread forks
-// 100 times. A child that inherited a lock held by a thread that does not
-// exist in it would hang at its first ticket; every child must complete a
-// handshake and resume its ticket within the bound. The wait is bounded
-// (poll on a pipe); nothing sleeps.
+// (docs/TESTING.md, "Fork, threads and exceptions"): a thread keeps the store
+// mid-derivation (C_DeriveKey is delayed by the faulty module, and every pass
+// crosses into a new epoch) next to the store's own maintenance thread, while
+// the main thread forks 100 times. A child that inherited a lock held by a
+// thread that does not exist in it would hang at its first ticket; every child
+// must complete a handshake and resume its ticket within the bound. The wait is
+// bounded (poll on a pipe); nothing sleeps.
 #include <poll.h>
 #include <signal.h>
 #include <stdlib.h>

@@ -1,10 +1,11 @@
-// A token outage seen by one store (issue 15): recovery within a second of
-// the token answering again however long the outage lasted (a background
-// prober reconnects, capped at ~1 s between probes), and a bounded error
-// log (a line when the outage starts, one a minute, one when it ends).
-// Real time for the token (the prober's back-off), a fake clock moved
-// along for the store (epochs, outage durations: 15 store seconds per real
-// second, so a 10 s outage spans 150 store seconds and two minute lines).
+// A token outage seen by one store (docs/TESTING.md, "Token outages and
+// failover"): recovery within a second of the token answering again however
+// long the outage lasted (a background prober reconnects, capped at ~1 s
+// between probes), and a bounded error log (a line when the outage starts, one
+// a minute, one when it ends). Real time for the token (the prober's back-off),
+// a fake clock moved along for the store (epochs, outage durations: 15 store
+// seconds per real second, so a 10 s outage spans 150 store seconds and two
+// minute lines).
 #include <openssl/ssl.h>
 #include <sys/wait.h>
 #include <unistd.h>

@@ -1,7 +1,7 @@
-// Round trips on the handshake thread (issue 13): with pre-armed token
-// operations (provider/armed_pool.h) every ticket step is one PKCS#11 call
-// on the thread running the handshake; the *Init calls run on the
-// re-armer's threads. Counted from the fault module's trace, whose lines
+// Round trips on the handshake thread (docs/DESIGN.md, "Pre-armed operations"):
+// with pre-armed token operations (provider/armed_pool.h) every ticket step is
+// one PKCS#11 call on the thread running the handshake; the *Init calls run on
+// the re-armer's threads. Counted from the fault module's trace, whose lines
 // name the calling thread: counts, never timings.
 //
 // Goals: a TLS 1.3 resumption with renewal <= 4 calls, a TLS 1.2

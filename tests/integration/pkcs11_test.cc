@@ -445,7 +445,7 @@ TEST_F(Pkcs11Test, ForkedChildReinitialisesAndWorks) {
   EXPECT_EQ(token->generation(), parent_generation);
 }
 
-// Issue 12: a token label is outside input; with a newline or control
+// A token label is outside input; with a newline or control
 // bytes it must reach the log quoted (QuoteForMessage), or it could forge
 // log lines.
 std::vector<std::string> *g_log_lines = nullptr;

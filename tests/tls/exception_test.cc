@@ -1,4 +1,4 @@
-// No exception crosses a C boundary (issue 12). Test seams
+// No exception crosses a C boundary (docs/TESTING.md). Test seams
 // (common/test_seam.h) make the ticket path's allocation, a token
 // operation, the store's thread start or a provider dispatch entry throw
 // what the standard library throws under exhaustion; every handshake still

@@ -1,8 +1,9 @@
-// Fork is a normal event (issue 12): a server opens its store, serves, then
-// forks workers. Each child's very first TLS 1.3 and TLS 1.2 resumption
-// resumes (the token reconnects before any cached handle of the parent is
-// used), each child issues and resumes its own tickets, and the parent,
-// whose state nothing in a child touched, still resumes afterwards.
+// Fork is a normal event (docs/TESTING.md, "Fork, threads and exceptions"): a
+// server opens its store, serves, then forks workers. Each child's very first
+// TLS 1.3 and TLS 1.2 resumption resumes (the token reconnects before any
+// cached handle of the parent is used), each child issues and resumes its own
+// tickets, and the parent, whose state nothing in a child touched, still
+// resumes afterwards.
 #include <poll.h>
 #include <signal.h>
 #include <sys/wait.h>

@@ -25,7 +25,7 @@ TEST(Hex, RejectsOddLengthAndBadDigits) {
   EXPECT_NE(bad.status().message().find("offset 0"), std::string::npos);
 }
 
-// Issue 12: a Result built from an OK Status is an error, never a value-less
+// A Result built from an OK Status is an error, never a value-less
 // "success" whose status() says OK.
 TEST(ResultTest, BuiltFromAnOkStatusIsAnInternalError) {
   Result<int> r = Status::Ok();
